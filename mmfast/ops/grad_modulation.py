@@ -1,0 +1,162 @@
+"""OGM-GE gradient modulation (../shared/reference-semantics.md section 3), fused.
+
+For each gradient tensor g of modality m, in place:
+
+    sd = std(g) + eps            # unbiased, as torch.std, of the *unscaled* gradient
+    g <- coeffs[m] * g + sd * z  # z ~ N(0, 1) elementwise; noise=False: g <- coeffs[m] * g
+
+Computed in float32 and rounded once to g's dtype; the std is accumulated in float64 partial
+sums over fixed chunks (so it does not depend on the thread count). A tensor with fewer than two
+elements has std NaN, as in torch, and so does one holding NaN/Inf; then that tensor (only that
+one) becomes NaN when noise is on.
+
+Noise z is a counter-based stream: Philox4x32-10 with key = seed (64 bits) and counter =
+(j, position, step_lo, step_hi), where `position` is the tensor's index in `grads`, then
+Box-Muller. Element e of a tensor is lane (e % 1024) // 256 of counter (e // 1024) * 256 + e % 256;
+lanes are (r cos t, r sin t) of the pairs (x0, x1) and (x2, x3), r = sqrt(-2 log u), t = 2 pi u',
+u = x * 2^-32 + 2^-33. The stream depends only on (seed, step, position, e): not on threads,
+grid layout or device. The native kernels are in csrc/; this module holds their Python API and
+the slow references used by the tests.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Sequence
+
+import numpy as np
+import torch
+
+_GRAD_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def grad_modulate_(
+    grads: Sequence[torch.Tensor],
+    coeffs: torch.Tensor,
+    modality_index: Sequence[int],
+    *,
+    noise: bool = True,
+    seed: int = 0,
+    step: int = 0,
+    eps: float = 1e-8,
+) -> None:
+    """Scale every gradient by its modality's coefficient and add Gaussian noise, in place.
+
+    Args:
+        grads: gradient tensors (float32/float16/bfloat16, contiguous, any size, on one device).
+        coeffs: float32 tensor [M] on the gradients' device; read by the kernel, never by the host.
+        modality_index: one int in [0, M) per gradient.
+        noise: add N(0, (std(g) + eps)^2) noise (OGM-GE); False only scales (OGM).
+        seed, step: select the noise stream; the same (seed, step) gives bitwise the same noise.
+            seed is taken modulo 2^64; step must be in [0, 2^63).
+        eps: added to the std.
+
+    One call covers all tensors in a fixed number of passes (CPU: chunks over threads; CUDA:
+    three launches); it does not synchronise with the device.
+    """
+    if isinstance(grads, torch.Tensor):
+        raise TypeError("grad_modulate_: grads must be a list of tensors, not a single tensor")
+    if not isinstance(coeffs, torch.Tensor):
+        raise TypeError(f"grad_modulate_: coeffs must be a torch.Tensor, got {type(coeffs).__name__}")
+    if isinstance(modality_index, torch.Tensor):
+        raise TypeError("grad_modulate_: modality_index must be a sequence of Python ints, not a tensor")
+    torch.ops.mmfast.grad_modulate_(list(grads), coeffs, list(modality_index), bool(noise), _seed64(seed),
+                                    _step64(step), float(eps))
+
+
+def _seed64(seed) -> int:
+    """Any Python int, taken modulo 2^64, as the signed int64 the op schema carries."""
+    s = int(seed) & 0xFFFFFFFFFFFFFFFF
+    return s - (1 << 64) if s >= (1 << 63) else s
+
+
+def _step64(step) -> int:
+    step = int(step)
+    if not 0 <= step < (1 << 63):
+        raise ValueError(f"step must be in [0, 2^63), got {step}")
+    return step
+
+
+def gaussian_noise(numel: int, *, seed: int = 0, step: int = 0, position: int = 0,
+                   device: torch.device | str = "cpu") -> torch.Tensor:
+    """The standard-normal stream grad_modulate_ adds to tensor `position` (float32 [numel])."""
+    out = torch.empty(int(numel), dtype=torch.float32, device=device)
+    torch.ops.mmfast.gaussian_noise_(out, _seed64(seed), _step64(step), int(position))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.compile support: the ops only mutate their inputs, so their fake versions do nothing.
+
+@torch.library.register_fake("mmfast::grad_modulate_")
+def _grad_modulate_fake(grads, coeffs, modality_index, noise=True, seed=0, step=0, eps=1e-8):
+    return None
+
+
+@torch.library.register_fake("mmfast::gaussian_noise_")
+def _gaussian_noise_fake(out, seed, step, position):
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Slow references: written the obvious way, independently of the kernels, for the tests.
+
+_PHILOX_M = (0xD2511F53, 0xCD9E8D57)
+_PHILOX_W = (0x9E3779B9, 0xBB67AE85)
+_MASK32 = np.uint64(0xFFFFFFFF)
+
+
+def philox4x32_10_reference(counter, key) -> np.ndarray:
+    """Philox4x32-10 (Salmon et al., SC'11). counter: uint32 array [..., 4]; key: (k0, k1).
+    Returns uint32 [..., 4]."""
+    c = np.asarray(counter, dtype=np.uint64).copy()
+    k0, k1 = np.uint64(key[0]), np.uint64(key[1])
+    for _ in range(10):
+        p0 = np.uint64(_PHILOX_M[0]) * c[..., 0]
+        p1 = np.uint64(_PHILOX_M[1]) * c[..., 2]
+        c = np.stack([(p1 >> np.uint64(32)) ^ c[..., 1] ^ k0, p1 & _MASK32,
+                      (p0 >> np.uint64(32)) ^ c[..., 3] ^ k1, p0 & _MASK32], axis=-1)
+        k0 = (k0 + np.uint64(_PHILOX_W[0])) & _MASK32
+        k1 = (k1 + np.uint64(_PHILOX_W[1])) & _MASK32
+    return c.astype(np.uint32)
+
+
+def gaussian_noise_reference(numel: int, *, seed: int = 0, step: int = 0, position: int = 0) -> torch.Tensor:
+    """The noise stream, element by element as the module docstring defines it (float32 [numel])."""
+    e = np.arange(numel, dtype=np.int64)
+    block, within = np.divmod(e, 1024)
+    lane, j = np.divmod(within, 256)
+    seed &= (1 << 64) - 1
+    counter = np.zeros((numel, 4), dtype=np.uint64)
+    counter[:, 0] = block * 256 + j
+    counter[:, 1] = position
+    counter[:, 2] = step & 0xFFFFFFFF
+    counter[:, 3] = step >> 32
+    words = philox4x32_10_reference(counter, (seed & 0xFFFFFFFF, seed >> 32))
+    u = words.astype(np.float32) * np.float32(2.0 ** -32) + np.float32(2.0 ** -33)
+    u = u.astype(np.float64)
+    pair = lane // 2  # lanes 0, 1 use words (0, 1); lanes 2, 3 use words (2, 3)
+    rows = np.arange(numel)
+    u_radius = u[rows, 2 * pair]
+    u_angle = u[rows, 2 * pair + 1]
+    radius = np.sqrt(-2.0 * np.log(u_radius))
+    angle = 2.0 * math.pi * u_angle
+    z = np.where(lane % 2 == 0, radius * np.cos(angle), radius * np.sin(angle))
+    return torch.from_numpy(z.astype(np.float32))
+
+
+def grad_modulate_reference_(grads, coeffs, modality_index, *, noise=True, seed=0, step=0, eps=1e-8) -> None:
+    """Slow reference of grad_modulate_: a Python loop over tensors, float64 std, numpy Philox."""
+    coeffs = coeffs.detach().cpu()
+    for position, (g, m) in enumerate(zip(grads, modality_index)):
+        x = g.detach().cpu().float()
+        k = coeffs[m]  # float32 0-dim: the product stays float32
+        if noise:
+            with warnings.catch_warnings():  # torch warns that std of < 2 elements is NaN; it is meant
+                warnings.simplefilter("ignore", UserWarning)
+                sd = (x.double().std() + eps).float()
+            z = gaussian_noise_reference(g.numel(), seed=seed, step=step, position=position).view_as(x)
+            out = k * x + sd * z
+        else:
+            out = k * x
+        g.copy_(out.to(g.dtype))
