@@ -54,6 +54,14 @@ void check_grad_modulate_args(const char* op, at::TensorList grads, const at::Te
   }
 }
 
+void check_gaussian_noise_args(const at::Tensor& out, int64_t step, int64_t position) {
+  TORCH_CHECK_TYPE(out.scalar_type() == at::kFloat, "gaussian_noise_: out must be float32");
+  TORCH_CHECK_VALUE(out.is_contiguous(), "gaussian_noise_: out must be contiguous");
+  TORCH_CHECK_VALUE(out.numel() <= kMaxNoiseElems, "gaussian_noise_: out is too large");
+  TORCH_CHECK_VALUE(step >= 0 && position >= 0 && position < (int64_t(1) << 32),
+                    "gaussian_noise_: step must be >= 0 and position in [0, 2^32)");
+}
+
 std::vector<Chunk> plan_chunks(at::TensorList grads, std::vector<int64_t>* first_chunk) {
   std::vector<Chunk> chunks;
   first_chunk->assign(grads.size() + 1, 0);

@@ -21,6 +21,9 @@ struct Chunk {
 void check_grad_modulate_args(const char* op, at::TensorList grads, const at::Tensor& coeffs,
                               c10::IntArrayRef modality_index, int64_t step, double eps);
 
+// Checks of gaussian_noise_(out, seed, step, position).
+void check_gaussian_noise_args(const at::Tensor& out, int64_t step, int64_t position);
+
 // Chunks of every non-empty tensor, in list order; first_chunk has size grads.size() + 1.
 std::vector<Chunk> plan_chunks(at::TensorList grads, std::vector<int64_t>* first_chunk);
 

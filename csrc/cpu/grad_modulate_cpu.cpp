@@ -122,11 +122,7 @@ void grad_modulate_cpu(at::TensorList grads, const at::Tensor& coeffs, c10::IntA
 
 // Fills float32 `out` with the standard-normal stream of (seed, step, position), for tests.
 void gaussian_noise_cpu(const at::Tensor& out, int64_t seed, int64_t step, int64_t position) {
-  TORCH_CHECK_TYPE(out.scalar_type() == at::kFloat, "gaussian_noise_: out must be float32");
-  TORCH_CHECK_VALUE(out.is_contiguous(), "gaussian_noise_: out must be contiguous");
-  TORCH_CHECK_VALUE(out.numel() <= kMaxNoiseElems, "gaussian_noise_: out is too large");
-  TORCH_CHECK_VALUE(step >= 0 && position >= 0 && position < (int64_t(1) << 32),
-                    "gaussian_noise_: step must be >= 0 and position in [0, 2^32)");
+  check_gaussian_noise_args(out, step, position);
   const NoiseStream stream{static_cast<uint64_t>(seed), static_cast<uint64_t>(step),
                            static_cast<uint32_t>(position)};
   const GaussianBlockFn gaussian_block = gaussian_block_fn();

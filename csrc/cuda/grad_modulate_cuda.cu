@@ -217,11 +217,7 @@ __global__ void gaussian_noise_kernel(float* out, int64_t n, uint64_t seed, uint
 }
 
 void gaussian_noise_cuda(const at::Tensor& out, int64_t seed, int64_t step, int64_t position) {
-  TORCH_CHECK_TYPE(out.scalar_type() == at::kFloat, "gaussian_noise_: out must be float32");
-  TORCH_CHECK_VALUE(out.is_contiguous(), "gaussian_noise_: out must be contiguous");
-  TORCH_CHECK_VALUE(out.numel() <= kMaxNoiseElems, "gaussian_noise_: out is too large");
-  TORCH_CHECK_VALUE(step >= 0 && position >= 0 && position < (int64_t(1) << 32),
-                    "gaussian_noise_: step must be >= 0 and position in [0, 2^32)");
+  check_gaussian_noise_args(out, step, position);
   const int64_t n = out.numel();
   if (n == 0) return;
   const c10::cuda::CUDAGuard guard(out.device());
