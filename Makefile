@@ -22,6 +22,7 @@ test: build
 
 demo: build
 	$(PY) bench/grad_modulation.py --json bench/results/grad_modulation.json
+	$(PY) bench/scores.py --json bench/results/scores.json
 
 bench: demo
 

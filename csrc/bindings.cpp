@@ -5,7 +5,7 @@
 #include <torch/library.h>
 #include <torch/version.h>
 
-#include "cpu/gaussian_block.h"
+#include "cpu/vector_math.h"
 
 #ifndef MMFAST_WITH_CUDA
 #define MMFAST_WITH_CUDA 0
@@ -24,6 +24,13 @@ TORCH_LIBRARY(mmfast, m) {
       "int seed=0, int step=0, float eps=1e-08) -> ()");
   // The standard-normal stream grad_modulate_ uses for (seed, step, position), for tests.
   m.def("gaussian_noise_(Tensor(a!) out, int seed, int step, int position) -> ()");
+  // Modality discrepancy (CPU kernels; CUDA runs the Triton kernels of mmfast.kernels):
+  // per-sample true-class probabilities s [M, B] and per-modality partial sums [M, 1] ...
+  m.def("modality_scores(Tensor logits, Tensor labels, Tensor? mask) -> (Tensor, Tensor)");
+  // ... and from partial sums (or rho) the rows S, rho, OGM k, OPM q of a [4, M] tensor.
+  m.def(
+      "balance_coefficients(Tensor input, bool input_is_rho, int kind, int form, int z, float alpha, "
+      "float q_base, float lam) -> Tensor");
 }
 
 #if !MMFAST_WITH_CUDA

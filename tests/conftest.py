@@ -3,6 +3,14 @@ import os
 import pytest
 import torch
 
+# Without a GPU, Triton kernels run on the CPU under the interpreter, which must be chosen before
+# any kernel is defined (that is, before mmfast.kernels.* is imported). With a GPU they compile.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Where the Triton kernels are tested: CUDA when present, else the CPU (interpreted).
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
 
 @pytest.fixture
 def gen(request):
@@ -15,3 +23,13 @@ def gen(request):
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture
+def use_cpu_isa():
+    """Call with an ISA name to run the native CPU kernels on that variant; restored afterwards."""
+    import mmfast
+
+    before = mmfast.build_info()["cpu_isa"]
+    yield mmfast._C.set_cpu_isa
+    mmfast._C.set_cpu_isa(before)

@@ -55,19 +55,15 @@ def test_reference_philox_known_answers(counter, key, expected):
 
 
 @pytest.mark.parametrize("isa", mmfast.build_info()["cpu_isas"])
-def test_native_stream_matches_reference_on_every_isa(gen, isa):
-    before = mmfast.build_info()["cpu_isa"]
-    mmfast._C.set_cpu_isa(isa)
-    try:
-        for numel in (1, 255, 1024, 1025, 3000):
-            seed = random_int(gen, 0, 2**62) * 3  # exercises both key words
-            step = random_int(gen, 0, 2**40)
-            position = random_int(gen, 0, 2**31)
-            z = gaussian_noise(numel, seed=seed, step=step, position=position)
-            ref = gaussian_noise_reference(numel, seed=seed, step=step, position=position)
-            torch.testing.assert_close(z, ref, rtol=1e-5, atol=2e-6)
-    finally:
-        mmfast._C.set_cpu_isa(before)
+def test_native_stream_matches_reference_on_every_isa(gen, use_cpu_isa, isa):
+    use_cpu_isa(isa)
+    for numel in (1, 255, 1024, 1025, 3000):
+        seed = random_int(gen, 0, 2**62) * 3  # exercises both key words
+        step = random_int(gen, 0, 2**40)
+        position = random_int(gen, 0, 2**31)
+        z = gaussian_noise(numel, seed=seed, step=step, position=position)
+        ref = gaussian_noise_reference(numel, seed=seed, step=step, position=position)
+        torch.testing.assert_close(z, ref, rtol=1e-5, atol=2e-6)
 
 
 def test_stream_is_standard_normal(gen):

@@ -10,7 +10,7 @@
 
 #include "../grad_modulate.h"
 #include "../philox.h"
-#include "gaussian_block.h"
+#include "vector_math.h"
 
 namespace mmfast {
 namespace cpu {
@@ -40,10 +40,10 @@ void scale_chunk(T* __restrict g, int64_t begin, int64_t end, float k) {
 // g <- k * g + sd * z, z the tensor's standard-normal stream; computed in float32, rounded once.
 template <typename T>
 void modulate_chunk(T* __restrict g, int64_t begin, int64_t end, float k, float sd,
-                    const NoiseStream& stream, GaussianBlockFn gaussian_block) {
+                    const NoiseStream& stream, const VectorMath& vm) {
   alignas(64) float z[kNoiseBlockElems];
   for (int64_t b0 = begin; b0 < end; b0 += kNoiseBlockElems) {
-    gaussian_block(stream, static_cast<uint32_t>(b0 / kNoiseBlockElems), z);
+    vm.gaussian_block(stream, static_cast<uint32_t>(b0 / kNoiseBlockElems), z);
     T* __restrict p = g + b0;
     const int64_t n = std::min<int64_t>(kNoiseBlockElems, end - b0);
 #pragma omp simd
@@ -105,7 +105,7 @@ void grad_modulate_cpu(at::TensorList grads, const at::Tensor& coeffs, c10::IntA
     sd[t] = std_plus_eps(s, ss, grads[t].numel(), eps);
   }
   // Pass 2: scale and add noise.
-  const GaussianBlockFn gaussian_block = gaussian_block_fn();
+  const VectorMath& vm = vector_math();
   at::parallel_for(0, num_chunks, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t c = lo; c < hi; ++c) {
       const int64_t t = chunks[c].tensor;
@@ -114,7 +114,7 @@ void grad_modulate_cpu(at::TensorList grads, const at::Tensor& coeffs, c10::IntA
                                static_cast<uint32_t>(t)};
       MMFAST_DISPATCH_GRAD_TYPES(g.scalar_type(), "grad_modulate_cpu_noise", [&] {
         modulate_chunk(g.data_ptr<scalar_t>(), chunks[c].begin, chunks[c].end, k[modality_index[t]],
-                       sd[t], stream, gaussian_block);
+                       sd[t], stream, vm);
       });
     }
   });
@@ -125,14 +125,14 @@ void gaussian_noise_cpu(const at::Tensor& out, int64_t seed, int64_t step, int64
   check_gaussian_noise_args(out, step, position);
   const NoiseStream stream{static_cast<uint64_t>(seed), static_cast<uint64_t>(step),
                            static_cast<uint32_t>(position)};
-  const GaussianBlockFn gaussian_block = gaussian_block_fn();
+  const VectorMath& vm = vector_math();
   float* p = out.data_ptr<float>();
   const int64_t n = out.numel();
   const int64_t num_blocks = (n + kNoiseBlockElems - 1) / kNoiseBlockElems;
   at::parallel_for(0, num_blocks, 16, [&](int64_t lo, int64_t hi) {
     alignas(64) float z[kNoiseBlockElems];
     for (int64_t b = lo; b < hi; ++b) {
-      gaussian_block(stream, static_cast<uint32_t>(b), z);
+      vm.gaussian_block(stream, static_cast<uint32_t>(b), z);
       const int64_t m = std::min<int64_t>(kNoiseBlockElems, n - b * kNoiseBlockElems);
       std::copy(z, z + m, p + b * kNoiseBlockElems);
     }

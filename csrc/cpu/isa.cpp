@@ -1,20 +1,18 @@
-// Run-time choice among the Gaussian block generators compiled for several instruction sets.
-// Wheels must run on any x86-64 machine, so the AVX-512/AVX2 variants are picked here by CPUID
-// rather than with -march=native at build time. MMFAST_CPU_ISA=generic|avx2|avx512 overrides.
+// Run-time choice among the vector-math variants compiled for several instruction sets.
+// MMFAST_CPU_ISA=generic|avx2|avx512 overrides the CPUID choice (for tests and benchmarks).
 #include <c10/util/Exception.h>
 
 #include <atomic>
 #include <cstdlib>
 
-#include "gaussian_block.h"
+#include "vector_math.h"
 
 namespace mmfast {
 namespace cpu {
 namespace {
 
 struct IsaEntry {
-  const char* name;
-  GaussianBlockFn fn;
+  const VectorMath* table;
   bool (*supported)();
 };
 
@@ -32,49 +30,49 @@ bool has_avx512() {
 // Best first.
 const IsaEntry kIsas[] = {
 #if defined(MMFAST_HAVE_AVX512)
-    {"avx512", &gaussian_block_avx512, &has_avx512},
+    {&kVectorMathAvx512, &has_avx512},
 #endif
 #if defined(MMFAST_HAVE_AVX2)
-    {"avx2", &gaussian_block_avx2, &has_avx2},
+    {&kVectorMathAvx2, &has_avx2},
 #endif
-    {"generic", &gaussian_block_generic, &always},
+    {&kVectorMathGeneric, &always},
 };
 
 const IsaEntry* find_isa(const std::string& name) {
   for (const IsaEntry& e : kIsas) {
-    if (name == e.name) return &e;
+    if (name == e.table->isa) return &e;
   }
   return nullptr;
 }
 
-const IsaEntry* initial_isa() {
+const VectorMath* initial_table() {
   if (const char* env = std::getenv("MMFAST_CPU_ISA")) {
     const IsaEntry* e = find_isa(env);
     TORCH_CHECK_VALUE(e != nullptr && e->supported(), "MMFAST_CPU_ISA=", env,
                       " is not one of the instruction sets usable here");
-    return e;
+    return e->table;
   }
   for (const IsaEntry& e : kIsas) {
-    if (e.supported()) return &e;
+    if (e.supported()) return e.table;
   }
-  return &kIsas[sizeof(kIsas) / sizeof(kIsas[0]) - 1];
+  return &kVectorMathGeneric;
 }
 
-std::atomic<const IsaEntry*>& current() {
-  static std::atomic<const IsaEntry*> isa{initial_isa()};
-  return isa;
+std::atomic<const VectorMath*>& current() {
+  static std::atomic<const VectorMath*> table{initial_table()};
+  return table;
 }
 
 }  // namespace
 
-GaussianBlockFn gaussian_block_fn() { return current().load(std::memory_order_relaxed)->fn; }
+const VectorMath& vector_math() { return *current().load(std::memory_order_relaxed); }
 
-std::string cpu_isa() { return current().load()->name; }
+std::string cpu_isa() { return vector_math().isa; }
 
 std::vector<std::string> cpu_isas_available() {
   std::vector<std::string> names;
   for (const IsaEntry& e : kIsas) {
-    if (e.supported()) names.emplace_back(e.name);
+    if (e.supported()) names.emplace_back(e.table->isa);
   }
   return names;
 }
@@ -83,7 +81,7 @@ void set_cpu_isa(const std::string& isa) {
   const IsaEntry* e = find_isa(isa);
   TORCH_CHECK_VALUE(e != nullptr && e->supported(), "set_cpu_isa: '", isa,
                     "' is not one of the instruction sets usable here");
-  current().store(e);
+  current().store(e->table);
 }
 
 }  // namespace cpu

@@ -1,4 +1,16 @@
 """Fused ops of mmfast. Each has a slow, obvious reference beside it (``*_reference``)."""
+from .balance import (
+    BalanceStats,
+    balance_stats,
+    discrepancy_ratio,
+    discrepancy_ratio_reference,
+    modality_scores,
+    modality_scores_reference,
+    ogm_coefficients,
+    ogm_coefficients_reference,
+    opm_drop_probabilities,
+    opm_drop_probabilities_reference,
+)
 from .grad_modulation import (
     gaussian_noise,
     gaussian_noise_reference,
@@ -8,9 +20,19 @@ from .grad_modulation import (
 )
 
 __all__ = [
+    "BalanceStats",
+    "balance_stats",
+    "discrepancy_ratio",
+    "discrepancy_ratio_reference",
     "gaussian_noise",
     "gaussian_noise_reference",
     "grad_modulate_",
     "grad_modulate_reference_",
+    "modality_scores",
+    "modality_scores_reference",
+    "ogm_coefficients",
+    "ogm_coefficients_reference",
+    "opm_drop_probabilities",
+    "opm_drop_probabilities_reference",
     "philox4x32_10_reference",
 ]

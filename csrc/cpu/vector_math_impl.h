@@ -1,15 +1,17 @@
-// Body of the blocked Philox + Box-Muller generator. Included once per ISA translation unit with
-// MMFAST_GAUSSIAN_BLOCK_FN naming the function; built with -ffast-math so that GCC vectorises
-// logf/cosf through glibc's libmvec (../shared/notes/cpu-gaussian-noise.md).
+// Bodies of the per-ISA vector-math kernels. Included once per ISA translation unit, with
+// MMFAST_ISA_NAME (a string) and MMFAST_ISA_TABLE (the VectorMath object to define); built with
+// -ffast-math. Nothing here needs NaN semantics: the noise works on integers, and exp_sum's
+// callers handle NaN/Inf rows before calling it.
 #include <cmath>
 
 #include "../philox.h"
-#include "gaussian_block.h"
+#include "vector_math.h"
 
 namespace mmfast {
 namespace cpu {
+namespace {
 
-void MMFAST_GAUSSIAN_BLOCK_FN(const NoiseStream& stream, uint32_t block, float* __restrict out) {
+void gaussian_block(const NoiseStream& stream, uint32_t block, float* __restrict out) {
   constexpr int kN = static_cast<int>(kCountersPerBlock);
   alignas(64) uint32_t x0[kN], x1[kN], x2[kN], x3[kN];
   const PhiloxKey key = philox_key(stream.seed);
@@ -26,6 +28,17 @@ void MMFAST_GAUSSIAN_BLOCK_FN(const NoiseStream& stream, uint32_t block, float* 
     box_muller4(x0[j], x1[j], x2[j], x3[j], out[j], out[kN + j], out[2 * kN + j], out[3 * kN + j]);
   }
 }
+
+float exp_sum(const float* __restrict x, int64_t n, float shift) {
+  float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += expf(x[i] - shift);
+  return s;
+}
+
+}  // namespace
+
+extern const VectorMath MMFAST_ISA_TABLE{MMFAST_ISA_NAME, &gaussian_block, &exp_sum};
 
 }  // namespace cpu
 }  // namespace mmfast

@@ -1,3 +1,0 @@
-// Gaussian block generator compiled for the avx2 instruction set (flags set in CMakeLists.txt).
-#define MMFAST_GAUSSIAN_BLOCK_FN gaussian_block_avx2
-#include "gaussian_block_impl.h"
