@@ -23,6 +23,7 @@ test: build
 demo: build
 	$(PY) bench/grad_modulation.py --json bench/results/grad_modulation.json
 	$(PY) bench/scores.py --json bench/results/scores.json
+	$(PY) bench/data.py --json bench/results/data.json
 
 bench: demo
 

@@ -110,7 +110,10 @@ setup(
     ext_modules=[CMakeExtension("mmfast._C")],
     cmdclass={"build_ext": CMakeBuild},
     install_requires=["torch>=2.4", "numpy"],
-    extras_require={"test": ["pytest", "scipy"]},
+    extras_require={
+        "data": ["nvidia-dali-cuda130", "librosa", "av", "soundfile", "pillow"],
+        "test": ["pytest", "scipy"],
+    },
     entry_points={"console_scripts": ["mmfast=mmfast.cli:main"]},
     zip_safe=False,
 )

@@ -1,0 +1,202 @@
+"""The DALI loader: files are read in Python (bytes only) and everything else runs in a DALI
+pipeline, on the CPU or, with device="cuda", on the GPU where DALI has GPU operators.
+
+    audio   decoders.audio (resample, downmix) -> loop (cat) -> window (slice) -> clip ->
+            spectrogram (periodic Hann, centred, pad mode of the recipe) -> log(|X| + eps)
+    video   decoders.video at the chosen frame indices (CPU: VP8/VP9/MJPEG; GPU "mixed": also
+            H.264/HEVC/AV1/MPEG-4) -> resize / random_resized_crop -> crop_mirror_normalize
+    frames  decoders.image per frame -> stack -> the same transforms
+
+Per-sample choices (window starts, frame indices) are drawn in Python from the same
+(seed, epoch, clip) generators as the naive loader, so evaluation batches agree exactly with it.
+Random crops and flips in training come from DALI's own generator (seeded from cfg.seed).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from .errors import DataError
+from .loader import ClipLoader
+from .video import segment_indices
+
+_CPU_VIDEO_CODECS = ("vp8", "vp9", "mjpeg")
+
+
+class _BatchSource:
+    """External source: one batch of encoded files and per-sample choices per call; raises
+    StopIteration at the end of an epoch and then starts the next one."""
+
+    def __init__(self, loader: "DaliLoader"):
+        self.loader = loader
+        self.epoch = 0
+        self.order = loader.order(0)
+        self.pos = 0
+        self.last_clips = []
+
+    def __call__(self):
+        ld = self.loader
+        if self.pos >= len(self.order):
+            self.epoch += 1
+            self.order, self.pos = ld.order(self.epoch), 0
+            raise StopIteration
+        ids = self.order[self.pos:self.pos + ld.cfg.batch_size]
+        self.pos += len(ids)
+        outputs = [[] for _ in range(ld.num_source_outputs)]
+        self.last_clips = [ld.clips[i].clip_id for i in ids]
+        for i in ids:
+            clip = ld.clips[i]
+            rng = ld.sample_rng(self.epoch, int(i))
+            k = 0
+            for modality, kind in ld.modalities.items():
+                if kind == "audio":
+                    recipe = ld.cfg.audio
+                    outputs[k].append(_read_bytes(clip.files[modality]))
+                    start = recipe.window_start(recipe.offset_fraction(ld.train, rng))
+                    outputs[k + 1].append(np.array([start], dtype=np.int32))
+                    k += 2
+                    continue
+                idx = segment_indices(clip.num_frames[modality], ld.cfg.frames.num_frames, ld.train, rng)
+                if kind == "video":
+                    outputs[k].append(_read_bytes(clip.files[modality]))
+                    outputs[k + 1].append(np.asarray(idx, dtype=np.int32))
+                    k += 2
+                else:
+                    for t, j in enumerate(idx):
+                        outputs[k + t].append(_read_bytes(clip.frame_files[modality][j]))
+                    k += ld.cfg.frames.num_frames
+            outputs[k].append(np.array(clip.label, dtype=np.int64))
+            outputs[k + 1].append(np.array(i, dtype=np.int64))
+        return tuple(outputs)
+
+
+def _read_bytes(path) -> np.ndarray:
+    try:
+        return np.fromfile(str(path), dtype=np.uint8)
+    except OSError as exc:
+        raise DataError(path, f"missing file: {exc}") from None
+
+
+class DaliLoader(ClipLoader):
+    def __init__(self, cfg, index, split, train):
+        super().__init__(cfg, index, split, train)
+        import nvidia.dali  # noqa: F401  (a clear ImportError here rather than mid-pipeline)
+
+        if cfg.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device='cuda' needs a CUDA GPU; use device='cpu' for CPU-only DALI")
+        if cfg.device == "cpu":
+            self._check_cpu_codecs()
+        per_modality = {"audio": 2, "video": 2, "frames": cfg.frames.num_frames}
+        self.num_source_outputs = sum(per_modality[k] for k in self.modalities.values()) + 2
+        self.source = _BatchSource(self)
+        self.pipe = self._build()
+
+    def _check_cpu_codecs(self):
+        """DALI's CPU video decoder reads VP8, VP9 and MJPEG only: say so before decoding."""
+        import av
+
+        for modality, kind in self.modalities.items():
+            if kind != "video":
+                continue
+            path = self.clips[0].files[modality]
+            with av.open(str(path)) as container:
+                codec = container.streams.video[0].codec_context.name
+            if codec not in _CPU_VIDEO_CODECS:
+                raise DataError(path, f"unsupported codec for DALI on the CPU: {codec} (CPU decoding handles "
+                                      f"{', '.join(_CPU_VIDEO_CODECS)}); use backend='naive' (PyAV) or a GPU")
+
+    def _audio_copies(self, modality) -> int:
+        """How many copies of the shortest clip cover loop_to seconds (DALI has no wrap-around)."""
+        recipe = self.cfg.audio
+        shortest = min(c.audio_seconds[modality] for c in self.clips) * recipe.sample_rate
+        return max(1, math.ceil(recipe.loop_samples / max(1.0, shortest - 2)))
+
+    def _build(self):
+        import nvidia.dali.fn as fn
+        import nvidia.dali.math as dmath
+        import nvidia.dali.types as types
+        from nvidia.dali import pipeline_def
+
+        cfg, train = self.cfg, self.train
+        gpu = cfg.device == "cuda"
+        frames_recipe = cfg.frames
+        mean = [255 * m for m in frames_recipe.mean]
+        std = [255 * s for s in frames_recipe.std]
+
+        def transform(x):
+            if train:
+                x = fn.random_resized_crop(x, size=[frames_recipe.size] * 2, random_area=list(frames_recipe.crop_scale),
+                                           random_aspect_ratio=list(frames_recipe.crop_ratio))
+                mirror = fn.random.coin_flip(probability=0.5) if frames_recipe.flip else 0
+            else:
+                x = fn.resize(x, resize_x=frames_recipe.size, resize_y=frames_recipe.size)
+                mirror = 0
+            return fn.crop_mirror_normalize(x, dtype=types.FLOAT, output_layout="FCHW", mean=mean, std=std,
+                                            mirror=mirror)
+
+        @pipeline_def
+        def pipeline():
+            src = list(fn.external_source(source=self.source, num_outputs=self.num_source_outputs, batch=True,
+                                          no_copy=False))
+            outs, k = [], 0
+            for modality, kind in self.modalities.items():
+                if kind == "audio":
+                    recipe = cfg.audio
+                    wave, _ = fn.decoders.audio(src[k], dtype=types.FLOAT, downmix=True,
+                                                sample_rate=float(recipe.sample_rate))
+                    copies = self._audio_copies(modality)
+                    looped = fn.cat(*([wave] * copies), axis=0) if copies > 1 else wave
+                    window = fn.slice(looped, start=src[k + 1], shape=[recipe.window_samples], axes=[0])
+                    if recipe.clip is not None:
+                        window = dmath.clamp(window, -recipe.clip, recipe.clip)
+                    if gpu:
+                        window = window.gpu()
+                    power = fn.spectrogram(window, nfft=recipe.n_fft, window_length=recipe.n_fft,
+                                           window_step=recipe.hop_length, window_fn=recipe.hann_window().tolist(),
+                                           center_windows=True, reflect_padding=recipe.pad_mode == "reflect",
+                                           power=2, layout="ft")
+                    # |X| = sqrt(|X|^2): DALI's power-2 spectrogram plus a sqrt is faster than power=1.
+                    outs.append(dmath.log(dmath.sqrt(power) + recipe.log_eps))
+                    k += 2
+                elif kind == "video":
+                    frames = fn.decoders.video(src[k], device="mixed" if gpu else "cpu", frames=src[k + 1])
+                    outs.append(transform(frames))
+                    k += 2
+                else:
+                    images = [fn.decoders.image(src[k + t], device="mixed" if gpu else "cpu", output_type=types.RGB)
+                              for t in range(frames_recipe.num_frames)]
+                    outs.append(transform(fn.stack(*images, axis_name="F")))
+                    k += frames_recipe.num_frames
+            return (*outs, src[k], src[k + 1])
+
+        pipe = pipeline(batch_size=cfg.batch_size, num_threads=max(1, cfg.num_workers),
+                        device_id=0 if gpu else None, seed=cfg.seed, prefetch_queue_depth=2)
+        pipe.build()
+        return pipe
+
+    def __iter__(self):
+        names = list(self.modalities) + ["label", "index"]
+        while True:
+            try:
+                outputs = self.pipe.run()
+            except StopIteration:
+                self.pipe.reset()
+                break
+            except Exception as exc:
+                raise DataError(", ".join(self.source.last_clips[:4]) + ", ...",
+                                f"DALI failed on one of the clips fed last: {exc}") from exc
+            yield {name: _to_torch(out) for name, out in zip(names, outputs)}
+        self.end_epoch()
+
+
+def _to_torch(batch) -> torch.Tensor:
+    if hasattr(batch, "as_cpu") and type(batch).__name__ == "TensorListGPU":
+        from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
+
+        tensor = batch.as_tensor()
+        out = torch.empty(tensor.shape(), dtype=to_torch_type[tensor.dtype], device="cuda")
+        feed_ndarray(tensor, out)
+        return out
+    return torch.from_numpy(np.array(batch.as_tensor(), copy=True))

@@ -1,0 +1,148 @@
+"""One entry point for both data backends: ``build_loader(cfg, split, backend="dali"|"naive")``.
+
+Both yield the same batches, dicts of tensors:
+    <audio modality>  float32 [B, n_fft // 2 + 1, frames]   log-magnitude spectrogram
+    <video/frames>    float32 [B, T, 3, size, size]         normalised frames
+    "label"           int64   [B]
+    "index"           int64   [B]   position of the clip in the split (after skips)
+An epoch is one ``for batch in loader`` pass; training splits are reshuffled every epoch from
+(seed, epoch). Every clip is probed once when the loader is built (files exist and decode, audio
+is long enough and not silent, videos have frames): bad clips raise a DataError naming the file,
+or with on_error="skip" are left out and counted in ``loader.skipped``, whose summary is logged
+at the end of every epoch. Evaluation splits never drop samples.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .audio import AudioRecipe, check_wave
+from .errors import DataError, SkipReport, check_on_error
+from .layouts import DatasetIndex, read_layout
+from .video import FrameRecipe, count_video_frames, frame_files
+
+log = logging.getLogger("mmfast.data")
+BACKENDS = ("dali", "naive")
+
+
+@dataclass
+class DataConfig:
+    root: str
+    layout: str = "crema_d"
+    modalities: dict | None = None  # generic layout: {name: "audio" | "video" | "frames"}
+    audio: AudioRecipe = field(default_factory=AudioRecipe)
+    frames: FrameRecipe = field(default_factory=FrameRecipe)
+    batch_size: int = 32
+    num_workers: int = 2  # DataLoader workers (naive) = DALI CPU threads (dali)
+    seed: int = 0
+    on_error: str = "raise"
+    device: str = "cpu"  # "cuda": DALI decodes and transforms on the GPU
+
+    def check(self):
+        check_on_error(self.on_error)
+        if self.batch_size < 1 or self.num_workers < 0:
+            raise ValueError("batch_size must be >= 1 and num_workers >= 0")
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
+
+
+@dataclass
+class ProbedClip:
+    """A clip that passed probing, with what the loaders need to know in advance."""
+
+    clip_id: str
+    label: int
+    files: dict
+    audio_seconds: dict  # audio modality -> duration at the file's own rate
+    num_frames: dict  # video/frames modality -> frames available
+    frame_files: dict  # frames modality -> sorted list of frame files
+
+
+def probe(index: DatasetIndex, clips, cfg: DataConfig, report: SkipReport) -> list:
+    import soundfile as sf
+
+    probed = []
+    for clip in clips:
+        try:
+            seconds, counts, listed = {}, {}, {}
+            for modality, kind in index.kinds.items():
+                path = Path(clip.files[modality])
+                if kind == "audio":
+                    if not path.exists():
+                        raise DataError(path, "missing file")
+                    try:
+                        declared = sf.info(str(path)).frames
+                        wave, rate = sf.read(str(path), dtype="float32", always_2d=True)
+                    except Exception as exc:
+                        raise DataError(path, f"corrupt audio: {type(exc).__name__}: {exc}") from None
+                    if len(wave) < declared:
+                        raise DataError(path, f"truncated audio: the header declares {declared} samples, "
+                                              f"the file holds {len(wave)}")
+                    check_wave(path, wave.mean(axis=1), AudioRecipe(sample_rate=rate,
+                                                                     min_duration=cfg.audio.min_duration))
+                    seconds[modality] = len(wave) / rate
+                elif kind == "video":
+                    counts[modality] = count_video_frames(path)
+                else:
+                    listed[modality] = frame_files(path)
+                    counts[modality] = len(listed[modality])
+            probed.append(ProbedClip(clip.clip_id, clip.label, dict(clip.files), seconds, counts, listed))
+        except DataError as err:
+            if cfg.on_error == "raise":
+                raise
+            report.add(err)
+    return probed
+
+
+class ClipLoader:
+    """Base of both backends: the probed clips of one split and the epoch bookkeeping."""
+
+    def __init__(self, cfg: DataConfig, index: DatasetIndex, split: str, train: bool):
+        self.cfg, self.index, self.split, self.train = cfg, index, split, train
+        self.skipped = SkipReport()
+        for reason, n in index.skipped.counts.items():  # skips made while reading the layout
+            self.skipped.counts[reason] += n
+        self.skipped.examples.extend(index.skipped.examples)
+        self.clips = probe(index, index.split(split), cfg, self.skipped)
+        if not self.clips:
+            raise DataError(index.root, f"split {split!r} has no usable clips ({self.skipped.summary()})")
+        self.epoch = 0
+
+    @property
+    def modalities(self):
+        return self.index.kinds
+
+    def __len__(self) -> int:
+        return -(-len(self.clips) // self.cfg.batch_size)
+
+    def order(self, epoch: int) -> np.ndarray:
+        n = len(self.clips)
+        return np.random.default_rng([self.cfg.seed, epoch]).permutation(n) if self.train else np.arange(n)
+
+    def sample_rng(self, epoch: int, position: int) -> np.random.Generator:
+        return np.random.default_rng([self.cfg.seed, epoch, position, 1])
+
+    def end_epoch(self) -> None:
+        if self.skipped.total:
+            log.warning("%s split %r, epoch %d: %s", self.index.name, self.split, self.epoch, self.skipped.summary())
+        self.epoch += 1
+
+
+def build_loader(cfg: DataConfig, split: str, backend: str = "dali", *, train: bool | None = None) -> ClipLoader:
+    """A loader over `split` of the dataset `cfg` describes. `train` (default: split == "train")
+    selects random windows/frames/crops and per-epoch shuffling."""
+    cfg.check()
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    index = read_layout(cfg.root, cfg.layout, modalities=cfg.modalities, on_error=cfg.on_error)
+    train = (split == "train") if train is None else train
+    if backend == "naive":
+        from .naive import NaiveLoader
+
+        return NaiveLoader(cfg, index, split, train)
+    from .dali_loader import DaliLoader
+
+    return DaliLoader(cfg, index, split, train)

@@ -1,0 +1,143 @@
+"""The embedded dataset: a small, deterministic audio-visual classification set in the CREMA-D
+layout (mmfast.data.layouts), where one modality is clearly more discriminative than the other.
+
+Each class has an audio signature (a tone at a class frequency, in noise) and a visual signature
+(a bright blob at a class position, in noise). The dominant modality's signature has amplitude
+1; the other's is divided by `imbalance`, so it is learnable alone but slower, which is what makes
+plain joint training starve it. Clip lengths vary (so audio looping and frame sampling are
+exercised). Videos are VP8 in WebM, a codec DALI decodes on the CPU; audio is 16-bit PCM WAV at
+the CREMA-D recipe's 22,050 Hz. Every clip is generated from (seed, clip index) alone.
+"""
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .layouts import CREMA_D_CLASSES
+
+SAMPLE_RATE = 22050
+FPS = 4
+SIZE = 64
+
+
+@dataclass
+class SynthSpec:
+    clips: int = 480
+    classes: int = 6
+    dominant: str = "audio"
+    imbalance: float = 4.0
+    seed: int = 0
+    min_seconds: float = 2.0
+    max_seconds: float = 3.5
+    noise: float = 0.6
+    jpeg_frames: bool = False  # also write 1-fps JPEG frame folders (Image-01-FPS)
+
+    def check(self):
+        if self.clips < 2 * self.classes:
+            raise ValueError(f"clips must be at least 2 per class ({2 * self.classes}), got {self.clips}")
+        if not 2 <= self.classes <= 26:
+            raise ValueError(f"classes must be in [2, 26], got {self.classes}")
+        if self.dominant not in ("audio", "visual"):
+            raise ValueError(f"dominant must be 'audio' or 'visual', got {self.dominant!r}")
+        if not self.imbalance >= 1:
+            raise ValueError(f"imbalance must be >= 1, got {self.imbalance}")
+        if not 0.5 <= self.min_seconds <= self.max_seconds:
+            raise ValueError("need 0.5 <= min_seconds <= max_seconds")
+
+
+def class_names(k: int) -> list:
+    extra = [f"C{i:02d}" for i in range(len(CREMA_D_CLASSES), k)]
+    return (CREMA_D_CLASSES + extra)[:k]
+
+
+def _amplitudes(spec: SynthSpec):
+    weak = 1.0 / spec.imbalance
+    return (1.0, weak) if spec.dominant == "audio" else (weak, 1.0)
+
+
+def make_audio(rng: np.random.Generator, label: int, seconds: float, spec: SynthSpec) -> np.ndarray:
+    amp, _ = _amplitudes(spec)
+    n = int(seconds * SAMPLE_RATE)
+    t = np.arange(n) / SAMPLE_RATE
+    freq = 220.0 * 2 ** (label * 7 / 12)  # a fifth apart: distinct bins at n_fft 512
+    phase = rng.uniform(0, 2 * np.pi)
+    tone = amp * np.sin(2 * np.pi * freq * t + phase)
+    x = 0.25 * (tone + spec.noise * rng.standard_normal(n))
+    return np.clip(x, -1, 1).astype(np.float32)
+
+
+def make_frames(rng: np.random.Generator, label: int, seconds: float, spec: SynthSpec) -> np.ndarray:
+    _, amp = _amplitudes(spec)
+    n = max(1, int(round(seconds * FPS)))
+    angle = 2 * np.pi * label / spec.classes
+    cy, cx = SIZE / 2 + SIZE / 4 * np.sin(angle), SIZE / 2 + SIZE / 4 * np.cos(angle)
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE]
+    blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * (SIZE / 10) ** 2))
+    background = rng.uniform(0.2, 0.5, size=3)
+    frames = np.empty((n, SIZE, SIZE, 3), dtype=np.uint8)
+    for f in range(n):
+        jitter = rng.normal(0, 1.5, size=2)
+        moved = np.roll(blob, shift=(int(jitter[0]), int(jitter[1])), axis=(0, 1))
+        img = background + 0.5 * amp * moved[..., None] + 0.5 * spec.noise * rng.standard_normal((SIZE, SIZE, 3)) * 0.5
+        frames[f] = (np.clip(img, 0, 1) * 255).astype(np.uint8)
+    return frames
+
+
+def write_video(path: Path, frames: np.ndarray) -> None:
+    import av
+
+    # bitexact: no random segment UID or muxing date, so the same clip gives the same bytes.
+    with av.open(str(path), "w", format="webm", container_options={"fflags": "+bitexact"}) as container:
+        stream = container.add_stream("libvpx", rate=FPS)
+        stream.width, stream.height, stream.pix_fmt = SIZE, SIZE, "yuv420p"
+        stream.options = {"threads": "1", "deadline": "good", "cpu-used": "4"}
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def generate(out, spec: SynthSpec | None = None, **overrides) -> Path:
+    """Writes the dataset to `out` (created; must be empty or absent) and returns its path."""
+    import soundfile as sf
+    from PIL import Image
+
+    spec = spec or SynthSpec(**overrides)
+    spec.check()
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} exists and is not empty; refusing to overwrite it")
+    names = class_names(spec.classes)
+    for d in ("AudioWAV", "VideoFlash"):
+        (out / d).mkdir(parents=True, exist_ok=True)
+    labels = np.arange(spec.clips) % spec.classes
+    order = np.random.default_rng(spec.seed).permutation(spec.clips)
+    splits = {}
+    for rank, i in enumerate(order):
+        frac = rank / spec.clips
+        splits.setdefault("train" if frac < 0.7 else "val" if frac < 0.8 else "test", []).append(int(i))
+    for i in range(spec.clips):
+        rng = np.random.default_rng([spec.seed, i])
+        label = int(labels[i])
+        clip = f"{1001 + i:04d}_SYN_{names[label]}_XX"
+        seconds = float(rng.uniform(spec.min_seconds, spec.max_seconds))
+        sf.write(out / "AudioWAV" / f"{clip}.wav", make_audio(rng, label, seconds, spec), SAMPLE_RATE,
+                 subtype="PCM_16")
+        frames = make_frames(rng, label, seconds, spec)
+        write_video(out / "VideoFlash" / f"{clip}.webm", frames)
+        if spec.jpeg_frames:
+            folder = out / "Image-01-FPS" / clip
+            folder.mkdir(parents=True)
+            for j, frame in enumerate(frames[::FPS]):
+                Image.fromarray(frame).save(folder / f"{j + 1:06d}.jpg", quality=95)
+    for split, ids in splits.items():
+        with (out / f"{split}.csv").open("w", newline="") as f:
+            writer = csv.writer(f)
+            for i in sorted(ids):
+                writer.writerow([f"{1001 + i:04d}_SYN_{names[labels[i]]}_XX", names[labels[i]]])
+    (out / "classes.txt").write_text("\n".join(names) + "\n")
+    return out

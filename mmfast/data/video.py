@@ -1,0 +1,130 @@
+"""Frames: which frames of a clip to use, and the frame recipe.
+
+T frames per clip, one from each of T equal segments of the clip's N frames: a uniformly random
+frame of the segment in training, the segment's centre in evaluation. (The research loader
+computes a random index but then takes the first file of an unsorted directory listing; here
+frame folders are sorted by name and the index is used.)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import DataError
+from .layouts import FRAME_EXTS
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class FrameRecipe:
+    num_frames: int = 1  # T
+    size: int = 224  # output frames are size x size
+    crop_scale: tuple = (0.08, 1.0)  # training RandomResizedCrop area range
+    crop_ratio: tuple = (3 / 4, 4 / 3)  # and aspect-ratio range
+    flip: bool = True  # random horizontal flip in training
+    mean: tuple = IMAGENET_MEAN
+    std: tuple = IMAGENET_STD
+
+    def __post_init__(self):
+        if self.num_frames < 1 or self.size < 1:
+            raise ValueError("num_frames and size must be >= 1")
+
+
+def segment_indices(num_available: int, num_frames: int, train: bool, rng: np.random.Generator) -> list:
+    """Indices of the T frames to use out of `num_available`."""
+    if num_available < 1:
+        raise ValueError("a clip without frames has no frames to sample")
+    out = []
+    for k in range(num_frames):
+        u = float(rng.random()) if train else 0.5
+        out.append(min(num_available - 1, int((k + u) * num_available / num_frames)))
+    return out
+
+
+def frame_files(folder: Path) -> list:
+    files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in FRAME_EXTS)
+    if not files:
+        raise DataError(folder, "no frames (jpg/png) in the frame folder")
+    return files
+
+
+def count_video_frames(path) -> int:
+    """Frames in the first video stream, from the container header or by counting packets
+    (no decoding). Raises DataError for missing, unreadable or frameless files."""
+    import av
+
+    path = Path(path)
+    if not path.exists():
+        raise DataError(path, "missing file")
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise DataError(path, "no video stream")
+            stream = container.streams.video[0]
+            n = stream.frames
+            if n <= 0:
+                n = sum(1 for packet in container.demux(stream) if packet.size > 0)
+    except DataError:
+        raise
+    except Exception as exc:
+        raise DataError(path, f"corrupt video: {type(exc).__name__}: {exc}") from None
+    if n <= 0:
+        raise DataError(path, "corrupt video: no frames")
+    return n
+
+
+def decode_video_frames(path, indices) -> np.ndarray:
+    """RGB uint8 frames [len(indices), H, W, 3] at the given indices (PyAV: any codec)."""
+    import av
+
+    wanted = sorted(set(indices))
+    got = {}
+    try:
+        with av.open(str(path)) as container:
+            for i, frame in enumerate(container.decode(video=0)):
+                if i in got or i not in wanted:
+                    if i > wanted[-1]:
+                        break
+                    continue
+                got[i] = frame_to_rgb(frame)
+                if len(got) == len(wanted):
+                    break
+    except Exception as exc:
+        raise DataError(path, f"corrupt video: {type(exc).__name__}: {exc}") from None
+    missing = [i for i in wanted if i not in got]
+    if missing:
+        raise DataError(path, f"truncated video: frame {missing[0]} could not be decoded")
+    return np.stack([got[i] for i in indices])
+
+
+def _upsample_chroma(plane: np.ndarray, height: int, width: int) -> np.ndarray:
+    """2x centre-aligned bilinear upsampling with edge clamping, cropped to (height, width)."""
+    h, w = plane.shape
+    padded = np.pad(plane.astype(np.float32), 1, mode="edge")
+    ys = (np.arange(2 * h) + 0.5) / 2 + 0.5
+    xs = (np.arange(2 * w) + 0.5) / 2 + 0.5
+    y0, x0 = np.floor(ys).astype(int), np.floor(xs).astype(int)
+    wy, wx = (ys - y0)[:, None].astype(np.float32), (xs - x0).astype(np.float32)
+    top = padded[y0][:, x0] * (1 - wx) + padded[y0][:, x0 + 1] * wx
+    bottom = padded[y0 + 1][:, x0] * (1 - wx) + padded[y0 + 1][:, x0 + 1] * wx
+    return (top * (1 - wy) + bottom * wy)[:height, :width]
+
+
+def frame_to_rgb(frame) -> np.ndarray:
+    """RGB uint8 [H, W, 3] of a decoded PyAV frame. Limited-range YUV 4:2:0 is converted the way
+    DALI's video decoder does it (centre-aligned bilinear chroma, BT.601 limited range, rounded),
+    so both loaders agree within rounding; other formats go through swscale."""
+    if frame.format.name != "yuv420p" or int(frame.color_range) == 2:  # 2: full (JPEG) range
+        return frame.to_ndarray(format="rgb24")
+    height, width = frame.height, frame.width
+    planes = [np.frombuffer(p, np.uint8).reshape(-1, p.line_size) for p in frame.planes]
+    y = (planes[0][:height, :width].astype(np.float32) - 16) * (255 / 219)
+    u = _upsample_chroma(planes[1][: (height + 1) // 2, : (width + 1) // 2], height, width) - 128
+    v = _upsample_chroma(planes[2][: (height + 1) // 2, : (width + 1) // 2], height, width) - 128
+    s = 255 / 224
+    rgb = np.stack([y + 1.402 * s * v, y - 0.344136 * s * u - 0.714136 * s * v, y + 1.772 * s * u], axis=-1)
+    return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)

@@ -1,0 +1,268 @@
+"""Data layer: layouts, recipes, the embedded dataset, DALI (CPU) vs the naive loader, bad input."""
+import csv
+import shutil
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from mmfast.data import (AudioRecipe, DataConfig, DataError, FrameRecipe, build_loader, crema_d, generate,
+                         kinetics_sounds, read_layout, vggsound)
+from mmfast.data.audio import cut_window, log_spectrogram
+from mmfast.data.synth import FPS, SAMPLE_RATE, SIZE
+from mmfast.data.video import segment_indices
+
+pytest.importorskip("nvidia.dali")
+
+FRAMES = FrameRecipe(num_frames=3, size=SIZE)  # native size: evaluation resizing is the identity
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    return generate(tmp_path_factory.mktemp("synth") / "cremad", clips=24, seed=5, jpeg_frames=True)
+
+
+def config(root, **kw):
+    return DataConfig(root=str(root), frames=kw.pop("frames", FRAMES), batch_size=kw.pop("batch_size", 5),
+                      num_workers=kw.pop("num_workers", 0), **kw)
+
+
+def collect(loader):
+    batches = list(loader)
+    return {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
+
+
+# --- recipes and frame selection --------------------------------------------------------------------
+
+def test_recipe_shapes_match_the_published_ones():
+    assert crema_d().shape == (257, 188)
+    assert kinetics_sounds().shape == (257, 454)
+    assert vggsound().shape == (129, 626)
+    with pytest.raises(ValueError, match="duration"):
+        AudioRecipe(duration=4.0, loop_to=3.0)
+    with pytest.raises(ValueError, match="pad_mode"):
+        AudioRecipe(pad_mode="wrap")
+
+
+def test_cut_window_loops_short_clips_and_clips_amplitude(gen):
+    recipe = AudioRecipe(sample_rate=1000, loop_to=3.0, duration=2.0, n_fft=64, hop_length=16)
+    wave = (torch.randn(700, generator=gen) * 2).numpy().astype(np.float32)
+    for u in (0.0, 0.37, 0.999):
+        window = cut_window(wave, recipe, u)
+        start = int(np.floor(u * 1000))
+        expected = np.clip(np.tile(wave, 5)[start:start + 2000], -1, 1)
+        assert window.shape == (2000,) and np.array_equal(window, expected)
+
+
+def test_segment_indices(gen):
+    rng = np.random.default_rng(int(torch.randint(0, 2**31, (), generator=gen)))
+    assert segment_indices(12, 3, False, rng) == [2, 6, 10]
+    assert segment_indices(1, 3, False, rng) == [0, 0, 0]
+    for _ in range(20):
+        idx = segment_indices(12, 3, True, rng)
+        assert [i // 4 for i in idx] == [0, 1, 2]  # one frame from each segment
+
+
+# --- the embedded dataset ---------------------------------------------------------------------------
+
+def test_synth_is_deterministic_and_in_the_crema_d_layout(tmp_path):
+    a = generate(tmp_path / "a", clips=12, classes=3, seed=9)
+    b = generate(tmp_path / "b", clips=12, classes=3, seed=9)
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
+    index = read_layout(a, "crema_d")
+    assert index.classes == ["NEU", "HAP", "SAD"] and index.kinds == {"audio": "audio", "visual": "video"}
+    assert sum(len(c) for c in index.splits.values()) == 12
+    wave, rate = sf.read(index.splits["train"][0].files["audio"])
+    assert rate == SAMPLE_RATE and len(wave) >= 2 * SAMPLE_RATE
+    with pytest.raises(FileExistsError):
+        generate(a, clips=12, classes=3)
+
+
+def test_synth_dominant_modality_carries_the_stronger_signal(tmp_path):
+    from mmfast.data.synth import SynthSpec, make_audio, make_frames
+
+    spec = SynthSpec(dominant="visual", imbalance=4.0, noise=0.0)
+    rng = np.random.default_rng(0)
+    audio_peak = np.abs(make_audio(rng, 0, 1.0, spec)).max()
+    strong = SynthSpec(dominant="audio", imbalance=4.0, noise=0.0)
+    assert np.abs(make_audio(rng, 0, 1.0, strong)).max() > 3 * audio_peak
+    frames_weak = make_frames(rng, 0, 1.0, strong).astype(float)
+    frames_strong = make_frames(rng, 0, 1.0, spec).astype(float)
+    assert frames_strong.max() - np.median(frames_strong) > 2 * (frames_weak.max() - np.median(frames_weak))
+
+
+# --- DALI against the naive reference ---------------------------------------------------------------
+
+@pytest.mark.parametrize("visual", ["video", "frames"])
+def test_dali_and_naive_agree_on_evaluation_batches(synth, tmp_path, visual):
+    root = synth
+    if visual == "video":  # hide the frame folders so the layout reads the videos
+        root = tmp_path / "videos_only"
+        shutil.copytree(synth, root, ignore=shutil.ignore_patterns("Image-01-FPS"))
+    cfg = config(root, num_workers=2)  # the naive loader's worker processes, DALI's threads
+    dali, naive = (collect(build_loader(cfg, "train", backend=b, train=False)) for b in ("dali", "naive"))
+    assert dali.keys() == naive.keys() == {"audio", "visual", "label", "index"}
+    assert torch.equal(dali["label"], naive["label"]) and torch.equal(dali["index"], naive["index"])
+    assert dali["audio"].shape == naive["audio"].shape == (len(dali["label"]), 257, 188)
+    rel = (dali["audio"] - naive["audio"]).norm() / naive["audio"].norm()
+    assert rel < 1e-4
+    assert (dali["audio"] - naive["audio"]).abs().max() < 1e-3  # log domain: relative magnitude error
+    assert dali["visual"].shape == naive["visual"].shape == (len(dali["label"]), 3, 3, SIZE, SIZE)
+    # Pixel units: decoders agree within rounding (JPEG: IDCT rounding of two libjpeg builds).
+    std = torch.tensor(FRAMES.std).view(1, 1, 3, 1, 1) * 255
+    pixel_diff = (dali["visual"] - naive["visual"]).abs() * std
+    assert pixel_diff.max() <= (1.01 if visual == "video" else 4.0)
+    assert pixel_diff.mean() < 0.5
+
+
+@pytest.mark.parametrize("pad_mode", ["constant", "reflect"])
+def test_dali_spectrogram_matches_librosa_for_both_pad_modes(synth, pad_mode):
+    cfg = config(synth, audio=crema_d(pad_mode=pad_mode))
+    batch = next(iter(build_loader(cfg, "test", backend="dali")))
+    ld = build_loader(cfg, "test", backend="naive")
+    clip = ld.clips[int(batch["index"][0])]
+    wave, _ = sf.read(clip.files["audio"], dtype="float32")
+    expected = log_spectrogram(cut_window(wave, cfg.audio, 0.0), cfg.audio)
+    got = batch["audio"][0].numpy()
+    assert np.linalg.norm(got - expected) / np.linalg.norm(expected) < 1e-4
+
+
+def test_training_batches_same_structure_and_reshuffled_each_epoch(synth):
+    cfg = config(synth, batch_size=4)
+    for backend in ("dali", "naive"):
+        loader = build_loader(cfg, "train", backend=backend)
+        first, second = collect(loader), collect(loader)
+        n = len(loader.clips)
+        assert sorted(first["index"].tolist()) == sorted(second["index"].tolist()) == list(range(n))
+        assert first["index"].tolist() != second["index"].tolist()
+        assert first["visual"].shape[1:] == (3, 3, SIZE, SIZE) and first["audio"].shape[1:] == (257, 188)
+        assert torch.isfinite(first["audio"]).all() and torch.isfinite(first["visual"]).all()
+        labels = {c.clip_id: c.label for c in loader.clips}
+        assert [labels[loader.clips[i].clip_id] for i in first["index"]] == first["label"].tolist()
+
+
+def test_generic_layout_with_three_modalities(synth, tmp_path):
+    root = tmp_path / "generic"
+    for name, src in (("sound", "AudioWAV"), ("clip", "VideoFlash"), ("rgb", "Image-01-FPS")):
+        shutil.copytree(synth / src, root / name)
+    index = read_layout(synth, "crema_d")
+    with (root / "clips.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["clip", "label", "split"])
+        for split, clips in index.splits.items():
+            for c in clips:
+                writer.writerow([c.clip_id, index.classes[c.label], split])
+    cfg = config(root, layout="generic", modalities={"sound": "audio", "clip": "video", "rgb": "frames"})
+    for backend in ("dali", "naive"):
+        batch = collect(build_loader(cfg, "test", backend=backend))
+        assert set(batch) == {"sound", "clip", "rgb", "label", "index"}
+        assert batch["clip"].shape[1:] == batch["rgb"].shape[1:] == (3, 3, SIZE, SIZE)
+
+
+# --- bad input ---------------------------------------------------------------------------------------
+
+def broken_copy(synth, tmp_path, break_fn):
+    root = tmp_path / "broken"
+    shutil.copytree(synth, root, ignore=shutil.ignore_patterns("Image-01-FPS"))
+    index = read_layout(root, "crema_d")
+    victim = index.splits["train"][0]
+    target = break_fn(root, victim)
+    return root, target
+
+
+def _remove_audio(root, clip):
+    clip.files["audio"].unlink()
+    return clip.files["audio"]
+
+
+def _garbage_audio(root, clip):
+    clip.files["audio"].write_bytes(b"RIFF\x00\x00not really a wave file" * 10)
+    return clip.files["audio"]
+
+
+def _short_audio(root, clip):
+    sf.write(clip.files["audio"], np.full(SAMPLE_RATE // 10, 0.1, np.float32), SAMPLE_RATE)
+    return clip.files["audio"]
+
+
+def _silent_audio(root, clip):
+    sf.write(clip.files["audio"], np.zeros(SAMPLE_RATE * 2, np.float32), SAMPLE_RATE)
+    return clip.files["audio"]
+
+
+def _garbage_video(root, clip):
+    clip.files["visual"].write_bytes(b"\x1aE\xdf\xa3" + b"\x00garbage" * 50)
+    return clip.files["visual"]
+
+
+def _truncated_video(root, clip):
+    path = clip.files["visual"]
+    path.write_bytes(path.read_bytes()[:60])
+    return path
+
+
+@pytest.mark.parametrize("break_fn,reason", [
+    (_remove_audio, "missing file"), (_garbage_audio, "corrupt audio"), (_short_audio, "too short"),
+    (_silent_audio, "silent audio"), (_garbage_video, "corrupt video"), (_truncated_video, "corrupt video"),
+])
+@pytest.mark.parametrize("backend", ["dali", "naive"])
+def test_bad_clip_raises_naming_the_file_or_is_skipped_and_counted(synth, tmp_path, break_fn, reason, backend):
+    root, target = broken_copy(synth, tmp_path, break_fn)
+    with pytest.raises(DataError, match=reason) as info:
+        build_loader(config(root), "train", backend=backend)
+    assert info.value.path.startswith(str(target.with_suffix("")))  # a missing file has no known suffix
+    loader = build_loader(config(root, on_error="skip"), "train", backend=backend)
+    assert loader.skipped.total == 1 and reason.split(":")[0] in loader.skipped.summary()
+    batch = collect(loader)
+    assert len(batch["label"]) == len(loader.clips) == len(read_layout(synth, "crema_d").splits["train"]) - 1
+
+
+def test_label_not_in_class_list_and_empty_split(synth, tmp_path):
+    root = tmp_path / "labels"
+    shutil.copytree(synth, root, ignore=shutil.ignore_patterns("Image-01-FPS"))
+    first = read_layout(root, "crema_d").splits["train"][0].clip_id
+    with (root / "train.csv").open("a") as f:
+        f.write(f"{first},XYZ\n")
+    with pytest.raises(DataError, match=r"train.csv:\d+: label 'XYZ' of clip .* is not in the class list"):
+        read_layout(root, "crema_d")
+    index = read_layout(root, "crema_d", on_error="skip")
+    assert index.skipped.total == 1
+    (root / "test.csv").write_text("")
+    with pytest.raises(DataError, match="split 'test' is empty"):
+        build_loader(config(root, on_error="skip"), "test", backend="naive")
+
+
+def test_unsupported_codec_on_cpu_dali_is_a_clear_error(synth, tmp_path):
+    import av
+
+    root, target = broken_copy(synth, tmp_path, lambda r, c: c.files["visual"])
+    # Re-encode one clip with MPEG-4 Part 2, which DALI decodes only on the GPU.
+    index = read_layout(root, "crema_d")
+    for clip in index.splits["train"] + index.splits["val"] + index.splits["test"]:
+        src = clip.files["visual"]
+        with av.open(str(src)) as c:
+            frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+        with av.open(str(src), "w", format="webm" if False else "matroska") as out:
+            stream = out.add_stream("mpeg4", rate=FPS)
+            stream.width = stream.height = SIZE
+            stream.pix_fmt = "yuv420p"
+            for frame in frames:
+                for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                    out.mux(packet)
+            for packet in stream.encode():
+                out.mux(packet)
+    with pytest.raises(DataError, match="unsupported codec for DALI on the CPU: mpeg4"):
+        build_loader(config(root), "train", backend="dali")
+    assert len(collect(build_loader(config(root), "test", backend="naive"))["label"]) > 0  # PyAV reads it
+
+
+def test_bad_config_values():
+    with pytest.raises(ValueError, match="on_error"):
+        build_loader(DataConfig(root=".", on_error="ignore"), "train")
+    with pytest.raises(ValueError, match="backend"):
+        build_loader(DataConfig(root="."), "train", backend="opencv")
+    with pytest.raises(DataError, match="dataset root is not a directory"):
+        build_loader(DataConfig(root="/nonexistent/mmfast"), "train", backend="naive")
