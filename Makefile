@@ -24,6 +24,7 @@ demo: build
 	$(PY) bench/grad_modulation.py --json bench/results/grad_modulation.json
 	$(PY) bench/scores.py --json bench/results/scores.json
 	$(PY) bench/data.py --json bench/results/data.json
+	$(PY) bench/imbalance.py --json bench/results/imbalance.json
 
 bench: demo
 

@@ -31,7 +31,7 @@ def main(argv=None) -> int:
     synth.add_argument("--clips", type=int, default=480)
     synth.add_argument("--classes", type=int, default=6)
     synth.add_argument("--dominant", choices=["audio", "visual"], default="audio")
-    synth.add_argument("--imbalance", type=float, default=4.0,
+    synth.add_argument("--imbalance", type=float, default=2.5,
                        help="how much weaker the other modality's class signal is (>= 1)")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--jpeg-frames", action="store_true", help="also write 1-fps JPEG frame folders")

@@ -1,0 +1,22 @@
+"""Small convolutional encoders for CPU-scale experiments on the embedded dataset (a ResNet-18
+per modality is the published recipe, but too slow for minutes on two CPU cores)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class SmallConvEncoder(nn.Module):
+    """x [N, C, H, W] -> features [N, width * 4]: four stride-2 conv blocks and global pooling."""
+
+    def __init__(self, in_channels: int, width: int = 16):
+        super().__init__()
+        layers, c = [], in_channels
+        for w in (width, width * 2, width * 4, width * 4):
+            layers += [nn.Conv2d(c, w, 3, 2, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
+            c = w
+        self.body = nn.Sequential(*layers)
+        self.out_dim = c
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x).mean(dim=(2, 3))
