@@ -266,3 +266,59 @@ def test_bad_config_values():
         build_loader(DataConfig(root="."), "train", backend="opencv")
     with pytest.raises(DataError, match="dataset root is not a directory"):
         build_loader(DataConfig(root="/nonexistent/mmfast"), "train", backend="naive")
+
+
+def _research_tree(synth, root, layout):
+    """Rewrites the embedded dataset (frames + wav) in another research-code layout; returns
+    {clip id: label name} of the test split."""
+    index = read_layout(synth, "crema_d")
+    expected = {}
+    lists = {}
+    for split, clips in index.splits.items():
+        for n, c in enumerate(clips):
+            label = index.classes[c.label]
+            sample = f"yt{n:03d}{split}_{30 + n:06d}" if layout == "vggsound" else c.clip_id
+            if layout == "ave":
+                shutil.copytree(c.files["visual"], root / "visual" / sample)
+                (root / "audio").mkdir(parents=True, exist_ok=True)
+                shutil.copy(c.files["audio"], root / "audio" / f"{sample}.wav")
+            else:
+                shutil.copytree(c.files["visual"], root / split / sample)
+                shutil.copy(c.files["audio"], root / split / sample / f"{sample}.wav")
+            lists.setdefault(split, []).append((sample, label, n))
+            if split == "test":
+                expected[sample] = label
+    if layout == "kinetics_sounds":
+        for split, rows in lists.items():
+            (root / f"{split}.csv").write_text("".join(f"{s},{lab}\n" for s, lab, _ in rows))
+    elif layout == "vggsound":
+        rows = [r for split in ("train", "test") for r in ((s.rsplit("_", 1)[0], 30 + n, lab, split)
+                                                             for s, lab, n in lists[split])]
+        (root / "vggsound.csv").write_text("".join(f"{a},{b},{c},{d}\n" for a, b, c, d in rows))
+    else:
+        for split, name in (("train", "trainSet.txt"), ("val", "valSet.txt"), ("test", "testSet.txt")):
+            body = "".join(f"{lab}&{s}&good&0&10\n" for s, lab, _ in lists[split])
+            (root / name).write_text("Category&VideoID&Quality&StartTime&EndTime\n" + body)
+    shutil.copy(synth / "classes.txt", root / "classes.txt")
+    return expected
+
+
+@pytest.mark.parametrize("layout", ["kinetics_sounds", "vggsound", "ave"])
+def test_research_layouts(synth, tmp_path, layout):
+    root = tmp_path / layout
+    root.mkdir()
+    expected = _research_tree(synth, root, layout)
+    index = read_layout(root, layout)
+    assert index.kinds == {"audio": "audio", "visual": "frames"}
+    got = {c.clip_id: index.classes[c.label] for c in index.splits["test"]}
+    assert got == expected
+    for backend in ("dali", "naive"):
+        loader = build_loader(config(root, layout=layout), "test", backend=backend)
+        batch = collect(loader)
+        assert batch["audio"].shape[1:] == (257, 188) and batch["visual"].shape[1:] == (3, 3, SIZE, SIZE)
+        ids = [loader.clips[i].clip_id for i in batch["index"]]
+        assert [index.classes[int(lab)] for lab in batch["label"]] == [expected[i] for i in ids]
+    (root / ("vggsound.csv" if layout == "vggsound" else "train.csv" if layout == "kinetics_sounds"
+             else "trainSet.txt")).unlink()
+    with pytest.raises(DataError, match="missing"):
+        read_layout(root, layout)

@@ -9,6 +9,21 @@ CREMA-D (as the balanced-multimodal research code stores it)::
     ROOT/train.csv, ROOT/test.csv        "<clip>,<label>" lines, no header; optional val.csv
     ROOT/classes.txt                     optional; default NEU HAP SAD FEA DIS ANG
 
+Kinetics-Sounds and VGGSound (the research code's pre-processed tree: 1-fps frames and the wav
+in one folder per sample)::
+
+    ROOT/<split>/<sample>/<n>.jpg, ROOT/<split>/<sample>/<sample>.wav      split: train, val, test
+    Kinetics-Sounds: ROOT/<split>.csv  "<sample>,<label>" lines, no header
+    VGGSound:        ROOT/vggsound.csv "<youtube id>,<start s>,<label>,<train|test>" (the release's
+                     list); sample = "<youtube id>_<start as 6 digits>"
+    ROOT/classes.txt optional; default: the sorted labels of the lists
+
+AVE (the release's annotation files; media as the research code extracts them)::
+
+    ROOT/trainSet.txt, valSet.txt, testSet.txt   "Category&VideoID&Quality&StartTime&EndTime"
+    ROOT/visual/<VideoID>/<n>.jpg, ROOT/audio/<VideoID>.wav
+    (classification by Category; the 1 s segment labels for localisation are not read yet)
+
 Generic (any number of modalities)::
 
     ROOT/clips.csv                       header "clip,label[,split]"; split defaults to train
@@ -29,6 +44,7 @@ AUDIO_EXTS = (".wav", ".flac", ".ogg", ".mp3")
 VIDEO_EXTS = (".webm", ".mkv", ".mp4", ".avi", ".mov", ".flv")
 FRAME_EXTS = (".jpg", ".jpeg", ".png")
 KINDS = ("audio", "video", "frames")
+LAYOUTS = ("crema_d", "kinetics_sounds", "vggsound", "ave", "generic")
 
 
 @dataclass(frozen=True)
@@ -61,7 +77,7 @@ class DatasetIndex:
 
 
 def read_layout(root, layout: str = "crema_d", *, modalities=None, on_error: str = "raise") -> DatasetIndex:
-    """Index the dataset at `root` stored in `layout` ("crema_d" or "generic"). `modalities`
+    """Index the dataset at `root` stored in `layout` (one of LAYOUTS). `modalities`
     (generic layout) maps modality names to kinds, e.g. {"audio": "audio", "rgb": "frames"}."""
     check_on_error(on_error)
     root = Path(root)
@@ -71,7 +87,11 @@ def read_layout(root, layout: str = "crema_d", *, modalities=None, on_error: str
         return _read_crema_d(root, on_error)
     if layout == "generic":
         return _read_generic(root, modalities, on_error)
-    raise ValueError(f"layout must be 'crema_d' or 'generic', got {layout!r}")
+    if layout in ("kinetics_sounds", "vggsound"):
+        return _read_sample_folders(root, layout, on_error)
+    if layout == "ave":
+        return _read_ave(root, on_error)
+    raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
 
 
 def _read_classes(root: Path, default):
@@ -98,14 +118,17 @@ def _resolve(clip_dir: Path, clip_id: str, kind: str):
 
 
 def _make_clip(index: DatasetIndex, dirs: dict, clip_id: str, label: str, where: str, on_error: str):
+    """A Clip, or None (counted) when on_error="skip". dirs[modality] is the folder holding the
+    clip's file, or a function clip_id -> folder."""
     try:
         if label not in index.classes:
             raise DataError(where, f"label {label!r} of clip {clip_id!r} is not in the class list {index.classes}")
         files = {}
         for modality, kind in index.kinds.items():
-            path = _resolve(dirs[modality], clip_id, kind)
+            folder = dirs[modality](clip_id) if callable(dirs[modality]) else dirs[modality]
+            path = _resolve(folder, clip_id, kind)
             if path is None:
-                raise DataError(dirs[modality] / clip_id, f"missing file: no {kind} for clip {clip_id!r}")
+                raise DataError(folder / clip_id, f"missing file: no {kind} for clip {clip_id!r}")
             files[modality] = path
         return Clip(clip_id, index.classes.index(label), files)
     except DataError as err:
@@ -124,28 +147,30 @@ def _read_crema_d(root: Path, on_error: str) -> DatasetIndex:
     for modality, d in dirs.items():
         if not d.is_dir():
             raise DataError(d, f"missing folder for the {modality} modality")
+    _fill_splits(index, lambda split: dirs, _split_lists(root, on_error, index.skipped), on_error)
+    return index
+
+
+def _split_lists(root: Path, on_error: str, report: SkipReport) -> dict:
+    """split -> [(clip id, label, where)] from ROOT/{train,val,test}.csv ("<clip>,<label>" lines,
+    no header; val optional). Malformed lines raise or, with on_error="skip", are counted."""
+    entries = {}
     for split in ("train", "val", "test"):
         path = root / f"{split}.csv"
         if not path.exists():
             if split == "val":
                 continue
             raise DataError(path, "missing split file")
-        clips = []
-        with path.open(newline="") as f:
-            for lineno, row in enumerate(csv.reader(f), start=1):
-                if not row or not row[0].strip():
-                    continue
-                if len(row) < 2:
-                    err = DataError(f"{path}:{lineno}", "expected '<clip>,<label>'")
-                    if on_error == "raise":
-                        raise err
-                    index.skipped.add(err)
-                    continue
-                clip = _make_clip(index, dirs, row[0].strip(), row[1].strip(), f"{path}:{lineno}", on_error)
-                if clip is not None:
-                    clips.append(clip)
-        index.splits[split] = clips
-    return index
+        entries[split] = []
+        for lineno, row in _read_rows(path):
+            if len(row) < 2:
+                err = DataError(f"{path}:{lineno}", "expected '<clip>,<label>'")
+                if on_error == "raise":
+                    raise err
+                report.add(err)
+                continue
+            entries[split].append((row[0], row[1], f"{path}:{lineno}"))
+    return entries
 
 
 def _read_generic(root: Path, modalities, on_error: str) -> DatasetIndex:
@@ -173,4 +198,68 @@ def _read_generic(root: Path, modalities, on_error: str) -> DatasetIndex:
         index.splits.setdefault(split, [])
         if clip is not None:
             index.splits[split].append(clip)
+    return index
+
+
+def _read_rows(path: Path, delimiter: str = ","):
+    """(line number, fields) of a headerless list file, blank lines skipped."""
+    with path.open(newline="") as f:
+        for lineno, row in enumerate(csv.reader(f, delimiter=delimiter), start=1):
+            if row and row[0].strip():
+                yield lineno, [field.strip() for field in row]
+
+
+def _fill_splits(index: DatasetIndex, dirs_for_split, entries, on_error: str):
+    """entries: split -> list of (clip id, label, where)."""
+    for split, rows in entries.items():
+        dirs = dirs_for_split(split)
+        clips = [_make_clip(index, dirs, clip_id, label, where, on_error) for clip_id, label, where in rows]
+        index.splits[split] = [c for c in clips if c is not None]
+
+
+def _read_sample_folders(root: Path, layout: str, on_error: str) -> DatasetIndex:
+    entries, report = {}, SkipReport()
+    if layout == "vggsound":
+        path = root / "vggsound.csv"
+        if not path.exists():
+            raise DataError(path, "missing list (the VGGSound release's vggsound.csv)")
+        for lineno, row in _read_rows(path):
+            if len(row) < 4 or not row[1].isdigit():
+                raise DataError(f"{path}:{lineno}", "expected '<youtube id>,<start>,<label>,<split>'")
+            entries.setdefault(row[3], []).append((f"{row[0]}_{int(row[1]):06d}", row[2], f"{path}:{lineno}"))
+    else:
+        entries = _split_lists(root, on_error, report)
+    labels = sorted({label for rows in entries.values() for _, label, _ in rows})
+    index = DatasetIndex(layout, root, _read_classes(root, labels), {"audio": "audio", "visual": "frames"},
+                         skipped=report)
+
+    def dirs_for_split(split):
+        base = root / split
+        if not base.is_dir():
+            raise DataError(base, f"missing folder of the {split!r} split")
+        # The wav lies inside the sample's folder; frames are the folder itself.
+        return {"audio": lambda clip_id: base / clip_id, "visual": base}
+
+    _fill_splits(index, dirs_for_split, entries, on_error)
+    return index
+
+
+def _read_ave(root: Path, on_error: str) -> DatasetIndex:
+    entries = {}
+    for split, name in (("train", "trainSet.txt"), ("val", "valSet.txt"), ("test", "testSet.txt")):
+        path = root / name
+        if not path.exists():
+            raise DataError(path, "missing split file")
+        entries[split] = []
+        for lineno, row in _read_rows(path, delimiter="&"):
+            if len(row) < 2 or row[0] == "Category":  # header line
+                continue
+            entries[split].append((row[1], row[0], f"{path}:{lineno}"))
+    labels = sorted({label for rows in entries.values() for _, label, _ in rows})
+    index = DatasetIndex("ave", root, _read_classes(root, labels), {"audio": "audio", "visual": "frames"})
+    dirs = {"audio": root / "audio", "visual": root / "visual"}
+    for modality, d in dirs.items():
+        if not d.is_dir():
+            raise DataError(d, f"missing folder for the {modality} modality")
+    _fill_splits(index, lambda split: dirs, entries, on_error)
     return index
