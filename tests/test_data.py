@@ -322,3 +322,60 @@ def test_research_layouts(synth, tmp_path, layout):
              else "trainSet.txt")).unlink()
     with pytest.raises(DataError, match="missing"):
         read_layout(root, layout)
+
+
+# --- Kaldi filter bank -----------------------------------------------------------------------------
+
+def kaldi_fbank_reference(wave, sample_rate, num_bins, low_freq=20.0, preemph=0.97):
+    """Kaldi's fbank written out frame by frame in float64 (dither 0, snip_edges, use_power,
+    htk mel, no energy), without normalisation or padding."""
+    wave = np.asarray(wave, np.float64) - np.mean(wave)
+    length, shift, fft = int(sample_rate * 0.025), int(sample_rate * 0.010), 1
+    while fft < length:
+        fft *= 2
+    window = np.array([0.5 - 0.5 * np.cos(2 * np.pi * n / (length - 1)) for n in range(length)])
+
+    def mel(f):
+        return 1127.0 * np.log(1.0 + f / 700.0)
+
+    lo, hi = mel(low_freq), mel(sample_rate / 2)
+    delta = (hi - lo) / (num_bins + 1)
+    banks = np.zeros((num_bins, fft // 2 + 1))
+    for b in range(num_bins):
+        left, center, right = lo + b * delta, lo + (b + 1) * delta, lo + (b + 2) * delta
+        for k in range(fft // 2):  # Kaldi leaves the Nyquist bin out
+            m = mel(k * sample_rate / fft)
+            if left < m < right:
+                banks[b, k] = (m - left) / (center - left) if m <= center else (right - m) / (right - center)
+    out = []
+    for start in range(0, len(wave) - length + 1, shift):
+        frame = wave[start:start + length].copy()
+        frame -= frame.mean()
+        frame = np.concatenate([[frame[0] * (1 - preemph)], frame[1:] - preemph * frame[:-1]])
+        spectrum = np.abs(np.fft.rfft(frame * window, n=fft)) ** 2
+        out.append(np.log(np.maximum(banks @ spectrum, np.finfo(np.float32).eps)))
+    return np.array(out)
+
+
+def test_kaldi_fbank_matches_the_written_out_definition(gen):
+    from mmfast.data import kaldi_fbank
+    from mmfast.data.audio import kaldi_fbank_features
+
+    recipe = kaldi_fbank(sample_rate=8000, loop_to=1.0, duration=1.0, num_mel_bins=23, target_frames=120)
+    wave = (0.1 * torch.randn(8000, generator=gen) + 0.05 * torch.sin(torch.arange(8000) * 0.3)).numpy()
+    got = kaldi_fbank_features(torch.from_numpy(wave).unsqueeze(0), recipe)[0].numpy()
+    ref = (kaldi_fbank_reference(wave, 8000, 23) - recipe.norm_mean) / (2 * recipe.norm_std)
+    assert got.shape == (120, 23) and ref.shape == (98, 23)
+    np.testing.assert_allclose(got[:98], ref, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got[98:], (0 - recipe.norm_mean) / (2 * recipe.norm_std), rtol=1e-6)  # zero padding
+    assert kaldi_fbank().shape == (1024, 128)
+
+
+def test_kaldi_fbank_recipe_through_both_loaders(synth):
+    from mmfast.data import kaldi_fbank
+
+    recipe = kaldi_fbank(sample_rate=SAMPLE_RATE, loop_to=3.0, duration=3.0, target_frames=320)
+    cfg = config(synth, audio=recipe)
+    dali, naive = (collect(build_loader(cfg, "test", backend=b)) for b in ("dali", "naive"))
+    assert dali["audio"].shape[1:] == naive["audio"].shape[1:] == (320, 128)
+    assert (dali["audio"] - naive["audio"]).abs().max() < 1e-4

@@ -5,7 +5,7 @@
     for batch in build_loader(cfg, "train", backend="dali"):
         batch["audio"], batch["visual"], batch["label"]
 """
-from .audio import AudioRecipe, crema_d, kinetics_sounds, vggsound
+from .audio import AudioRecipe, crema_d, kaldi_fbank, kinetics_sounds, vggsound
 from .errors import DataError, SkipReport
 from .layouts import Clip, DatasetIndex, read_layout
 from .loader import DataConfig, build_loader
@@ -14,5 +14,5 @@ from .video import FrameRecipe
 
 __all__ = [
     "AudioRecipe", "Clip", "DataConfig", "DataError", "DatasetIndex", "FrameRecipe", "SkipReport", "SynthSpec",
-    "build_loader", "crema_d", "generate", "kinetics_sounds", "read_layout", "vggsound",
+    "build_loader", "crema_d", "generate", "kaldi_fbank", "kinetics_sounds", "read_layout", "vggsound",
 ]

@@ -10,9 +10,19 @@ One recipe drives both loaders (DALI and the naive reference), so their spectrog
     feature = log(|STFT(window)| + log_eps)   periodic Hann, centred frames, pad_mode padding
             -> [n_fft // 2 + 1, 1 + D // hop_length]
 
+With features="fbank" the window instead gets Kaldi's log-mel filter bank (``kaldi_fbank_features``,
+torchaudio.compliance.kaldi.fbank's definition, computed with batched torch ops on the loader's
+device): the window's mean removed, 25 ms frames every 10 ms (snip_edges), each frame's DC
+offset removed, pre-emphasis 0.97, symmetric Hann window, |FFT 512|^2, `num_mel_bins`
+triangular mel filters (mel = 1127 ln(1 + f / 700)) from low_freq to Nyquist, log with a floor
+of float32 epsilon; then padded with zeros or cut to `target_frames` frames and normalised
+(x - norm_mean) / (2 norm_std) -> [target_frames, num_mel_bins].
+
 Presets follow the published recipes (reference semantics section 8): ``crema_d()`` (22.05 kHz,
 3 s, STFT 512/353 -> 257 x 188), ``kinetics_sounds()`` (16 kHz, 10 s, 512/353 -> 257 x 454),
-``vggsound()`` (16 kHz, a 5 s window of the clip looped to 10 s, 256/128 -> 129 x 626).
+``vggsound()`` (16 kHz, a 5 s window of the clip looped to 10 s, 256/128 -> 129 x 626),
+``kaldi_fbank()`` (16 kHz, 10 s, 128 mel bins, 1024 frames, normalised with mean -4.503877 and
+std 5.141276, the Kinetics-Sounds fbank variant).
 The research code tiles a CREMA-D clip exactly three times, which leaves clips under one
 second short of 3 s (and their spectrograms narrower); looping until L fixes that.
 """
@@ -26,6 +36,7 @@ import numpy as np
 from .errors import DataError
 
 OFFSETS = ("random", "start", "center")
+FEATURES = ("stft", "fbank")
 PAD_MODES = ("constant", "reflect")
 
 
@@ -42,6 +53,15 @@ class AudioRecipe:
     clip: float | None = 1.0  # clip samples to [-clip, clip]; None: no clipping
     log_eps: float = 1e-7
     min_duration: float = 0.25  # shorter clips are bad input ("too short")
+    features: str = "stft"  # or "fbank" (Kaldi log-mel filter bank; the fields below)
+    num_mel_bins: int = 128
+    frame_length_ms: float = 25.0
+    frame_shift_ms: float = 10.0
+    preemphasis: float = 0.97
+    low_freq: float = 20.0
+    target_frames: int = 1024
+    norm_mean: float = -4.503877
+    norm_std: float = 5.141276
 
     def __post_init__(self):
         if self.sample_rate <= 0 or self.n_fft <= 0 or self.hop_length <= 0:
@@ -54,6 +74,13 @@ class AudioRecipe:
             raise ValueError(f"pad_mode must be one of {PAD_MODES}, got {self.pad_mode!r}")
         if self.min_duration <= 0:
             raise ValueError("min_duration must be > 0")
+        if self.features not in FEATURES:
+            raise ValueError(f"features must be one of {FEATURES}, got {self.features!r}")
+        if self.features == "fbank":
+            if self.frame_samples > self.window_samples:
+                raise ValueError("fbank: the window is shorter than one frame")
+            if not 0 <= self.low_freq < self.sample_rate / 2 or self.num_mel_bins < 1 or self.norm_std <= 0:
+                raise ValueError("fbank: need 0 <= low_freq < Nyquist, num_mel_bins >= 1, norm_std > 0")
 
     @property
     def window_samples(self) -> int:
@@ -64,7 +91,17 @@ class AudioRecipe:
         return int(round(self.loop_to * self.sample_rate))
 
     @property
+    def frame_samples(self) -> int:
+        return int(self.sample_rate * self.frame_length_ms / 1000)
+
+    @property
+    def shift_samples(self) -> int:
+        return int(self.sample_rate * self.frame_shift_ms / 1000)
+
+    @property
     def shape(self) -> tuple:
+        if self.features == "fbank":
+            return (self.target_frames, self.num_mel_bins)
         return (self.n_fft // 2 + 1, 1 + self.window_samples // self.hop_length)
 
     def offset_fraction(self, train: bool, rng: np.random.Generator) -> float:
@@ -86,6 +123,11 @@ def crema_d(**changes) -> AudioRecipe:
 
 def kinetics_sounds(**changes) -> AudioRecipe:
     return replace(AudioRecipe(sample_rate=16000, loop_to=10.0, duration=10.0), **changes)
+
+
+def kaldi_fbank(**changes) -> AudioRecipe:
+    return replace(AudioRecipe(sample_rate=16000, loop_to=10.0, duration=10.0, features="fbank", clip=None),
+                   **changes)
 
 
 def vggsound(**changes) -> AudioRecipe:
@@ -135,3 +177,54 @@ def log_spectrogram(window: np.ndarray, recipe: AudioRecipe) -> np.ndarray:
     spec = librosa.stft(window, n_fft=recipe.n_fft, hop_length=recipe.hop_length, window=recipe.hann_window(),
                         center=True, pad_mode=recipe.pad_mode)
     return np.log(np.abs(spec) + recipe.log_eps).astype(np.float32)
+
+
+def _kaldi_mel_banks(recipe: AudioRecipe, fft_size: int):
+    """[num_mel_bins, fft_size // 2 + 1] triangular filters in the Kaldi mel domain (Nyquist
+    column zero, as Kaldi has num_fft_bins = fft_size / 2)."""
+    import torch
+
+    def mel(f):
+        return 1127.0 * torch.log1p(f / 700.0)
+
+    nyquist = recipe.sample_rate / 2
+    low, high = mel(torch.tensor(recipe.low_freq, dtype=torch.float64)), mel(torch.tensor(nyquist, dtype=torch.float64))
+    delta = (high - low) / (recipe.num_mel_bins + 1)
+    b = torch.arange(recipe.num_mel_bins, dtype=torch.float64).unsqueeze(1)
+    left, center, right = low + b * delta, low + (b + 1) * delta, low + (b + 2) * delta
+    fft_mel = mel(recipe.sample_rate / fft_size * torch.arange(fft_size // 2, dtype=torch.float64)).unsqueeze(0)
+    banks = torch.clamp(torch.minimum((fft_mel - left) / (center - left), (right - fft_mel) / (right - center)), min=0)
+    return torch.nn.functional.pad(banks, (0, 1)).float()
+
+
+def kaldi_fbank_features(window, recipe: AudioRecipe):
+    """Kaldi log-mel filter bank of a batch of windows [..., samples] (torch, any device)
+    -> [..., target_frames, num_mel_bins], normalised. See the module docstring."""
+    import torch
+
+    x = window.float()
+    x = x - x.mean(dim=-1, keepdim=True)
+    frames = x.unfold(-1, recipe.frame_samples, recipe.shift_samples)  # snip_edges framing
+    frames = frames - frames.mean(dim=-1, keepdim=True)
+    previous = torch.cat([frames[..., :1], frames[..., :-1]], dim=-1)
+    frames = frames - recipe.preemphasis * previous
+    frames = frames * torch.hann_window(recipe.frame_samples, periodic=False, device=x.device)
+    fft_size = 1 << (recipe.frame_samples - 1).bit_length()
+    power = torch.fft.rfft(frames, n=fft_size).abs().pow(2)
+    mel = power @ _kaldi_mel_banks(recipe, fft_size).to(x.device).T
+    logmel = torch.log(torch.clamp(mel, min=torch.finfo(torch.float32).eps))
+    n = logmel.shape[-2]
+    if n < recipe.target_frames:
+        logmel = torch.nn.functional.pad(logmel, (0, 0, 0, recipe.target_frames - n))
+    else:
+        logmel = logmel[..., :recipe.target_frames, :]
+    return (logmel - recipe.norm_mean) / (2 * recipe.norm_std)
+
+
+def audio_features(window: np.ndarray, recipe: AudioRecipe):
+    """The recipe's features of one window (naive loader): a float32 torch tensor."""
+    import torch
+
+    if recipe.features == "fbank":
+        return kaldi_fbank_features(torch.from_numpy(window), recipe)
+    return torch.from_numpy(log_spectrogram(window, recipe))

@@ -2,7 +2,10 @@
 pipeline, on the CPU or, with device="cuda", on the GPU where DALI has GPU operators.
 
     audio   decoders.audio (resample, downmix) -> loop (cat) -> window (slice) -> clip ->
-            spectrogram (periodic Hann, centred, pad mode of the recipe) -> log(|X| + eps)
+            spectrogram (periodic Hann, centred, pad mode of the recipe) -> log(|X| + eps);
+            the Kaldi fbank recipe takes the window out of the pipeline and computes the filter
+            bank with batched torch ops on the same device (DALI's spectrogram has no per-frame
+            DC removal, which Kaldi's definition needs)
     video   decoders.video at the chosen frame indices (CPU: VP8/VP9/MJPEG; GPU "mixed": also
             H.264/HEVC/AV1/MPEG-4) -> resize / random_resized_crop -> crop_mirror_normalize
     frames  decoders.image per frame -> stack -> the same transforms
@@ -18,6 +21,7 @@ import math
 import numpy as np
 import torch
 
+from .audio import kaldi_fbank_features
 from .errors import DataError
 from .loader import ClipLoader
 from .video import segment_indices
@@ -153,6 +157,10 @@ class DaliLoader(ClipLoader):
                         window = dmath.clamp(window, -recipe.clip, recipe.clip)
                     if gpu:
                         window = window.gpu()
+                    if recipe.features == "fbank":  # computed on the batch after the pipeline
+                        outs.append(window)
+                        k += 2
+                        continue
                     power = fn.spectrogram(window, nfft=recipe.n_fft, window_length=recipe.n_fft,
                                            window_step=recipe.hop_length, window_fn=recipe.hann_window().tolist(),
                                            center_windows=True, reflect_padding=recipe.pad_mode == "reflect",
@@ -187,7 +195,11 @@ class DaliLoader(ClipLoader):
             except Exception as exc:
                 raise DataError(", ".join(self.source.last_clips[:4]) + ", ...",
                                 f"DALI failed on one of the clips fed last: {exc}") from exc
-            yield {name: _to_torch(out) for name, out in zip(names, outputs)}
+            batch = {name: _to_torch(out) for name, out in zip(names, outputs)}
+            for modality, kind in self.modalities.items():
+                if kind == "audio" and self.cfg.audio.features == "fbank":
+                    batch[modality] = kaldi_fbank_features(batch[modality], self.cfg.audio)
+            yield batch
         self.end_epoch()
 
 

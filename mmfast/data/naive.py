@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .audio import cut_window, load_wave, log_spectrogram
+from .audio import audio_features, cut_window, load_wave
 from .errors import DataError
 from .loader import ClipLoader
 from .transforms import transform_frames
@@ -39,7 +39,7 @@ class ClipDataset(torch.utils.data.Dataset):
                     recipe = self.cfg.audio
                     wave = load_wave(clip.files[modality], recipe)
                     window = cut_window(wave, recipe, recipe.offset_fraction(self.train, rng))
-                    sample[modality] = torch.from_numpy(log_spectrogram(window, recipe))
+                    sample[modality] = audio_features(window, recipe)
                 else:
                     idx = segment_indices(clip.num_frames[modality], self.cfg.frames.num_frames, self.train, rng)
                     if kind == "video":
