@@ -15,8 +15,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, write_json  # noqa: E402
 
@@ -44,8 +42,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         root = args.root or generate(Path(tmp) / "cremad", clips=args.clips, seed=0)
         cfg = DataConfig(root=str(root), frames=FrameRecipe(num_frames=args.frames, size=args.size),
-                         batch_size=args.batch_size, num_workers=args.workers,
-                         device="cuda" if torch.cuda.is_available() else "cpu")
+                         batch_size=args.batch_size, num_workers=args.workers)
         results = {}
         for backend in ("naive", "dali"):
             loader = build_loader(cfg, "train", backend=backend)
@@ -54,11 +51,11 @@ def main(argv=None):
             results[backend] = {"clips_per_s": statistics.median(rates), "epochs": rates, "clips": len(loader.clips)}
             print(f"{backend:>6}: {results[backend]['clips_per_s']:8.1f} clips/s  "
                   f"({len(loader.clips)} clips, {args.frames} frames at {args.size}px + 257x188 spectrogram, "
-                  f"{args.workers} workers, device {cfg.device})")
+                  f"{args.workers} workers, device {cfg.resolved_device})")
     speedup = results["dali"]["clips_per_s"] / results["naive"]["clips_per_s"]
     print(f"DALI vs naive: {speedup:.2f}x")
     write_json(args.json, {"benchmark": "data", "machine": machine(), "workers": args.workers,
-                           "frames": args.frames, "size": args.size, "device": cfg.device, "results": results,
+                           "frames": args.frames, "size": args.size, "device": cfg.resolved_device, "results": results,
                            "speedup": speedup})
 
 

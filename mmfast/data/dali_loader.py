@@ -88,9 +88,10 @@ class DaliLoader(ClipLoader):
         super().__init__(cfg, index, split, train)
         import nvidia.dali  # noqa: F401  (a clear ImportError here rather than mid-pipeline)
 
-        if cfg.device == "cuda" and not torch.cuda.is_available():
+        self.device = cfg.resolved_device
+        if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("device='cuda' needs a CUDA GPU; use device='cpu' for CPU-only DALI")
-        if cfg.device == "cpu":
+        if self.device == "cpu":
             self._check_cpu_codecs()
         per_modality = {"audio": 2, "video": 2, "frames": cfg.frames.num_frames}
         self.num_source_outputs = sum(per_modality[k] for k in self.modalities.values()) + 2
@@ -124,7 +125,7 @@ class DaliLoader(ClipLoader):
         from nvidia.dali import pipeline_def
 
         cfg, train = self.cfg, self.train
-        gpu = cfg.device == "cuda"
+        gpu = self.device == "cuda"
         frames_recipe = cfg.frames
         mean = [255 * m for m in frames_recipe.mean]
         std = [255 * s for s in frames_recipe.std]

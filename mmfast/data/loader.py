@@ -39,14 +39,22 @@ class DataConfig:
     num_workers: int = 2  # DataLoader workers (naive) = DALI CPU threads (dali)
     seed: int = 0
     on_error: str = "raise"
-    device: str = "cpu"  # "cuda": DALI decodes and transforms on the GPU
+    device: str = "auto"  # DALI: "cuda" decodes and transforms on the GPU; "auto": cuda if present
 
     def check(self):
         check_on_error(self.on_error)
         if self.batch_size < 1 or self.num_workers < 0:
             raise ValueError("batch_size must be >= 1 and num_workers >= 0")
-        if self.device not in ("cpu", "cuda"):
-            raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
+
+    @property
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @dataclass
