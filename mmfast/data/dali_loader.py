@@ -7,7 +7,9 @@ pipeline, on the CPU or, with device="cuda", on the GPU where DALI has GPU opera
             bank with batched torch ops on the same device (DALI's spectrogram has no per-frame
             DC removal, which Kaldi's definition needs)
     video   decoders.video at the chosen frame indices (CPU: VP8/VP9/MJPEG; GPU "mixed": also
-            H.264/HEVC/AV1/MPEG-4) -> resize / random_resized_crop -> crop_mirror_normalize
+            H.264/HEVC/AV1/MPEG-4) -> resize / random_resized_crop -> crop_mirror_normalize.
+            On the CPU, a video modality holding any other codec is decoded with PyAV in the
+            source instead (the chosen frames only) and fed to the same transforms
     frames  decoders.image per frame -> stack -> the same transforms
 
 Per-sample choices (window starts, frame indices) are drawn in Python from the same
@@ -23,8 +25,8 @@ import torch
 
 from .audio import kaldi_fbank_features
 from .errors import DataError
-from .loader import ClipLoader
-from .video import segment_indices
+from .loader import ClipLoader, log
+from .video import decode_video_frames, segment_indices
 
 _CPU_VIDEO_CODECS = ("vp8", "vp9", "mjpeg")
 
@@ -64,7 +66,10 @@ class _BatchSource:
                     continue
                 idx = segment_indices(clip.num_frames[modality], ld.cfg.frames.num_frames, ld.train, rng)
                 if kind == "video":
-                    outputs[k].append(_read_bytes(clip.files[modality]))
+                    if modality in ld.pyav_modalities:
+                        outputs[k].append(decode_video_frames(clip.files[modality], idx))
+                    else:
+                        outputs[k].append(_read_bytes(clip.files[modality]))
                     outputs[k + 1].append(np.asarray(idx, dtype=np.int32))
                     k += 2
                 else:
@@ -91,26 +96,18 @@ class DaliLoader(ClipLoader):
         self.device = cfg.resolved_device
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("device='cuda' needs a CUDA GPU; use device='cpu' for CPU-only DALI")
+        # Video modalities DALI cannot decode here: CPU DALI reads VP8, VP9 and MJPEG only.
+        self.pyav_modalities = set()
         if self.device == "cpu":
-            self._check_cpu_codecs()
+            for modality, kind in self.modalities.items():
+                if kind == "video" and any(c.codecs[modality] not in _CPU_VIDEO_CODECS for c in self.clips):
+                    self.pyav_modalities.add(modality)
+                    log.info("%s: codecs other than %s: decoding %r with PyAV, transforms in DALI",
+                             index.name, "/".join(_CPU_VIDEO_CODECS), modality)
         per_modality = {"audio": 2, "video": 2, "frames": cfg.frames.num_frames}
         self.num_source_outputs = sum(per_modality[k] for k in self.modalities.values()) + 2
         self.source = _BatchSource(self)
         self.pipe = self._build()
-
-    def _check_cpu_codecs(self):
-        """DALI's CPU video decoder reads VP8, VP9 and MJPEG only: say so before decoding."""
-        import av
-
-        for modality, kind in self.modalities.items():
-            if kind != "video":
-                continue
-            path = self.clips[0].files[modality]
-            with av.open(str(path)) as container:
-                codec = container.streams.video[0].codec_context.name
-            if codec not in _CPU_VIDEO_CODECS:
-                raise DataError(path, f"unsupported codec for DALI on the CPU: {codec} (CPU decoding handles "
-                                      f"{', '.join(_CPU_VIDEO_CODECS)}); use backend='naive' (PyAV) or a GPU")
 
     def _audio_copies(self, modality) -> int:
         """How many copies of the shortest clip cover loop_to seconds (DALI has no wrap-around)."""
@@ -170,7 +167,10 @@ class DaliLoader(ClipLoader):
                     outs.append(dmath.log(dmath.sqrt(power) + recipe.log_eps))
                     k += 2
                 elif kind == "video":
-                    frames = fn.decoders.video(src[k], device="mixed" if gpu else "cpu", frames=src[k + 1])
+                    if modality in self.pyav_modalities:  # already decoded frames [T, H, W, 3]
+                        frames = fn.reshape(src[k], layout="FHWC")
+                    else:
+                        frames = fn.decoders.video(src[k], device="mixed" if gpu else "cpu", frames=src[k + 1])
                     outs.append(transform(frames))
                     k += 2
                 else:

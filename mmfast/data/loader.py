@@ -22,7 +22,7 @@ import numpy as np
 from .audio import AudioRecipe, check_wave
 from .errors import DataError, SkipReport, check_on_error
 from .layouts import DatasetIndex, read_layout
-from .video import FrameRecipe, count_video_frames, frame_files
+from .video import FrameRecipe, frame_files, probe_video
 
 log = logging.getLogger("mmfast.data")
 BACKENDS = ("dali", "naive")
@@ -67,6 +67,7 @@ class ProbedClip:
     audio_seconds: dict  # audio modality -> duration at the file's own rate
     num_frames: dict  # video/frames modality -> frames available
     frame_files: dict  # frames modality -> sorted list of frame files
+    codecs: dict  # video modality -> codec name
 
 
 def probe(index: DatasetIndex, clips, cfg: DataConfig, report: SkipReport) -> list:
@@ -75,7 +76,7 @@ def probe(index: DatasetIndex, clips, cfg: DataConfig, report: SkipReport) -> li
     probed = []
     for clip in clips:
         try:
-            seconds, counts, listed = {}, {}, {}
+            seconds, counts, listed, codecs = {}, {}, {}, {}
             for modality, kind in index.kinds.items():
                 path = Path(clip.files[modality])
                 if kind == "audio":
@@ -93,11 +94,11 @@ def probe(index: DatasetIndex, clips, cfg: DataConfig, report: SkipReport) -> li
                                                                      min_duration=cfg.audio.min_duration))
                     seconds[modality] = len(wave) / rate
                 elif kind == "video":
-                    counts[modality] = count_video_frames(path)
+                    counts[modality], codecs[modality] = probe_video(path)
                 else:
                     listed[modality] = frame_files(path)
                     counts[modality] = len(listed[modality])
-            probed.append(ProbedClip(clip.clip_id, clip.label, dict(clip.files), seconds, counts, listed))
+            probed.append(ProbedClip(clip.clip_id, clip.label, dict(clip.files), seconds, counts, listed, codecs))
         except DataError as err:
             if cfg.on_error == "raise":
                 raise

@@ -52,9 +52,9 @@ def frame_files(folder: Path) -> list:
     return files
 
 
-def count_video_frames(path) -> int:
-    """Frames in the first video stream, from the container header or by counting packets
-    (no decoding). Raises DataError for missing, unreadable or frameless files."""
+def probe_video(path) -> tuple:
+    """(frames, codec name) of the first video stream: frames from the container header or by
+    counting packets (no decoding). Raises DataError for missing, unreadable or frameless files."""
     import av
 
     path = Path(path)
@@ -65,6 +65,7 @@ def count_video_frames(path) -> int:
             if not container.streams.video:
                 raise DataError(path, "no video stream")
             stream = container.streams.video[0]
+            codec = stream.codec_context.name
             n = stream.frames
             if n <= 0:
                 n = sum(1 for packet in container.demux(stream) if packet.size > 0)
@@ -74,7 +75,7 @@ def count_video_frames(path) -> int:
         raise DataError(path, f"corrupt video: {type(exc).__name__}: {exc}") from None
     if n <= 0:
         raise DataError(path, "corrupt video: no frames")
-    return n
+    return n, codec
 
 
 def decode_video_frames(path, indices) -> np.ndarray:
