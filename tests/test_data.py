@@ -384,3 +384,18 @@ def test_kaldi_fbank_recipe_through_both_loaders(synth):
     dali, naive = (collect(build_loader(cfg, "test", backend=b)) for b in ("dali", "naive"))
     assert dali["audio"].shape[1:] == naive["audio"].shape[1:] == (320, 128)
     assert (dali["audio"] - naive["audio"]).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("visual", ["video", "frames"])
+@pytest.mark.parametrize("train", [False, True])
+def test_gpu_pipeline_is_well_formed(synth, tmp_path, visual, train):
+    """Without a GPU the GPU pipeline cannot run, but defining it checks every GPU-side operator
+    and argument (mixed decoders, GPU spectrogram and transforms)."""
+    from nvidia.dali.pipeline import Pipeline
+
+    root = synth
+    if visual == "video":
+        root = tmp_path / "videos_only"
+        shutil.copytree(synth, root, ignore=shutil.ignore_patterns("Image-01-FPS"))
+    loader = build_loader(config(root, device="cpu"), "test", backend="dali", train=train)
+    assert isinstance(loader._define(gpu=True), Pipeline)

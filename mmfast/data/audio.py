@@ -138,10 +138,11 @@ def vggsound(**changes) -> AudioRecipe:
 # ------------------------------------------------------------------------------------------------
 # The reference implementation (NumPy + librosa), used by the naive loader and the parity tests.
 
-def check_wave(path, wave: np.ndarray, recipe: AudioRecipe) -> None:
-    if wave.size < recipe.min_duration * recipe.sample_rate:
-        raise DataError(path, f"too short: {wave.size / recipe.sample_rate:.3f} s of audio, "
-                              f"at least {recipe.min_duration} s needed")
+def check_wave(path, wave: np.ndarray, sample_rate: float, min_duration: float) -> None:
+    """Bad audio: too short, non-finite, or silent (every sample zero)."""
+    if wave.size < min_duration * sample_rate:
+        raise DataError(path, f"too short: {wave.size / sample_rate:.3f} s of audio, "
+                              f"at least {min_duration} s needed")
     if not np.isfinite(wave).all():
         raise DataError(path, "corrupt audio: non-finite samples")
     if not np.any(wave):
@@ -158,7 +159,7 @@ def load_wave(path, recipe: AudioRecipe) -> np.ndarray:
         raise DataError(path, "missing file") from None
     except Exception as exc:  # soundfile/audioread say "format not recognised", "truncated", ...
         raise DataError(path, f"corrupt audio: {type(exc).__name__}: {exc}") from None
-    check_wave(path, wave, recipe)
+    check_wave(path, wave, recipe.sample_rate, recipe.min_duration)
     return wave
 
 

@@ -116,13 +116,19 @@ class DaliLoader(ClipLoader):
         return max(1, math.ceil(recipe.loop_samples / max(1.0, shortest - 2)))
 
     def _build(self):
+        pipe = self._define(gpu=self.device == "cuda")
+        pipe.build()
+        return pipe
+
+    def _define(self, gpu: bool):
+        """The pipeline, defined but not built (defining needs no GPU, so tests check the GPU
+        graph's operators and arguments on CPU-only machines too)."""
         import nvidia.dali.fn as fn
         import nvidia.dali.math as dmath
         import nvidia.dali.types as types
         from nvidia.dali import pipeline_def
 
         cfg, train = self.cfg, self.train
-        gpu = self.device == "cuda"
         frames_recipe = cfg.frames
         mean = [255 * m for m in frames_recipe.mean]
         std = [255 * s for s in frames_recipe.std]
@@ -180,10 +186,8 @@ class DaliLoader(ClipLoader):
                     k += frames_recipe.num_frames
             return (*outs, src[k], src[k + 1])
 
-        pipe = pipeline(batch_size=cfg.batch_size, num_threads=max(1, cfg.num_workers),
+        return pipeline(batch_size=cfg.batch_size, num_threads=max(1, cfg.num_workers),
                         device_id=0 if gpu else None, seed=cfg.seed, prefetch_queue_depth=2)
-        pipe.build()
-        return pipe
 
     def __iter__(self):
         names = list(self.modalities) + ["label", "index"]

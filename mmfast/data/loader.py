@@ -90,8 +90,7 @@ def probe(index: DatasetIndex, clips, cfg: DataConfig, report: SkipReport) -> li
                     if len(wave) < declared:
                         raise DataError(path, f"truncated audio: the header declares {declared} samples, "
                                               f"the file holds {len(wave)}")
-                    check_wave(path, wave.mean(axis=1), AudioRecipe(sample_rate=rate,
-                                                                     min_duration=cfg.audio.min_duration))
+                    check_wave(path, wave.mean(axis=1), rate, cfg.audio.min_duration)
                     seconds[modality] = len(wave) / rate
                 elif kind == "video":
                     counts[modality], codecs[modality] = probe_video(path)
