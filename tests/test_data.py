@@ -399,3 +399,22 @@ def test_gpu_pipeline_is_well_formed(synth, tmp_path, visual, train):
         shutil.copytree(synth, root, ignore=shutil.ignore_patterns("Image-01-FPS"))
     loader = build_loader(config(root, device="cpu"), "test", backend="dali", train=train)
     assert isinstance(loader._define(gpu=True), Pipeline)
+
+
+def test_clip_that_breaks_after_probing(synth, tmp_path):
+    root, _ = broken_copy(synth, tmp_path, lambda r, c: None)
+    loader = build_loader(config(root, on_error="skip"), "train", backend="naive")
+    loader.clips[0].files["audio"].write_bytes(b"not audio any more")
+    batch = collect(loader)  # the naive loader decodes per sample: skipped and counted this epoch
+    assert len(batch["label"]) == len(loader.clips) - 1
+    assert loader.last_epoch_skipped.total == 1 and "corrupt audio" in loader.last_epoch_skipped.summary()
+    assert loader.skipped.total == 0  # the next epoch starts from the build-time count
+    strict = build_loader(config(synth), "train", backend="naive")
+    strict.clips[0].files["audio"] = loader.clips[0].files["audio"]
+    with pytest.raises(DataError, match="corrupt audio"):
+        collect(strict)
+    # DALI decodes a whole batch at once: a failure there names the clips fed last.
+    dali = build_loader(config(synth, on_error="skip"), "train", backend="dali")
+    dali.clips[0].files["audio"] = tmp_path / "vanished.wav"
+    with pytest.raises(DataError, match="missing file|DALI failed"):
+        collect(dali)

@@ -35,6 +35,13 @@ class SkipReport:
         if len(self.examples) < 10:
             self.examples.append(str(err))
 
+    def copy(self) -> "SkipReport":
+        return SkipReport(Counter(self.counts), list(self.examples))
+
+    def extend(self, other: "SkipReport") -> None:
+        self.counts.update(other.counts)
+        self.examples.extend(other.examples[: max(0, 10 - len(self.examples))])
+
     @property
     def total(self) -> int:
         return sum(self.counts.values())

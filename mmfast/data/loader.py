@@ -8,8 +8,9 @@ Both yield the same batches, dicts of tensors:
 An epoch is one ``for batch in loader`` pass; training splits are reshuffled every epoch from
 (seed, epoch). Every clip is probed once when the loader is built (files exist and decode, audio
 is long enough and not silent, videos have frames): bad clips raise a DataError naming the file,
-or with on_error="skip" are left out and counted in ``loader.skipped``, whose summary is logged
-at the end of every epoch. Evaluation splits never drop samples.
+or with on_error="skip" are left out and counted in ``loader.skipped`` (with the naive loader,
+also clips that fail to decode during the epoch), whose summary is logged at the end of every
+epoch (``loader.last_epoch_skipped`` keeps it). Evaluation splits never drop samples.
 """
 from __future__ import annotations
 
@@ -110,13 +111,13 @@ class ClipLoader:
 
     def __init__(self, cfg: DataConfig, index: DatasetIndex, split: str, train: bool):
         self.cfg, self.index, self.split, self.train = cfg, index, split, train
-        self.skipped = SkipReport()
-        for reason, n in index.skipped.counts.items():  # skips made while reading the layout
-            self.skipped.counts[reason] += n
-        self.skipped.examples.extend(index.skipped.examples)
-        self.clips = probe(index, index.split(split), cfg, self.skipped)
+        # Skipped while reading the layout and probing; `skipped` adds the current epoch's
+        # decode-time skips (naive loader) and starts again from this every epoch.
+        self.skipped_at_build = index.skipped.copy()
+        self.clips = probe(index, index.split(split), cfg, self.skipped_at_build)
         if not self.clips:
-            raise DataError(index.root, f"split {split!r} has no usable clips ({self.skipped.summary()})")
+            raise DataError(index.root, f"split {split!r} has no usable clips ({self.skipped_at_build.summary()})")
+        self.skipped = self.skipped_at_build.copy()
         self.epoch = 0
 
     @property
@@ -136,6 +137,8 @@ class ClipLoader:
     def end_epoch(self) -> None:
         if self.skipped.total:
             log.warning("%s split %r, epoch %d: %s", self.index.name, self.split, self.epoch, self.skipped.summary())
+        self.last_epoch_skipped = self.skipped
+        self.skipped = self.skipped_at_build.copy()
         self.epoch += 1
 
 
