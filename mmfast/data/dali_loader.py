@@ -65,11 +65,11 @@ class _BatchSource:
                     k += 2
                     continue
                 idx = segment_indices(clip.num_frames[modality], ld.cfg.frames.num_frames, ld.train, rng)
-                if kind == "video":
-                    if modality in ld.pyav_modalities:
-                        outputs[k].append(decode_video_frames(clip.files[modality], idx))
-                    else:
-                        outputs[k].append(_read_bytes(clip.files[modality]))
+                if kind == "video" and modality in ld.pyav_modalities:
+                    outputs[k].append(decode_video_frames(clip.files[modality], idx))
+                    k += 1
+                elif kind == "video":
+                    outputs[k].append(_read_bytes(clip.files[modality]))
                     outputs[k + 1].append(np.asarray(idx, dtype=np.int32))
                     k += 2
                 else:
@@ -104,10 +104,16 @@ class DaliLoader(ClipLoader):
                     self.pyav_modalities.add(modality)
                     log.info("%s: codecs other than %s: decoding %r with PyAV, transforms in DALI",
                              index.name, "/".join(_CPU_VIDEO_CODECS), modality)
-        per_modality = {"audio": 2, "video": 2, "frames": cfg.frames.num_frames}
-        self.num_source_outputs = sum(per_modality[k] for k in self.modalities.values()) + 2
+        self.num_source_outputs = sum(self._source_outputs(m, k) for m, k in self.modalities.items()) + 2
         self.source = _BatchSource(self)
         self.pipe = self._build()
+
+    def _source_outputs(self, modality, kind) -> int:
+        """Source outputs per modality: audio bytes + window start; video bytes + frame indices
+        (decoded frames only, for PyAV-decoded modalities); one JPEG per frame."""
+        if kind == "frames":
+            return self.cfg.frames.num_frames
+        return 1 if modality in self.pyav_modalities else 2
 
     def _audio_copies(self, modality) -> int:
         """How many copies of the shortest clip cover loop_to seconds (DALI has no wrap-around)."""
@@ -178,7 +184,7 @@ class DaliLoader(ClipLoader):
                     else:
                         frames = fn.decoders.video(src[k], device="mixed" if gpu else "cpu", frames=src[k + 1])
                     outs.append(transform(frames))
-                    k += 2
+                    k += self._source_outputs(modality, kind)
                 else:
                     images = [fn.decoders.image(src[k + t], device="mixed" if gpu else "cpu", output_type=types.RGB)
                               for t in range(frames_recipe.num_frames)]
