@@ -31,7 +31,7 @@ device, float32, outside autograd (they are measurements); nothing reads them on
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import torch
 
