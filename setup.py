@@ -2,9 +2,11 @@
 
 Environment:
   MMFAST_WITH_CUDA=0|1   force the CUDA kernels off/on (default: on when torch has CUDA and nvcc is found)
-  TORCH_CUDA_ARCH_LIST   CUDA architectures (default "9.0+PTX": Hopper plus PTX for newer GPUs)
+  TORCH_CUDA_ARCH_LIST   CUDA architectures (default: those of the installed torch's own build, PTX of the
+                         newest; without that list 8.0;8.6;8.9;9.0;10.0;12.0+PTX; see mmfast/_cuda_arch.py)
   MMFAST_BUILD_JOBS      parallel compile jobs (default: number of CPUs)
 """
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -47,6 +49,14 @@ def want_cuda(cuda_root):
     return torch.version.cuda is not None and cuda_root is not None
 
 
+def load_cuda_arch_module():
+    """mmfast/_cuda_arch.py, loaded from its path: the package itself is not importable yet."""
+    spec = importlib.util.spec_from_file_location("mmfast_cuda_arch", ROOT / "mmfast" / "_cuda_arch.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def find_tool(module, attr, exe):
     """A build tool from its pip package (the cmake/ninja build requirements), else from PATH."""
     try:
@@ -86,14 +96,17 @@ class CMakeBuild(build_ext):
         ninja = find_tool("ninja", "BIN_DIR", "ninja")
         if ninja:
             args += ["-GNinja", f"-DCMAKE_MAKE_PROGRAM={ninja}"]
-        if cuda:
-            env.setdefault("TORCH_CUDA_ARCH_LIST", "9.0+PTX")
-            nvcc = str(Path(cuda_root) / "bin" / "nvcc")
-            args += [f"-DCMAKE_CUDA_COMPILER={nvcc}", f"-DCUDA_TOOLKIT_ROOT_DIR={cuda_root}",
-                     f"-DCUDAToolkit_ROOT={cuda_root}"]
-        print(f"mmfast: building with CUDA kernels: {cuda}"
-              + (f" (nvcc {nvcc}, TORCH_CUDA_ARCH_LIST={env['TORCH_CUDA_ARCH_LIST']})" if cuda else ""))
         jobs = os.environ.get("MMFAST_BUILD_JOBS", str(os.cpu_count() or 1))
+        if cuda:
+            arch_list, arch_source = load_cuda_arch_module().default_arch_list()
+            env["TORCH_CUDA_ARCH_LIST"] = arch_list
+            nvcc = str(Path(cuda_root) / "bin" / "nvcc")
+            # nvcc compiles the architectures of one .cu file in `jobs` threads.
+            args += [f"-DCMAKE_CUDA_COMPILER={nvcc}", f"-DCUDA_TOOLKIT_ROOT_DIR={cuda_root}",
+                     f"-DCUDAToolkit_ROOT={cuda_root}", f"-DMMFAST_CUDA_ARCH_SOURCE={arch_source}",
+                     f"-DMMFAST_NVCC_THREADS={jobs}"]
+        print(f"mmfast: building with CUDA kernels: {cuda}"
+              + (f" (nvcc {nvcc}, TORCH_CUDA_ARCH_LIST={arch_list} from {arch_source})" if cuda else ""))
         subprocess.run([cmake, str(ROOT), *args], cwd=build_temp, env=env, check=True)
         subprocess.run([cmake, "--build", ".", "--parallel", jobs], cwd=build_temp, env=env, check=True)
 

@@ -1,8 +1,10 @@
 """Fused OGM-GE gradient modulation vs the research code's per-tensor PyTorch loop.
 
 Gradients: the conv weights of two ResNet-18 encoders (audio: 1 input channel, visual: 3), the
-tensors the reference method modulates. Both implementations run in this one process, side by
-side, on the same tensors; the speedup is the ratio of their median times.
+tensors the reference method modulates, contiguous and in channels_last (the layout of a model
+trained with torch.channels_last). Both implementations run in this one process, side by side, on
+the same tensors; the speedup is the ratio of their median times. The fused op is also timed with
+its step counter as a device tensor (the form a compiled or CUDA-graph-captured step uses).
 
     python bench/grad_modulation.py [--device cpu|cuda] [--dtype float32] [--json OUT]
 """
@@ -55,44 +57,56 @@ def main(argv=None):
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
 
     grads, index = encoder_conv_grads(device, dtype)
+    grads_cl = [g.to(memory_format=torch.channels_last) for g in grads]
     numel = sum(g.numel() for g in grads)
     coeffs = torch.tensor([0.4, 1.0], device=device)
     coeffs_host = coeffs.tolist()
     step = [0]
+    step_tensor = torch.zeros((), dtype=torch.int64, device=device)
 
-    def fused():
+    def fused(gs):
         step[0] += 1
-        grad_modulate_(grads, coeffs, index, seed=0, step=step[0])
+        grad_modulate_(gs, coeffs, index, seed=0, step=step[0])
+
+    def fused_tensor_step():
+        grad_modulate_(grads, coeffs, index, seed=0, step=step_tensor, increment_step=True)
 
     def fused_scale():
         grad_modulate_(grads, coeffs, index, noise=False)
 
     # Each case modulates the same list in place; values stay bounded since k <= 1 and the noise
     # has the gradient's own scale, so repeated calls measure the same work.
-    cases = {
-        "naive_noise": time_fn(lambda: naive_ogm_ge(grads, coeffs_host, index), device, repeat=args.repeat),
-        "fused_noise": time_fn(fused, device, repeat=args.repeat),
-        "naive_scale": time_fn(lambda: naive_scale(grads, coeffs_host, index), device, repeat=args.repeat),
-        "fused_scale": time_fn(fused_scale, device, repeat=args.repeat),
+    timed = {
+        "naive_noise": lambda: naive_ogm_ge(grads, coeffs_host, index),
+        "fused_noise": lambda: fused(grads),
+        "fused_noise_tensor_step": fused_tensor_step,
+        "naive_noise_channels_last": lambda: naive_ogm_ge(grads_cl, coeffs_host, index),
+        "fused_noise_channels_last": lambda: fused(grads_cl),
+        "naive_scale": lambda: naive_scale(grads, coeffs_host, index),
+        "fused_scale": fused_scale,
     }
+    cases = {name: time_fn(fn, device, repeat=args.repeat) for name, fn in timed.items()}
     elem = grads[0].element_size()
-    traffic = {"naive_noise": 3, "fused_noise": 3, "naive_scale": 2, "fused_scale": 2}  # passes of bytes
     for name, r in cases.items():
-        r["effective_GBps"] = traffic[name] * numel * elem / (r["median_ms"] * 1e-3) / 1e9
+        passes = 2 if name.endswith("scale") else 3  # passes over the gradients' bytes
+        r["effective_GBps"] = passes * numel * elem / (r["median_ms"] * 1e-3) / 1e9
     result = {
         "benchmark": "grad_modulation", "device": str(device), "dtype": args.dtype,
         "tensors": len(grads), "elements": numel, "machine": machine(),
         "build": mmfast.build_info(), "cases": cases,
         "speedup_noise": cases["naive_noise"]["median_ms"] / cases["fused_noise"]["median_ms"],
         "speedup_scale": cases["naive_scale"]["median_ms"] / cases["fused_scale"]["median_ms"],
+        "speedup_noise_channels_last": (cases["naive_noise_channels_last"]["median_ms"]
+                                        / cases["fused_noise_channels_last"]["median_ms"]),
     }
     print(f"grad modulation: {len(grads)} tensors, {numel:,} elements, {args.dtype} on {device} "
           f"({result['machine']['cpu'] if device.type == 'cpu' else result['machine']['gpu']}, "
           f"{torch.get_num_threads()} threads, cpu isa {result['build']['cpu_isa']})")
-    print(f"{'case':<14}{'median ms':>11}{'min ms':>9}{'GB/s':>8}")
+    print(f"{'case':<27}{'median ms':>11}{'min ms':>9}{'GB/s':>8}")
     for name, r in cases.items():
-        print(f"{name:<14}{r['median_ms']:>11.2f}{r['min_ms']:>9.2f}{r['effective_GBps']:>8.1f}")
+        print(f"{name:<27}{r['median_ms']:>11.2f}{r['min_ms']:>9.2f}{r['effective_GBps']:>8.1f}")
     print(f"speedup with noise (OGM-GE): {result['speedup_noise']:.2f}x   "
+          f"channels_last: {result['speedup_noise_channels_last']:.2f}x   "
           f"scale only (OGM): {result['speedup_scale']:.2f}x")
     write_json(args.json, result)
     return result

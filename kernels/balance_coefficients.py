@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import on_device
+
 @triton.jit
 def _tanh(x):
     # exp of a non-positive argument only: no overflow; NaN stays NaN.
@@ -81,9 +83,10 @@ def balance_coefficients(inp: torch.Tensor, *, input_is_rho: bool, kind: int, fo
     M = inp.shape[0]
     NB = 1 if input_is_rho else inp.shape[1]
     out = torch.empty((4, M), device=inp.device, dtype=torch.float32)
-    _balance_coefficients_kernel[(1,)](
-        inp, out, M, NB, float(alpha), float(q_base), float(lam),
-        INPUT_IS_RHO=input_is_rho, KIND=kind, FORM=form, Z=z,
-        BLOCK_M=max(2, triton.next_power_of_2(M)), BLOCK_NB=min(1024, max(2, triton.next_power_of_2(NB))),
-    )
+    with on_device(inp.device):
+        _balance_coefficients_kernel[(1,)](
+            inp, out, M, NB, float(alpha), float(q_base), float(lam),
+            INPUT_IS_RHO=input_is_rho, KIND=kind, FORM=form, Z=z,
+            BLOCK_M=max(2, triton.next_power_of_2(M)), BLOCK_NB=min(1024, max(2, triton.next_power_of_2(NB))),
+        )
     return out

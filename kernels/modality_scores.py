@@ -1,11 +1,12 @@
 """Triton kernel: per-sample true-class probabilities and per-block batch-score partial sums.
 
-For logits [M, B, C] and labels [B], program (m, b) handles rows b*BLOCK_B .. of modality m:
+For logits [M, B, C] and labels [B], program (b, m) handles rows b*BLOCK_B .. of modality m
+(row blocks on grid axis 0, which allows 2^31 - 1 blocks; axes 1 and 2 stop at 65,535):
 
     s[m, i]          = softmax(logits[m, i])[labels[i]]        (online max/sum over C tiles, float32)
     partial[m, b]    = sum over its rows of mask[m, i] * s[m, i]  (rows with mask 0 count as 0)
 
-The partial sums are reduced (in a fixed order) by the balance_coefficients kernel. The PyTorch
+Offsets into logits, mask and outputs are 64-bit: M*B*C may exceed 2^31. The partial sums are reduced (in a fixed order) by the balance_coefficients kernel. The PyTorch
 reference is mmfast.ops.balance._scores_torch; the slow loop reference modality_scores_reference.
 """
 from __future__ import annotations
@@ -13,6 +14,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from . import on_device
 
 
 @triton.jit
@@ -22,12 +25,13 @@ def _modality_scores_kernel(
     stride_lm, stride_lb, stride_lc, stride_mask_m, stride_mask_b,
     HAS_MASK: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    m = tl.program_id(0)
-    rb = tl.program_id(1)
+    rb = tl.program_id(0)
+    m = tl.program_id(1).to(tl.int64)
     rows = rb * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
-    cols = tl.arange(0, BLOCK_C)
-    row_base = logits_ptr + m * stride_lm + rows.to(tl.int64) * stride_lb
+    rows64 = rows.to(tl.int64)
+    cols = tl.arange(0, BLOCK_C).to(tl.int64)
+    row_base = logits_ptr + m * stride_lm + rows64 * stride_lb
 
     run_max = tl.full([BLOCK_B], float("-inf"), tl.float32)
     run_sum = tl.zeros([BLOCK_B], tl.float32)
@@ -48,10 +52,10 @@ def _modality_scores_kernel(
     valid = row_ok & label_ok
     s = tl.exp(tl.where(valid, x_label - run_max, 0.0)) / tl.where(valid, run_sum, 1.0)
     s = tl.where(label_ok, s, float("nan"))
-    tl.store(s_ptr + m * B + rows, s, mask=row_ok)
+    tl.store(s_ptr + m * B + rows64, s, mask=row_ok)
 
     if HAS_MASK:
-        w = tl.load(mask_ptr + m * stride_mask_m + rows * stride_mask_b, mask=row_ok, other=0.0)
+        w = tl.load(mask_ptr + m * stride_mask_m + rows64 * stride_mask_b, mask=row_ok, other=0.0)
     else:
         w = tl.where(row_ok, 1.0, 0.0)
     contrib = tl.where(w != 0.0, s * w, 0.0)
@@ -77,10 +81,11 @@ def modality_scores(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tens
         mask_arg, smm, smb = s, 0, 0  # unused pointer
     else:
         mask_arg, smm, smb = mask, mask.stride(0), mask.stride(1)
-    _modality_scores_kernel[(M, num_row_blocks)](
-        logits, labels, mask_arg, s, partial,
-        B, C, num_row_blocks,
-        logits.stride(0), logits.stride(1), logits.stride(2), smm, smb,
-        HAS_MASK=mask is not None, BLOCK_B=block_b, BLOCK_C=block_c,
-    )
+    with on_device(logits.device):
+        _modality_scores_kernel[(num_row_blocks, M)](
+            logits, labels, mask_arg, s, partial,
+            B, C, num_row_blocks,
+            logits.stride(0), logits.stride(1), logits.stride(2), smm, smb,
+            HAS_MASK=mask is not None, BLOCK_B=block_b, BLOCK_C=block_c,
+        )
     return s, partial

@@ -17,6 +17,7 @@ def load(name):
 def test_grad_modulation_bench_runs(tmp_path):
     out = load("grad_modulation").main(["--repeat", "1", "--json", str(tmp_path / "g.json")])
     assert out["tensors"] == 40 and out["speedup_noise"] > 0 and (tmp_path / "g.json").exists()
+    assert out["speedup_noise_channels_last"] > 0 and "fused_noise_tensor_step" in out["cases"]
 
 
 def test_scores_bench_runs(tmp_path):

@@ -6,9 +6,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 import mmfast
+from mmfast import _cuda_arch
 
 def test_build_info_fields():
     info = mmfast.build_info()
@@ -19,7 +21,7 @@ def test_build_info_fields():
     assert info["num_threads"] == torch.get_num_threads()
     assert info["torch_version"] == torch.__version__.split("+")[0]
     if info["cuda"]:
-        assert info["cuda_arch_list"]
+        assert info["cuda_arch_list"] and info["cuda_arch_source"] in ("env", "torch", "fallback")
 
 
 def test_cuda_kernels_compiled_whenever_possible():
@@ -50,3 +52,64 @@ def test_cli_info(tmp_path):
     cmd = [str(exe), "info"] if exe.exists() else [sys.executable, "-m", "mmfast.cli", "info"]
     out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, check=True)
     assert json.loads(out.stdout) == mmfast.build_info()
+
+
+# --- CUDA architectures -------------------------------------------------------------------------
+
+def test_arch_flags_are_parsed_in_version_order():
+    assert _cuda_arch.parse_arch_flags("sm_90 sm_75 sm_120 sm_100 sm_90a compute_120 sm_86") == [
+        "7.5", "8.6", "9.0", "9.0a", "10.0", "12.0"]
+    assert _cuda_arch.parse_arch_flags("") == []
+
+
+def test_default_arch_list_follows_torch_then_the_fallback(monkeypatch):
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    monkeypatch.setattr(_cuda_arch, "torch_arch_list", lambda: ["8.0", "9.0", "9.0a", "10.0"])
+    assert _cuda_arch.default_arch_list() == ("8.0;9.0;9.0a;10.0+PTX", "torch")
+    monkeypatch.setattr(_cuda_arch, "torch_arch_list", lambda: ["8.0", "9.0", "9.0a"])
+    assert _cuda_arch.default_arch_list() == ("8.0;9.0+PTX;9.0a", "torch")  # PTX of a plain arch
+    monkeypatch.setattr(_cuda_arch, "torch_arch_list", lambda: [])
+    archs, source = _cuda_arch.default_arch_list()
+    assert source == "fallback" and archs.endswith("+PTX")
+    assert set(archs.replace("+PTX", "").split(";")) >= {"8.0", "8.6", "8.9", "9.0", "10.0", "12.0"}
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.9")
+    assert _cuda_arch.default_arch_list() == ("8.9", "env")
+
+
+@pytest.mark.skipif(torch.version.cuda is None, reason="needs a CUDA build of torch")
+def test_torch_reports_its_arch_list_without_a_gpu():
+    archs = _cuda_arch.torch_arch_list()
+    assert archs and "9.0" in archs
+
+
+def _cuobjdump():
+    """cuobjdump as Triton ships it (no CUDA toolkit needed), else from PATH."""
+    try:
+        import triton
+
+        bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+        if bundled.exists():
+            return str(bundled)
+    except ImportError:
+        pass
+    return shutil.which("cuobjdump")
+
+
+def test_extension_holds_code_for_every_listed_architecture():
+    info = mmfast.build_info()
+    if not info["cuda"]:
+        pytest.skip("built without CUDA kernels")
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.skip("no cuobjdump")
+    listing = subprocess.run([tool, "--list-elf", "--list-ptx", mmfast._C.__file__], capture_output=True,
+                             text=True, check=True).stdout
+    cubins = {tuple(line.rsplit(".", 2)[-2:]) for line in listing.splitlines() if line.startswith("ELF file")}
+    ptx = {line.rsplit(".", 2)[-2] for line in listing.splitlines() if line.startswith("PTX file")}
+    wanted = info["cuda_arch_list"].replace(";", " ").split()
+    expected_sm = {"sm_" + a.replace("+PTX", "").replace(".", "") for a in wanted}
+    assert {sm for sm, _ in cubins} == expected_sm, listing
+    assert ptx == {"sm_" + a.replace("+PTX", "").replace(".", "") for a in wanted if a.endswith("+PTX")}, listing
+    if info["cuda_arch_source"] == "torch":
+        # Every GPU torch runs on gets a kernel image (the default since the A100/L4 report).
+        assert {"sm_" + a.replace(".", "") for a in _cuda_arch.torch_arch_list()} <= expected_sm

@@ -219,6 +219,199 @@ def test_torch_compile_traces_the_op(gen):
         assert torch.equal(a, b)
 
 
+# --- memory layouts: any dense tensor, modulated where it lies ---------------------------------
+
+def conv_model_grads(gen, memory_format):
+    """The conv-weight gradients of a small CNN trained in `memory_format`."""
+    torch.manual_seed(int(torch.randint(0, 2**31, (), generator=gen)))
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.ReLU(), torch.nn.Conv2d(16, 8, 3),
+                              torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 4))
+    net = net.to(memory_format=memory_format)
+    x = torch.randn(4, 3, 12, 12, generator=gen).to(memory_format=memory_format)
+    torch.nn.functional.cross_entropy(net(x), torch.randint(0, 4, (4,), generator=gen)).backward()
+    return [p.grad for p in net.parameters() if p.dim() == 4]
+
+
+@pytest.mark.parametrize("noise", [True, False])
+def test_channels_last_gradients_are_modulated_in_place(gen, noise):
+    grads = conv_model_grads(gen, torch.channels_last)
+    assert all(g.is_contiguous(memory_format=torch.channels_last) and not g.is_contiguous() for g in grads)
+    ref = [g.clone(memory_format=torch.preserve_format) for g in grads]
+    before = [g.clone() for g in grads]
+    pointers = [g.data_ptr() for g in grads]
+    coeffs = torch.rand(2, generator=gen)
+    seed, step = random_int(gen, 0, 2**62), random_int(gen, 0, 10**6)
+    grad_modulate_(grads, coeffs, [0, 1], noise=noise, seed=seed, step=step)
+    grad_modulate_reference_(ref, coeffs, [0, 1], noise=noise, seed=seed, step=step)
+    assert [g.data_ptr() for g in grads] == pointers  # the gradients themselves, not copies
+    assert all((g != b).any() for g, b in zip(grads, before))
+    assert_close_to_reference(grads, ref, [float(g.double().std()) for g in before])
+    if not noise:
+        for g, r in zip(grads, ref):
+            assert torch.equal(g, r)
+
+
+def test_noise_follows_memory_order(gen):
+    # The same values in two layouts get the same noise stream in memory order, so the
+    # channels_last result, read in memory order, equals the contiguous result of the
+    # memory-ordered values.
+    g = torch.randn(6, 5, 4, 3, generator=gen).to(memory_format=torch.channels_last)
+    in_memory_order = g.permute(0, 2, 3, 1).contiguous()
+    grad_modulate_([g], torch.tensor([0.7]), [0], seed=5, step=3)
+    grad_modulate_([in_memory_order], torch.tensor([0.7]), [0], seed=5, step=3)
+    assert torch.equal(g.permute(0, 2, 3, 1), in_memory_order)
+
+
+@pytest.mark.parametrize("make", [lambda t: t.reshape(30, 40).t(), lambda t: t.reshape(2, 3, 200).permute(2, 0, 1),
+                                  lambda t: t.reshape(1, 1200)[:, :].transpose(0, 1),
+                                  lambda t: t.reshape(6, 200).as_strided((6, 1, 200), (200, 7, 1))])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_other_dense_layouts_match_reference(gen, make, dtype):
+    g = make(torch.randn(1200, generator=gen).to(dtype))
+    ref = g.clone(memory_format=torch.preserve_format)
+    sd = float(g.double().std())
+    grad_modulate_([g], torch.tensor([0.4]), [0], seed=9, step=1)
+    grad_modulate_reference_([ref], torch.tensor([0.4]), [0], seed=9, step=1)
+    assert_close_to_reference([g], [ref], [sd])
+
+
+def test_non_dense_gradient_error_does_not_suggest_a_copy():
+    with pytest.raises(ValueError, match="dense") as info:
+        grad_modulate_([torch.randn(8, 8)[::2]], torch.ones(1), [0])
+    assert "contiguous()" not in str(info.value)
+
+
+# --- views of one buffer ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("views,pair", [
+    (lambda f: [f[0:100], f[50:150]], (0, 1)),
+    (lambda f: [f[50:150], f[0:100]], (0, 1)),
+    (lambda f: [f[0:300], f[100:120]], (0, 1)),
+    (lambda f: [f[0:300], f[310:320], f[100:120]], (0, 2)),  # overlaps the first, not its neighbour
+    (lambda f: [f[300:400], f[0:300], f[290:291].view(1, 1)], (1, 2)),
+    (lambda f: [f[0:200].view(10, 20)[:, :10].t().contiguous(), f[0:200].view(20, 10).t(), f[190:201]], (1, 2)),
+])
+def test_overlapping_gradients_are_refused(views, pair):
+    flat = torch.randn(400)
+    grads = views(flat)
+    before = flat.clone()
+    with pytest.raises(ValueError, match=rf"grads\[{pair[0]}\] and grads\[{pair[1]}\] overlap"):
+        grad_modulate_(grads, torch.ones(1), [0] * len(grads))
+    assert torch.equal(flat, before)
+
+
+def test_disjoint_views_of_one_buffer_are_modulated(gen):
+    flat = torch.randn(5000, generator=gen)
+    views = [flat[0:1000], flat[1000:1003], flat[1003:4003].view(30, 100), flat[4003:5000]]
+    refs = [v.clone() for v in views]
+    coeffs = torch.rand(2, generator=gen)
+    grad_modulate_(views, coeffs, [0, 1, 1, 0], seed=4, step=8)
+    grad_modulate_reference_(refs, coeffs, [0, 1, 1, 0], seed=4, step=8)
+    assert_close_to_reference(views, refs, [1.0] * 4)
+    assert_close_to_reference([flat], [torch.cat([r.reshape(-1) for r in refs])], [1.0])
+
+
+# --- the noise counter as a device tensor -------------------------------------------------------
+
+def test_tensor_seed_and_step_give_the_int_result(gen):
+    grads = random_grads(gen, [(64, 3, 3, 3), (2000,), (7,)], DTYPES)
+    coeffs = torch.rand(2, generator=gen)
+    seed, step = random_int(gen, 0, 2**62), random_int(gen, 0, 2**40)
+    ints = [g.clone() for g in grads]
+    grad_modulate_(ints, coeffs, [0, 1, 0], seed=seed, step=step)
+    for seed_arg in (seed, torch.tensor(seed)):
+        tensors = [g.clone() for g in grads]
+        step_tensor = torch.tensor(step)
+        grad_modulate_(tensors, coeffs, [0, 1, 0], seed=seed_arg, step=step_tensor)
+        assert all(torch.equal(a, b) for a, b in zip(ints, tensors))
+        assert int(step_tensor) == step  # read, not incremented
+
+
+def test_increment_step_advances_the_counter_each_call(gen):
+    grads = random_grads(gen, [(3000,)], [torch.float32])
+    step = torch.tensor(random_int(gen, 0, 2**20))
+    start = int(step)
+    by_tensor, by_int = [grads[0].clone()], [grads[0].clone()]
+    for i in range(3):
+        grad_modulate_(by_tensor, torch.ones(1), [0], seed=2, step=step, increment_step=True)
+        grad_modulate_(by_int, torch.ones(1), [0], seed=2, step=start + i)
+        assert torch.equal(by_tensor[0], by_int[0])
+        assert int(step) == start + i + 1
+    # increment_step counts steps, with noise or without
+    grad_modulate_(by_tensor, torch.ones(1), [0], noise=False, step=step, increment_step=True)
+    assert int(step) == start + 4
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiled_step_compiles_once_and_matches_eager(gen, backend):
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    def step_fn(grads, coeffs, step):
+        grad_modulate_(grads, coeffs * 1.0, [0, 1], seed=7, step=step, increment_step=True)
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend(backend)
+    compiled_fn = torch.compile(step_fn, backend=counter, fullgraph=True)
+    start = conv_model_grads(gen, torch.channels_last)
+    eager, compiled = [g.clone() for g in start], [g.clone() for g in start]
+    eager_step, compiled_step = torch.tensor(0), torch.tensor(0)
+    previous = [g.clone() for g in start]
+    for i in range(20):
+        coeffs = torch.rand(2, generator=gen) + 0.5  # changes the grads' scale as the run goes
+        step_fn(eager, coeffs, eager_step)
+        compiled_fn(compiled, coeffs, compiled_step)
+        for a, b, p in zip(eager, compiled, previous):
+            assert torch.equal(a, b), f"step {i}"
+            noise = a.double() - coeffs[0 if a.shape[1] == 3 else 1].double() * p.double()
+            assert noise.abs().max() > 0  # noise was drawn for step i
+        previous = [g.clone() for g in eager]
+    assert counter.frame_count == 1
+    assert int(eager_step) == int(compiled_step) == 20
+
+
+# --- autograd bookkeeping -----------------------------------------------------------------------
+
+def test_written_tensors_bump_their_version_counters(gen):
+    grads = random_grads(gen, [(10,), (20,)], [torch.float32])
+    step = torch.tensor(0)
+    before = [g._version for g in grads] + [step._version]
+    grad_modulate_(grads, torch.ones(1), [0, 0], step=step, increment_step=True)
+    assert [g._version for g in grads] + [step._version] == [v + 1 for v in before]
+    out = torch.empty(5)
+    v = out._version
+    torch.ops.mmfast.gaussian_noise_(out, 1, 2, 3)
+    assert out._version == v + 1
+
+
+def _saved_then_modified(modify):
+    p = torch.randn(10, requires_grad=True)
+    g = p * 2
+    y = (g ** 2).sum()  # saves g for backward
+    with torch.no_grad():
+        modify(g)
+    return y
+
+
+def test_tensor_saved_for_backward_then_modulated_raises_like_torch_inplace_ops():
+    y = _saved_then_modified(lambda g: g.mul_(0.5))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation") as torch_error:
+        y.backward()
+    y = _saved_then_modified(lambda g: grad_modulate_([g], torch.tensor([0.5]), [0], noise=False))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation") as our_error:
+        y.backward()
+    assert str(our_error.value) == str(torch_error.value)
+
+
+def test_tensor_requiring_grad_is_refused_while_grad_is_recorded():
+    p = torch.randn(10, requires_grad=True)
+    g = p * 2
+    with pytest.raises(RuntimeError, match=r"grads\[1\] requires grad.*no derivative"):
+        grad_modulate_([torch.randn(3), g], torch.ones(1), [0, 0])
+    with pytest.raises(RuntimeError, match=r"grads\[0\] requires grad"):
+        grad_modulate_([p], torch.ones(1), [0])
+    assert p.grad is None
+
+
 # --- bad arguments -------------------------------------------------------------------------------
 
 def _bad_call_cases():
@@ -235,9 +428,16 @@ def _bad_call_cases():
         ("modality_index", ValueError, lambda: ([g(4), g(4)], c2, [0])),
         ("modality_index[1]", ValueError, lambda: ([g(4), g(4)], c2, [0, 2])),
         ("modality_index[0]", ValueError, lambda: ([g(4)], c2, [-1])),
-        ("grads[0]", ValueError, lambda: ([g(4, 6).t()], c2, [0])),
-        ("share memory", ValueError, lambda: ([shared, g(3), shared], c2, [0, 1, 0])),
+        ("grads[0]", ValueError, lambda: ([g(4, 6)[:, ::2]], c2, [0])),
+        ("grads[0]", ValueError, lambda: ([g(4, 1).expand(4, 6)], c2, [0])),
+        ("grads[0] and grads[2] overlap", ValueError, lambda: ([shared, g(3), shared], c2, [0, 1, 0])),
         ("grads must be a list", TypeError, lambda: (g(4), c2, [0])),
+        ("modality_index must be a list", TypeError, lambda: ([g(4), g(4)], c2, np.array([0, 1]))),
+        ("modality_index must be a list", TypeError, lambda: ([g(4)], c2, torch.tensor([0]))),
+        ("modality_index[1]", TypeError, lambda: ([g(4), g(4)], c2, [0, True])),
+        ("modality_index[0]", TypeError, lambda: ([g(4)], c2, [np.int64(0)])),
+        ("modality_index[0]", TypeError, lambda: ([g(4)], c2, [0.0])),
+        ("grads[0] is on cpu but coeffs is on meta", ValueError, lambda: ([g(4)], torch.ones(2, device="meta"), [0])),
     ]
 
 
@@ -252,11 +452,30 @@ def test_bad_arguments_raise_clear_errors_and_change_nothing(needle, error, make
             assert torch.equal(t, b)
 
 
-@pytest.mark.parametrize("kwargs,needle", [(dict(step=-1), "step"), (dict(eps=-1.0), "eps"),
-                                           (dict(eps=float("nan")), "eps")])
-def test_bad_scalar_arguments(kwargs, needle):
-    with pytest.raises(ValueError, match=needle):
-        grad_modulate_([torch.randn(3)], torch.ones(1), [0], **kwargs)
+@pytest.mark.parametrize("kwargs,error,needle", [
+    (dict(step=-1), ValueError, "step"), (dict(eps=-1.0), ValueError, "eps"), (dict(eps=float("nan")), ValueError, "eps"),
+    (dict(seed=1.5), TypeError, "seed must be a Python int"), (dict(step=2.0), TypeError, "step must be a Python int"),
+    (dict(step=True), TypeError, "step must be a Python int"), (dict(seed=np.int64(3)), TypeError, "seed"),
+    (dict(step=torch.tensor(1.0)), TypeError, "step as a tensor must be a 0-dim int64"),
+    (dict(step=torch.tensor([1])), TypeError, "step as a tensor must be a 0-dim int64"),
+    (dict(seed=torch.tensor(1, dtype=torch.int32)), TypeError, "seed as a tensor must be a 0-dim int64"),
+    (dict(step=torch.tensor(-1)), ValueError, "step must be >= 0"),
+    (dict(step=torch.tensor(1, device="meta")), ValueError, "step is on meta but the gradients are on cpu"),
+    (dict(step=3, increment_step=True), ValueError, "increment_step=True needs step as a 0-dim int64 tensor"),
+    (dict(noise=1), TypeError, "noise must be a bool"),
+])
+def test_bad_scalar_arguments(kwargs, error, needle):
+    g = torch.randn(3)
+    before = g.clone()
+    with pytest.raises(error, match=needle):
+        grad_modulate_([g], torch.ones(1), [0], **kwargs)
+    assert torch.equal(g, before)
+
+
+def test_meta_coeffs_are_refused_by_the_op_itself():
+    # torch would dispatch a call mixing meta and CPU tensors to the (no-op) meta kernel.
+    with pytest.raises(ValueError, match=r"grads\[0\] is on cpu but coeffs is on meta"):
+        torch.ops.mmfast.grad_modulate_([torch.randn(4)], torch.ones(1, device="meta"), [0])
 
 
 # --- CUDA (skipped without a GPU) ----------------------------------------------------------------
@@ -294,3 +513,56 @@ def test_cuda_step_does_not_synchronise(gen):
 def test_cuda_device_mismatch_is_a_clear_error():
     with pytest.raises(ValueError, match=r"grads\[0\] is on cpu"):
         grad_modulate_([torch.randn(4)], torch.ones(1, device="cuda"), [0])
+
+
+@requires_cuda
+def test_cuda_channels_last_and_tensor_step_match_cpu(gen):
+    grads = conv_model_grads(gen, torch.channels_last)
+    coeffs = torch.rand(2, generator=gen)
+    cpu = [g.clone(memory_format=torch.preserve_format) for g in grads]
+    dev = [g.cuda() for g in grads]
+    assert all(d.is_contiguous(memory_format=torch.channels_last) for d in dev)
+    step = torch.tensor(12, device="cuda")
+    grad_modulate_(cpu, coeffs, [0, 1], seed=3, step=12)
+    grad_modulate_(dev, coeffs.cuda(), [0, 1], seed=torch.tensor(3, device="cuda"), step=step, increment_step=True)
+    assert_close_to_reference([d.cpu() for d in dev], cpu, [float(g.double().std()) for g in grads])
+    assert int(step) == 13
+
+
+@requires_cuda
+def test_cuda_graph_replays_draw_new_noise_each_step(gen):
+    grads = [g.cuda() for g in random_grads(gen, [(64, 32, 3, 3), (5000,)], [torch.float32])]
+    coeffs = torch.tensor([0.9, 0.6], device="cuda")
+    step = torch.tensor(0, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture, as CUDA graphs require
+        grad_modulate_(grads, coeffs, [0, 1], seed=5, step=step, increment_step=True)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        grad_modulate_(grads, coeffs, [0, 1], seed=5, step=step, increment_step=True)
+    # Capturing runs nothing: the counter still reads 1. Each replay is one eager call at that step.
+    expected = [g.clone() for g in grads]
+    for s in range(1, 4):
+        graph.replay()
+        grad_modulate_(expected, coeffs, [0, 1], seed=5, step=s)
+        torch.cuda.synchronize()
+        for a, b in zip(grads, expected):
+            torch.testing.assert_close(a, b)
+        assert int(step) == s + 1
+
+
+@requires_cuda
+def test_cuda_tensor_step_does_not_synchronise(gen):
+    grads = [g.cuda() for g in random_grads(gen, [(256, 256, 3, 3)] * 2, [torch.float32])]
+    step = torch.tensor(0, device="cuda")
+    grad_modulate_(grads, torch.ones(2, device="cuda"), [0, 1], step=step, increment_step=True)  # plan cached
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            grad_modulate_(grads, torch.ones(2, device="cuda"), [0, 1], step=step, increment_step=True)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert int(step) == 4

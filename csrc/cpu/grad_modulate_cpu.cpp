@@ -1,4 +1,5 @@
 // CPU implementation of mmfast::grad_modulate_ and of the raw noise stream (for tests).
+// Gradients are dense (any memory format): chunks walk their memory in order.
 // Parallel over chunks with at::parallel_for (torch's own OpenMP runtime); every chunk is
 // computed by one thread in a fixed order, so results do not depend on the thread count.
 #include <ATen/Dispatch.h>
@@ -54,9 +55,8 @@ void modulate_chunk(T* __restrict g, int64_t begin, int64_t end, float k, float 
 #define MMFAST_DISPATCH_GRAD_TYPES(TYPE, NAME, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
 
-void grad_modulate_cpu(at::TensorList grads, const at::Tensor& coeffs, c10::IntArrayRef modality_index,
-                       bool noise, int64_t seed, int64_t step, double eps) {
-  check_grad_modulate_args("grad_modulate_", grads, coeffs, modality_index, step, eps);
+void modulate_cpu(at::TensorList grads, const at::Tensor& coeffs, c10::IntArrayRef modality_index, bool noise,
+                  uint64_t seed, uint64_t step, double eps) {
   std::vector<int64_t> first_chunk;
   const std::vector<Chunk> chunks = plan_chunks(grads, &first_chunk);
   const int64_t num_chunks = static_cast<int64_t>(chunks.size());
@@ -110,14 +110,27 @@ void grad_modulate_cpu(at::TensorList grads, const at::Tensor& coeffs, c10::IntA
     for (int64_t c = lo; c < hi; ++c) {
       const int64_t t = chunks[c].tensor;
       const at::Tensor& g = grads[t];
-      const NoiseStream stream{static_cast<uint64_t>(seed), static_cast<uint64_t>(step),
-                               static_cast<uint32_t>(t)};
+      const NoiseStream stream{seed, step, static_cast<uint32_t>(t)};
       MMFAST_DISPATCH_GRAD_TYPES(g.scalar_type(), "grad_modulate_cpu_noise", [&] {
         modulate_chunk(g.data_ptr<scalar_t>(), chunks[c].begin, chunks[c].end, k[modality_index[t]],
                        sd[t], stream, vm);
       });
     }
   });
+}
+
+void grad_modulate_cpu(at::TensorList grads, const at::Tensor& coeffs, c10::IntArrayRef modality_index,
+                       bool noise, int64_t seed, int64_t step, double eps,
+                       const c10::optional<at::Tensor>& seed_tensor, const c10::optional<at::Tensor>& step_tensor,
+                       bool increment_step) {
+  check_grad_modulate_args("grad_modulate_", grads, coeffs, modality_index,
+                           NoiseCounterArgs{seed_tensor, step_tensor, seed, step, increment_step}, eps);
+  // Counter tensors live in host memory here: reading them costs nothing.
+  const int64_t seed_value = seed_tensor.has_value() ? *seed_tensor->const_data_ptr<int64_t>() : seed;
+  const int64_t step_value = step_tensor.has_value() ? *step_tensor->const_data_ptr<int64_t>() : step;
+  modulate_cpu(grads, coeffs, modality_index, noise, static_cast<uint64_t>(seed_value),
+               static_cast<uint64_t>(step_value), eps);
+  if (increment_step) ++*step_tensor->data_ptr<int64_t>();
 }
 
 // Fills float32 `out` with the standard-normal stream of (seed, step, position), for tests.

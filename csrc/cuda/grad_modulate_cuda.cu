@@ -1,13 +1,19 @@
 // CUDA implementation of mmfast::grad_modulate_, multi-tensor-apply style: every gradient of
-// every dtype is covered by one chunk table, copied to the device asynchronously from pinned
-// memory, and walked by three launches (moments, per-tensor std, modulation). Nothing here
-// waits for the device: coeffs are read by the kernels, never by the host.
+// every dtype is covered by one chunk table on the device, walked by three launches (moments,
+// per-tensor std, modulation). Nothing here waits for the device: coeffs, and the noise seed and
+// step when given as tensors, are read by the kernels, never by the host. Gradients are dense
+// (any memory format): chunks walk their memory in order.
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/CUDAGraphsUtils.cuh>
 #include <ATen/ops/empty.h>
+#include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
+
+#include <algorithm>
+#include <mutex>
 
 #include "../grad_modulate.h"
 #include "../philox.h"
@@ -42,6 +48,20 @@ Plan make_plan(const int64_t* base, int64_t T, int64_t C) {
   p.chunk_begin = p.chunk_tensor + C;
   p.chunk_end = p.chunk_begin + C;
   return p;
+}
+
+// The noise key and counter: host values, replaced by the tensors' values where given (read on
+// the device, so a captured CUDA graph or a compiled step picks up each new step).
+struct Counter {
+  const int64_t* seed_ptr;  // nullable
+  const int64_t* step_ptr;  // nullable
+  uint64_t seed;
+  uint64_t step;
+};
+
+__device__ __forceinline__ void read_counter(const Counter& c, uint64_t& seed, uint64_t& step) {
+  seed = c.seed_ptr ? static_cast<uint64_t>(*c.seed_ptr) : c.seed;
+  step = c.step_ptr ? static_cast<uint64_t>(*c.step_ptr) : c.step;
 }
 
 template <typename T>
@@ -127,8 +147,7 @@ __global__ void tensor_std_kernel(Plan plan, const double* partial, float* sd, d
 
 // Pass 3: g <- k * g (+ sd * z). Thread j of noise block b draws counter b*256 + j and writes
 // elements b*1024 + lane*256 + j: the layout of philox.h, coalesced.
-__global__ void modulate_kernel(Plan plan, const float* coeffs, const float* sd, bool noise,
-                                uint64_t seed, uint64_t step) {
+__global__ void modulate_kernel(Plan plan, const float* coeffs, const float* sd, bool noise, Counter counter) {
   const int64_t c = blockIdx.x;
   const int64_t t = plan.chunk_tensor[c];
   const int64_t dtype = plan.dtype[t];
@@ -142,6 +161,8 @@ __global__ void modulate_kernel(Plan plan, const float* coeffs, const float* sd,
     return;
   }
   const float sdt = sd[t];
+  uint64_t seed, step;
+  read_counter(counter, seed, step);
   const PhiloxKey key = philox_key(seed);
   for (int64_t b0 = begin; b0 < end; b0 += kNoiseBlockElems) {
     float z[4];
@@ -155,53 +176,125 @@ __global__ void modulate_kernel(Plan plan, const float* coeffs, const float* sd,
   }
 }
 
+// One step after the modulation has read it (a separate launch: every block reads the step).
+__global__ void increment_kernel(int64_t* step) { *step += 1; }
+
 int64_t dtype_code(at::ScalarType s) {
   return s == at::kHalf ? kF16 : (s == at::kBFloat16 ? kBF16 : kF32);
 }
 
+// Device copies of chunk plans, reused while the same gradients come back (a trainer passes the
+// same .grad tensors every step), so a step uploads no metadata. The cache compares the whole
+// host-side plan, so a hit is always a plan equal to the one this call would upload. A plan used
+// while a CUDA graph is being captured is kept for the life of the process: every replay of the
+// graph reads it (and the graph's copy node reads its pinned host buffer).
+class PlanCache {
+ public:
+  const int64_t* get(const std::vector<int64_t>& host, const c10::Device& device, const at::cuda::CUDAStream& stream) {
+    const bool capturing = at::cuda::currentStreamCaptureStatus() != at::cuda::CaptureStatus::None;
+    std::lock_guard<std::mutex> lock(mutex_);
+    ++clock_;
+    for (Entry& e : entries_) {
+      if (e.device == device && e.host == host) {
+        e.last_use = clock_;
+        e.keep |= capturing;
+        if (!capturing && e.stream != stream) {
+          // Read on another stream than it was made on: its memory must outlive that use too.
+          c10::cuda::CUDACachingAllocator::recordStream(e.dev.storage().data_ptr(), stream);
+        }
+        return e.dev.const_data_ptr<int64_t>();
+      }
+    }
+    Entry e{host, device, stream, {}, {}, clock_, capturing};
+    e.pinned = at::empty({static_cast<int64_t>(host.size())},
+                         at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+    std::copy(host.begin(), host.end(), e.pinned.data_ptr<int64_t>());
+    e.dev = e.pinned.to(device, /*non_blocking=*/true);
+    evict_for_one_more();
+    entries_.push_back(std::move(e));
+    return entries_.back().dev.const_data_ptr<int64_t>();
+  }
+
+ private:
+  static constexpr size_t kCapacity = 16;  // plans not used in captures
+  struct Entry {
+    std::vector<int64_t> host;
+    c10::Device device;
+    at::cuda::CUDAStream stream;
+    at::Tensor pinned;
+    at::Tensor dev;
+    uint64_t last_use;
+    bool keep;  // used in a CUDA-graph capture
+  };
+  void evict_for_one_more() {
+    const auto evictable = [](const Entry& e) { return !e.keep; };
+    while (static_cast<size_t>(std::count_if(entries_.begin(), entries_.end(), evictable)) >= kCapacity) {
+      auto oldest = entries_.end();
+      for (auto it = entries_.begin(); it != entries_.end(); ++it) {
+        if (evictable(*it) && (oldest == entries_.end() || it->last_use < oldest->last_use)) oldest = it;
+      }
+      entries_.erase(oldest);
+    }
+  }
+  std::mutex mutex_;
+  std::vector<Entry> entries_;
+  uint64_t clock_ = 0;
+};
+
+PlanCache& plan_cache() {
+  static PlanCache* cache = new PlanCache();  // never destroyed: CUDA may be torn down first at exit
+  return *cache;
+}
+
 void grad_modulate_cuda(at::TensorList grads, const at::Tensor& coeffs, c10::IntArrayRef modality_index,
-                        bool noise, int64_t seed, int64_t step, double eps) {
-  check_grad_modulate_args("grad_modulate_", grads, coeffs, modality_index, step, eps);
+                        bool noise, int64_t seed, int64_t step, double eps,
+                        const c10::optional<at::Tensor>& seed_tensor, const c10::optional<at::Tensor>& step_tensor,
+                        bool increment_step) {
+  check_grad_modulate_args("grad_modulate_", grads, coeffs, modality_index,
+                           NoiseCounterArgs{seed_tensor, step_tensor, seed, step, increment_step}, eps);
+  const c10::cuda::CUDAGuard guard(coeffs.device());
+  const at::cuda::CUDAStream stream = at::cuda::getCurrentCUDAStream();
   std::vector<int64_t> first_chunk;
   const std::vector<Chunk> chunks = plan_chunks(grads, &first_chunk);
   const int64_t T = static_cast<int64_t>(grads.size());
   const int64_t C = static_cast<int64_t>(chunks.size());
-  if (C == 0) return;
-  const c10::cuda::CUDAGuard guard(coeffs.device());
-
-  // Pack the metadata in pinned memory so the copy to the device does not block the host.
-  at::Tensor meta = at::empty({5 * T + 1 + 3 * C}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
-  int64_t* m = meta.data_ptr<int64_t>();
-  for (int64_t t = 0; t < T; ++t) {
-    m[t] = reinterpret_cast<int64_t>(grads[t].data_ptr());
-    m[T + t] = grads[t].numel();
-    m[2 * T + t] = dtype_code(grads[t].scalar_type());
-    m[3 * T + t] = modality_index[t];
-  }
-  std::copy(first_chunk.begin(), first_chunk.end(), m + 4 * T);
-  int64_t* ct = m + 5 * T + 1;
-  for (int64_t c = 0; c < C; ++c) {
-    ct[c] = chunks[c].tensor;
-    ct[C + c] = chunks[c].begin;
-    ct[2 * C + c] = chunks[c].end;
-  }
-  const at::Tensor meta_dev = meta.to(coeffs.device(), /*non_blocking=*/true);
-  const Plan plan = make_plan(meta_dev.data_ptr<int64_t>(), T, C);
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-
-  at::Tensor sd;
-  if (noise) {
-    at::Tensor partial = at::empty({2 * C}, coeffs.options().dtype(at::kDouble));
-    sd = at::empty({T}, coeffs.options());
-    chunk_moments_kernel<<<C, kThreads, 0, stream>>>(plan, partial.data_ptr<double>());
+  if (C > 0) {
+    // The plan's int64 metadata, in the layout make_plan reads.
+    std::vector<int64_t> m(5 * T + 1 + 3 * C);
+    for (int64_t t = 0; t < T; ++t) {
+      m[t] = reinterpret_cast<int64_t>(grads[t].data_ptr());
+      m[T + t] = grads[t].numel();
+      m[2 * T + t] = dtype_code(grads[t].scalar_type());
+      m[3 * T + t] = modality_index[t];
+    }
+    std::copy(first_chunk.begin(), first_chunk.end(), m.begin() + 4 * T);
+    int64_t* ct = m.data() + 5 * T + 1;
+    for (int64_t c = 0; c < C; ++c) {
+      ct[c] = chunks[c].tensor;
+      ct[C + c] = chunks[c].begin;
+      ct[2 * C + c] = chunks[c].end;
+    }
+    const Plan plan = make_plan(plan_cache().get(m, coeffs.device(), stream), T, C);
+    const Counter counter{seed_tensor.has_value() ? seed_tensor->const_data_ptr<int64_t>() : nullptr,
+                          step_tensor.has_value() ? step_tensor->const_data_ptr<int64_t>() : nullptr,
+                          static_cast<uint64_t>(seed), static_cast<uint64_t>(step)};
+    at::Tensor sd;
+    if (noise) {
+      at::Tensor partial = at::empty({2 * C}, coeffs.options().dtype(at::kDouble));
+      sd = at::empty({T}, coeffs.options());
+      chunk_moments_kernel<<<C, kThreads, 0, stream>>>(plan, partial.data_ptr<double>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      tensor_std_kernel<<<T, 32, 0, stream>>>(plan, partial.data_ptr<double>(), sd.data_ptr<float>(), eps);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    modulate_kernel<<<C, kThreads, 0, stream>>>(plan, coeffs.data_ptr<float>(),
+                                                noise ? sd.data_ptr<float>() : nullptr, noise, counter);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    tensor_std_kernel<<<T, 32, 0, stream>>>(plan, partial.data_ptr<double>(), sd.data_ptr<float>(), eps);
+  }
+  if (increment_step) {
+    increment_kernel<<<1, 1, 0, stream>>>(step_tensor->data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  modulate_kernel<<<C, kThreads, 0, stream>>>(plan, coeffs.data_ptr<float>(),
-                                              noise ? sd.data_ptr<float>() : nullptr, noise,
-                                              static_cast<uint64_t>(seed), static_cast<uint64_t>(step));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 __global__ void gaussian_noise_kernel(float* out, int64_t n, uint64_t seed, uint64_t step, uint32_t position) {

@@ -12,17 +12,19 @@ one) becomes NaN when noise is on.
 
 Noise z is a counter-based stream: Philox4x32-10 with key = seed (64 bits) and counter =
 (j, position, step_lo, step_hi), where `position` is the tensor's index in `grads`, then
-Box-Muller. Element e of a tensor is lane (e % 1024) // 256 of counter (e // 1024) * 256 + e % 256;
+Box-Muller. Element e of a tensor, counted in memory order (the flat index for a contiguous
+tensor; see memory_order), is lane (e % 1024) // 256 of counter (e // 1024) * 256 + e % 256;
 lanes are (r cos t, r sin t) of the pairs (x0, x1) and (x2, x3), r = sqrt(-2 log u), t = 2 pi u',
 u = x * 2^-32 + 2^-33. The stream depends only on (seed, step, position, e): not on threads,
-grid layout or device. The native kernels are in csrc/; this module holds their Python API and
+grid layout or device. seed and step are Python ints or 0-dim int64 device tensors that the
+kernels read where they run (the form a compiled or CUDA-graph-captured step needs). The native kernels are in csrc/; this module holds their Python API and
 the slow references used by the tests.
 """
 from __future__ import annotations
 
 import math
 import warnings
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -36,44 +38,104 @@ def grad_modulate_(
     modality_index: Sequence[int],
     *,
     noise: bool = True,
-    seed: int = 0,
-    step: int = 0,
+    seed: int | torch.Tensor = 0,
+    step: int | torch.Tensor = 0,
     eps: float = 1e-8,
+    increment_step: bool = False,
 ) -> None:
     """Scale every gradient by its modality's coefficient and add Gaussian noise, in place.
 
     Args:
-        grads: gradient tensors (float32/float16/bfloat16, contiguous, any size, on one device).
+        grads: gradient tensors (float32/float16/bfloat16, any size, on one device), each dense
+            and non-overlapping: contiguous in some memory format (channels_last conv-weight
+            gradients included), not a strided slice or an expanded view. Disjoint views of one
+            buffer (DDP buckets, flattened optimizer buffers) are fine; tensors that overlap in
+            memory are refused. Element e of the noise goes to the e-th element in memory order.
         coeffs: float32 tensor [M] on the gradients' device; read by the kernel, never by the host.
-        modality_index: one int in [0, M) per gradient.
+        modality_index: one Python int in [0, M) per gradient (a list, tuple or range).
         noise: add N(0, (std(g) + eps)^2) noise (OGM-GE); False only scales (OGM).
         seed, step: select the noise stream; the same (seed, step) gives bitwise the same noise.
-            seed is taken modulo 2^64; step must be in [0, 2^63).
+            Python ints (seed taken modulo 2^64, step in [0, 2^63)), or 0-dim int64 tensors on the
+            gradients' device, read by the kernels where they run (no host read). Use the tensor
+            form for a step that is compiled (``torch.compile``) or captured in a CUDA graph: a
+            Python int is baked into the graph, so the noise would never change.
         eps: added to the std.
+        increment_step: with a tensor ``step``, add one to it on the device after the noise is
+            drawn (the op's own step counter).
 
     One call covers all tensors in a fixed number of passes (CPU: chunks over threads; CUDA:
-    three launches); it does not synchronise with the device.
+    three launches); it does not synchronise with the device. Like torch's in-place ops, it
+    bumps the version counter of every tensor it writes.
     """
-    if isinstance(grads, torch.Tensor):
-        raise TypeError("grad_modulate_: grads must be a list of tensors, not a single tensor")
+    if isinstance(grads, torch.Tensor) or not isinstance(grads, Iterable):
+        raise TypeError("grad_modulate_: grads must be a list of tensors, not "
+                        + ("a single tensor" if isinstance(grads, torch.Tensor) else type(grads).__name__))
     if not isinstance(coeffs, torch.Tensor):
         raise TypeError(f"grad_modulate_: coeffs must be a torch.Tensor, got {type(coeffs).__name__}")
-    if isinstance(modality_index, torch.Tensor):
-        raise TypeError("grad_modulate_: modality_index must be a sequence of Python ints, not a tensor")
-    torch.ops.mmfast.grad_modulate_(list(grads), coeffs, list(modality_index), bool(noise), _seed64(seed),
-                                    _step64(step), float(eps))
+    index = _check_modality_index(modality_index)
+    grads = list(grads)
+    seed_int, seed_tensor = _counter_arg("seed", seed, coeffs.device)
+    step_int, step_tensor = _counter_arg("step", step, coeffs.device)
+    if increment_step and step_tensor is None:
+        raise ValueError("grad_modulate_: increment_step=True needs step as a 0-dim int64 tensor "
+                         "(a Python int cannot be incremented in place)")
+    for name, flag in (("noise", noise), ("increment_step", increment_step)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"grad_modulate_: {name} must be a bool, got {type(flag).__name__}")
+    torch.ops.mmfast.grad_modulate_(grads, coeffs, index, noise, _seed64(seed_int), _step64(step_int),
+                                    float(eps), seed_tensor, step_tensor, increment_step)
 
 
-def _seed64(seed) -> int:
+def _check_modality_index(modality_index) -> list[int]:
+    # A tensor or an ndarray would be read element by element on the host (a sync on CUDA), and
+    # bools or floats would be taken for other integers: only Python ints are accepted.
+    if isinstance(modality_index, (str, bytes)) or not isinstance(modality_index, Sequence):
+        raise TypeError("grad_modulate_: modality_index must be a list, tuple or range of Python ints, got "
+                        f"{type(modality_index).__module__}.{type(modality_index).__name__}")
+    if all(type(m) is int for m in modality_index):  # the common case, checked fast (bool is not int here)
+        return list(modality_index)
+    for i, m in enumerate(modality_index):
+        if isinstance(m, bool) or not isinstance(m, int):
+            raise TypeError(f"grad_modulate_: modality_index[{i}] must be a Python int, got "
+                            f"{type(m).__module__}.{type(m).__name__} ({m!r})")
+    return list(modality_index)
+
+
+def _check_devices(op, grads, coeffs) -> None:
+    """Every gradient on coeffs' device. The CPU and CUDA kernels check this themselves; the fake
+    (meta) kernel checks it here, since torch dispatches a call mixing meta and CPU tensors to it."""
+    for i, g in enumerate(grads):
+        if isinstance(g, torch.Tensor) and g.device != coeffs.device:
+            raise ValueError(f"{op}: grads[{i}] is on {g.device} but coeffs is on {coeffs.device}; "
+                             "coeffs must live on the gradients' device")
+
+
+def _counter_arg(name, value, device) -> tuple[int, torch.Tensor | None]:
+    """(int value, None) for a Python int; (0, tensor) for a 0-dim int64 tensor on `device`."""
+    if isinstance(value, torch.Tensor):
+        if value.dtype != torch.int64 or value.dim() != 0:
+            raise TypeError(f"grad_modulate_: {name} as a tensor must be a 0-dim int64 tensor, got {value.dtype} "
+                            f"of shape {tuple(value.shape)}")
+        if value.device != device:
+            raise ValueError(f"grad_modulate_: {name} is on {value.device} but the gradients are on {device}; "
+                             "the kernels read it where they run")
+        return 0, value
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"grad_modulate_: {name} must be a Python int or a 0-dim int64 tensor, got "
+                        f"{type(value).__name__} ({value!r})")
+    return value, None
+
+
+def _seed64(seed: int) -> int:
     """Any Python int, taken modulo 2^64, as the signed int64 the op schema carries."""
     s = int(seed) & 0xFFFFFFFFFFFFFFFF
     return s - (1 << 64) if s >= (1 << 63) else s
 
 
-def _step64(step) -> int:
+def _step64(step: int) -> int:
     step = int(step)
     if not 0 <= step < (1 << 63):
-        raise ValueError(f"step must be in [0, 2^63), got {step}")
+        raise ValueError(f"grad_modulate_: step must be in [0, 2^63), got {step}")
     return step
 
 
@@ -89,7 +151,9 @@ def gaussian_noise(numel: int, *, seed: int = 0, step: int = 0, position: int = 
 # torch.compile support: the ops only mutate their inputs, so their fake versions do nothing.
 
 @torch.library.register_fake("mmfast::grad_modulate_")
-def _grad_modulate_fake(grads, coeffs, modality_index, noise=True, seed=0, step=0, eps=1e-8):
+def _grad_modulate_fake(grads, coeffs, modality_index, noise=True, seed=0, step=0, eps=1e-8, seed_tensor=None,
+                        step_tensor=None, increment_step=False):
+    _check_devices("grad_modulate_", grads, coeffs)
     return None
 
 
@@ -145,17 +209,28 @@ def gaussian_noise_reference(numel: int, *, seed: int = 0, step: int = 0, positi
     return torch.from_numpy(z.astype(np.float32))
 
 
+def memory_order(t: torch.Tensor) -> torch.Tensor:
+    """A view of dense tensor `t` whose logical order is t's memory order (it is contiguous): the
+    order in which grad_modulate_ assigns noise elements."""
+    perm = sorted(range(t.dim()), key=lambda d: t.stride(d) if t.size(d) > 1 else -1, reverse=True)
+    view = t.permute(perm)
+    assert view.is_contiguous(), "memory_order needs a dense, non-overlapping tensor"
+    return view
+
+
 def grad_modulate_reference_(grads, coeffs, modality_index, *, noise=True, seed=0, step=0, eps=1e-8) -> None:
-    """Slow reference of grad_modulate_: a Python loop over tensors, float64 std, numpy Philox."""
+    """Slow reference of grad_modulate_: a Python loop over tensors, float64 std, numpy Philox
+    (seed and step Python ints; the stream is drawn in each tensor's memory order)."""
     coeffs = coeffs.detach().cpu()
     for position, (g, m) in enumerate(zip(grads, modality_index)):
+        g = memory_order(g)
         x = g.detach().cpu().float()
         k = coeffs[m]  # float32 0-dim: the product stays float32
         if noise:
             with warnings.catch_warnings():  # torch warns that std of < 2 elements is NaN; it is meant
                 warnings.simplefilter("ignore", UserWarning)
                 sd = (x.double().std() + eps).float()
-            z = gaussian_noise_reference(g.numel(), seed=seed, step=step, position=position).view_as(x)
+            z = gaussian_noise_reference(g.numel(), seed=seed, step=step, position=position).view(x.shape)
             out = k * x + sd * z
         else:
             out = k * x
