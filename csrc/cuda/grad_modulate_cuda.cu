@@ -7,6 +7,7 @@
 #include <ATen/cuda/CUDAGraphsUtils.cuh>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -206,8 +207,13 @@ class PlanCache {
       }
     }
     Entry e{host, device, stream, {}, {}, clock_, capturing};
-    e.pinned = at::empty({static_cast<int64_t>(host.size())},
-                         at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+    {
+      // Inside a capture (best avoided by one call before it, as CUDA graphs want anyway) the
+      // pinned allocation is no stream work; relaxed mode permits it, as torch's allocator does.
+      c10::cuda::CUDAStreamCaptureModeGuard relaxed(cudaStreamCaptureModeRelaxed);
+      e.pinned = at::empty({static_cast<int64_t>(host.size())},
+                           at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+    }
     std::copy(host.begin(), host.end(), e.pinned.data_ptr<int64_t>());
     e.dev = e.pinned.to(device, /*non_blocking=*/true);
     evict_for_one_more();
