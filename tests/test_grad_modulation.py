@@ -472,10 +472,12 @@ def test_bad_scalar_arguments(kwargs, error, needle):
     assert torch.equal(g, before)
 
 
-def test_meta_coeffs_are_refused_by_the_op_itself():
+def test_meta_tensors_are_refused_by_the_op_itself():
     # torch would dispatch a call mixing meta and CPU tensors to the (no-op) meta kernel.
     with pytest.raises(ValueError, match=r"grads\[0\] is on cpu but coeffs is on meta"):
         torch.ops.mmfast.grad_modulate_([torch.randn(4)], torch.ones(1, device="meta"), [0])
+    with pytest.raises(ValueError, match=r"step is on meta but the gradients are on cpu"):
+        torch.ops.mmfast.grad_modulate_([torch.randn(4)], torch.ones(1), [0], step_tensor=torch.tensor(1, device="meta"))
 
 
 # --- CUDA (skipped without a GPU) ----------------------------------------------------------------

@@ -29,9 +29,6 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-_GRAD_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
 def grad_modulate_(
     grads: Sequence[torch.Tensor],
     coeffs: torch.Tensor,
@@ -101,13 +98,18 @@ def _check_modality_index(modality_index) -> list[int]:
     return list(modality_index)
 
 
-def _check_devices(op, grads, coeffs) -> None:
-    """Every gradient on coeffs' device. The CPU and CUDA kernels check this themselves; the fake
-    (meta) kernel checks it here, since torch dispatches a call mixing meta and CPU tensors to it."""
+def _check_devices(op, grads, coeffs, seed_tensor=None, step_tensor=None) -> None:
+    """Every tensor on the gradients' device. The CPU and CUDA kernels check this themselves; the
+    fake (meta) kernel checks it here, since torch dispatches a call mixing meta and CPU tensors
+    to it, where it would do nothing."""
     for i, g in enumerate(grads):
         if isinstance(g, torch.Tensor) and g.device != coeffs.device:
             raise ValueError(f"{op}: grads[{i}] is on {g.device} but coeffs is on {coeffs.device}; "
                              "coeffs must live on the gradients' device")
+    for name, t in (("seed", seed_tensor), ("step", step_tensor)):
+        if t is not None and t.device != coeffs.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but the gradients are on {coeffs.device}; "
+                             "the kernels read it where they run")
 
 
 def _counter_arg(name, value, device) -> tuple[int, torch.Tensor | None]:
@@ -135,7 +137,7 @@ def _seed64(seed: int) -> int:
 def _step64(step: int) -> int:
     step = int(step)
     if not 0 <= step < (1 << 63):
-        raise ValueError(f"grad_modulate_: step must be in [0, 2^63), got {step}")
+        raise ValueError(f"step must be in [0, 2^63), got {step}")
     return step
 
 
@@ -153,7 +155,7 @@ def gaussian_noise(numel: int, *, seed: int = 0, step: int = 0, position: int = 
 @torch.library.register_fake("mmfast::grad_modulate_")
 def _grad_modulate_fake(grads, coeffs, modality_index, noise=True, seed=0, step=0, eps=1e-8, seed_tensor=None,
                         step_tensor=None, increment_step=False):
-    _check_devices("grad_modulate_", grads, coeffs)
+    _check_devices("grad_modulate_", grads, coeffs, seed_tensor, step_tensor)
     return None
 
 
