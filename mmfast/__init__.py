@@ -6,7 +6,8 @@ Import torch before the native extension: mmfast._C links against libtorch/libc1
 import torch  # noqa: F401  (must precede the extension)
 
 from . import _C  # noqa: E402
-from . import ops  # noqa: E402
+from . import methods, ops  # noqa: E402
+from .balancer import Balancer  # noqa: E402
 
 __version__ = _C.build_info()["version"]
 
@@ -17,4 +18,4 @@ def build_info() -> dict:
     return _C.build_info()
 
 
-__all__ = ["build_info", "ops", "__version__"]
+__all__ = ["Balancer", "build_info", "methods", "ops", "__version__"]

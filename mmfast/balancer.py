@@ -1,0 +1,126 @@
+"""``Balancer``: the balancing methods for users who keep their own training loop.
+
+The same method objects as mmfast's trainer (mmfast/methods), driven from three calls in the
+user's step::
+
+    bal = mmfast.Balancer("ogm_ge", encoders={"audio": net.audio, "visual": net.visual}, alpha=0.8)
+    for epoch in range(epochs):
+        bal.start_epoch(epoch)
+        for batch in loader:
+            features = bal.drop([net.audio(batch["audio"]), net.visual(batch["visual"])])  # OPM, ModDrop
+            fused, unimodal = net.head(features)          # unimodal: [M, B, C] estimates
+            loss = bal.loss(F.cross_entropy(fused, y, reduction="none"))
+            opt.zero_grad(); loss.backward()
+            bal.after_backward(unimodal, y)                # measures once, modulates the gradients
+            opt.step()
+        bal.end_epoch()
+
+Nothing here reads a tensor on the host: the step counter, drop probabilities and coefficients
+stay on the device (``bal.metrics`` holds the last step's, for logging when you choose).
+"""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from . import methods as _methods
+from .ops import BalanceStats, weighted_mean
+
+
+class Balancer:
+    def __init__(self, method: str, encoders: Mapping[str, nn.Module], *, seed: int = 0,
+                 device: torch.device | str | None = None, **hparams):
+        """method: a name of mmfast.methods.NAMES; encoders: modality name -> encoder module, in
+        the order of the features and uni-modal logits you pass; seed: the noise key and drop
+        generator seed; hparams: the method's hyper-parameters (mmfast.methods.hyper_parameters)."""
+        if not isinstance(encoders, Mapping) or len(encoders) < 2:
+            raise ValueError("Balancer: encoders must map at least two modality names to their encoder modules")
+        for name, module in encoders.items():
+            if not isinstance(module, nn.Module):
+                raise TypeError(f"Balancer: encoders[{name!r}] must be an nn.Module, got {type(module).__name__}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"Balancer: seed must be an int, got {seed!r}")
+        if device is None:
+            first = next((p for m in encoders.values() for p in m.parameters()), None)
+            device = first.device if first is not None else torch.device("cpu")
+        self.methods = _methods.create(method, **hparams)
+        self.state = _methods.StepState(list(encoders), seed=seed, device=torch.device(device), encoders=encoders,
+                                        balance_params=_methods.merge_balance_params(self.methods))
+        self.metrics: dict[str, torch.Tensor] = {}
+        self._emit("fit_start")
+
+    def _emit(self, event: str) -> None:
+        for method in self.methods:
+            getattr(method, event)(self.state)
+
+    def start_epoch(self, epoch: int) -> None:
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"Balancer.start_epoch: epoch must be an int >= 0, got {epoch!r}")
+        self.state.epoch = epoch
+        self._emit("epoch_start")
+
+    def end_epoch(self) -> None:
+        self._emit("epoch_end")
+
+    def drop(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The features to fuse: dropped and rescaled by OPM/ModDrop, unchanged otherwise."""
+        features = list(features)
+        if len(features) != len(self.state.modalities):
+            raise ValueError(f"Balancer.drop: {len(features)} feature tensors for modalities {self.state.modalities}")
+        self.state.features = features
+        self._emit("before_fusion")
+        return self.state.features
+
+    @property
+    def sample_weight(self) -> torch.Tensor | None:
+        """[B]: 0 for samples whose every modality was dropped this step (None: all count)."""
+        return self.state.sample_weight
+
+    def loss(self, per_sample_loss: torch.Tensor) -> torch.Tensor:
+        """Mean of the per-sample task loss over the samples that stay in the loss, plus any loss
+        term a method added."""
+        total = weighted_mean(per_sample_loss, self.state.sample_weight)
+        for term in self.state.extra_losses.values():
+            total = total + term
+        return total
+
+    def after_backward(self, unimodal_logits: torch.Tensor, labels: torch.Tensor, *,
+                       scaler: "torch.amp.GradScaler | None" = None,
+                       optimizer: torch.optim.Optimizer | None = None) -> BalanceStats | None:
+        """After loss.backward(), before optimizer.step(): measures this step (once), updates the
+        methods' device state and modulates the encoder gradients. With a GradScaler, pass it and
+        the optimizer: the gradients are unscaled first (modulation needs true gradients; the
+        scaler's step then does not unscale them again). Returns the step's statistics, if any
+        method measured them."""
+        if not isinstance(unimodal_logits, torch.Tensor) or unimodal_logits.dim() != 3 \
+                or unimodal_logits.shape[0] != len(self.state.modalities):
+            raise ValueError(f"Balancer.after_backward: unimodal_logits must be [M={len(self.state.modalities)}, B, C]"
+                             f", got {tuple(getattr(unimodal_logits, 'shape', ()))}")
+        state = self.state
+        state.unimodal_logits = unimodal_logits.detach()
+        state.labels = labels
+        self._emit("after_forward")
+        if scaler is not None:
+            if optimizer is None:
+                raise ValueError("Balancer.after_backward: with a scaler, pass the optimizer too (to unscale it)")
+            scaler.unscale_(optimizer)
+        self._emit("after_backward")
+        stats = state._stats
+        self.metrics = state.metrics
+        state.step.add_(1)
+        state.begin_step()
+        return stats
+
+    def state_dict(self) -> dict:
+        return {"step": self.state.step.clone(), "epoch": self.state.epoch,
+                "generator": self.state.generator.get_state(),
+                "methods": [m.state_dict() for m in self.methods]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state.step.copy_(state["step"])
+        self.state.epoch = int(state["epoch"])
+        self.state.generator.set_state(state["generator"])
+        for method, s in zip(self.methods, state["methods"]):
+            method.load_state_dict(s)

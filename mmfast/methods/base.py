@@ -1,0 +1,168 @@
+"""Methods as small objects reacting to named events of a training step.
+
+A training loop (mmfast's trainer, or a user's own loop through ``mmfast.Balancer``) runs, per
+step:
+
+    fit_start      once, before the first step: a method may allocate device state
+    epoch_start    at the start of each epoch
+    before_fusion  features of every modality are in ``state.features``: a method may drop them
+    after_forward  fused and uni-modal logits are known: a method may measure and add loss terms
+    after_backward gradients are in ``.grad`` (unscaled): a method may modulate them
+    after_step     after the optimizer step
+    epoch_end      at the end of each epoch
+
+Everything a method reads or writes during a step lives on the device: hooks must not read
+tensors on the host (no ``.item()``, no Python branching on tensor values). Epoch numbers are
+host integers, so epoch windows are ordinary Python conditions.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, Mapping, Sequence
+
+import torch
+
+from ..ops import BalanceStats, balance_stats
+
+EVENTS = ("fit_start", "epoch_start", "before_fusion", "after_forward", "after_backward", "after_step", "epoch_end")
+
+# The balance_stats parameters a method may ask for, with their defaults (mmfast.ops.balance).
+BALANCE_DEFAULTS = {"kind": "ratio", "alpha": 0.8, "form": "paper", "z": "tanh", "q_base": 0.5, "lam": 0.5}
+
+
+class StepState:
+    """What the loop knows about the current step, shared by every method.
+
+    modalities: names, in the order of features and of the uni-modal logits' first axis;
+    encoders: name -> encoder module (what gradient modulation selects its weights from);
+    epoch: host int; step: 0-dim int64 device tensor (the noise counter of grad modulation);
+    seed: the run's seed (noise key); generator: device generator for drop masks;
+    features: M tensors [B, d_m] (before_fusion may replace them);
+    labels [B]; fused_logits [B, C]; unimodal_logits [M, B, C] (detached measurements);
+    keep: [M, B] mask of kept features (set by a dropping method; masks the scores);
+    sample_weight: [B] or None, 1 for samples that stay in the loss;
+    extra_losses: name -> scalar tensor added to the task loss;
+    grads / grad_modality: the encoder gradients to modulate and their modality indices;
+    metrics: name -> device tensor, read by the loop only at logging points.
+    """
+
+    def __init__(self, modalities: Sequence[str], *, seed: int, device: torch.device,
+                 encoders: Mapping[str, torch.nn.Module] | None = None,
+                 balance_params: dict[str, Any] | None = None):
+        self.modalities = list(modalities)
+        self.encoders = dict(encoders or {})  # modality name -> encoder module, in modality order
+        self.seed = int(seed)
+        self.device = torch.device(device)
+        self.step = torch.zeros((), dtype=torch.int64, device=self.device)
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(self.seed)
+        self.balance_params = dict(BALANCE_DEFAULTS, **(balance_params or {}))
+        self.epoch = 0
+        self.begin_step()
+
+    def begin_step(self) -> None:
+        """Forget the previous step's tensors (the step counter and generator carry on)."""
+        self.features: list[torch.Tensor] = []
+        self.labels: torch.Tensor | None = None
+        self.fused_logits: torch.Tensor | None = None
+        self.unimodal_logits: torch.Tensor | None = None
+        self.keep: torch.Tensor | None = None
+        self.sample_weight: torch.Tensor | None = None
+        self.extra_losses: dict[str, torch.Tensor] = {}
+        self.grads: list[torch.Tensor] = []
+        self.grad_modality: list[int] = []
+        self.metrics: dict[str, torch.Tensor] = {}
+        self._stats: BalanceStats | None = None
+
+    def stats(self) -> BalanceStats:
+        """balance_stats of this step's uni-modal logits (masked by ``keep``), computed once
+        however many methods ask."""
+        if self._stats is None:
+            if self.unimodal_logits is None or self.labels is None:
+                raise RuntimeError("balance statistics need the uni-modal logits and labels of the step "
+                                   "(after_forward or later)")
+            self._stats = balance_stats(self.unimodal_logits.detach(), self.labels, self.keep, **self.balance_params)
+            for m, name in enumerate(self.modalities):
+                self.metrics[f"score/{name}"] = self._stats.scores[m]
+                self.metrics[f"ratio/{name}"] = self._stats.ratio[m]
+        return self._stats
+
+
+class Method:
+    """Base class: every hook does nothing. Subclasses set ``name`` and ``Params`` (a dataclass
+    of their typed hyper-parameters) and override the hooks they need."""
+
+    name: ClassVar[str] = ""
+
+    @dataclasses.dataclass
+    class Params:
+        pass
+
+    def __init__(self, **hparams):
+        self.params = make_params(type(self), hparams)
+
+    def balance_params(self) -> dict[str, Any]:
+        """The balance_stats parameters this method relies on (merged across methods)."""
+        return {}
+
+    def fit_start(self, state: StepState) -> None: ...
+    def epoch_start(self, state: StepState) -> None: ...
+    def before_fusion(self, state: StepState) -> None: ...
+    def after_forward(self, state: StepState) -> None: ...
+    def after_backward(self, state: StepState) -> None: ...
+    def after_step(self, state: StepState) -> None: ...
+    def epoch_end(self, state: StepState) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+def make_params(cls: type[Method], hparams: dict[str, Any]) -> Any:
+    """cls.Params from keyword hyper-parameters, with errors that name the key."""
+    fields = {f.name: f for f in dataclasses.fields(cls.Params)}
+    unknown = sorted(set(hparams) - set(fields))
+    if unknown:
+        raise ValueError(f"method {cls.name!r}: unknown hyper-parameter(s) {unknown}; known: {sorted(fields)}")
+    params = cls.Params(**hparams)
+    check = getattr(params, "check", None)
+    if check is not None:
+        check()
+    return params
+
+
+def check_number(method: str, name: str, value, *, low=None, high=None, integer=False) -> None:
+    """A finite number (an int when `integer`) in [low, high]; ValueError naming method.name."""
+    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok_type or value != value or value in (float("inf"), float("-inf")):
+        kind = "an integer" if integer else "a finite number"
+        raise ValueError(f"{method}.{name} must be {kind}, got {value!r}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = f"[{low}, {high}]" if high is not None else f">= {low}"
+        raise ValueError(f"{method}.{name} must be {bounds}, got {value!r}")
+
+
+def check_choice(method: str, name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{method}.{name} must be one of {tuple(choices)}, got {value!r}")
+
+
+def in_window(epoch: int, start: int, end: int | None) -> bool:
+    """Inclusive epoch window [start, end] (end None: no end)."""
+    return epoch >= start and (end is None or epoch <= end)
+
+
+def merge_balance_params(methods: Sequence[Method]) -> dict[str, Any]:
+    """One set of balance_stats parameters for all methods of a run; two methods that need
+    different values of one parameter are a configuration error naming it."""
+    merged: dict[str, Any] = {}
+    owner: dict[str, str] = {}
+    for method in methods:
+        for key, value in method.balance_params().items():
+            if key in merged and merged[key] != value:
+                raise ValueError(f"methods {owner[key]!r} and {method.name!r} need different {key} "
+                                 f"({merged[key]!r} vs {value!r}) for the shared balance statistics")
+            merged[key], owner[key] = value, method.name
+    return merged

@@ -1,0 +1,117 @@
+"""``ogm``, ``ogm_ge``, ``ogm_star``: on-the-fly gradient modulation (reference semantics
+section 3; TPAMI 2024 eq. 11-17, CVPR 2022).
+
+After backward, every selected encoder gradient g of modality m becomes
+``k[m] * g`` (ogm, ogm_star) or ``k[m] * g + N(0, std(g)^2)`` (ogm_ge), with k from this step's
+balance statistics (formulas in mmfast/ops/balance.py; ogm_star uses form="star", which raises
+the weak modality's gradients instead), in one fused call (mmfast.ops.grad_modulate_) keyed by
+the run's seed and the device step counter. Inside the inclusive epoch window
+[start_epoch, end_epoch] and after warmup_epochs; elsewhere gradients are untouched.
+
+Which gradients: weights="conv" takes the 4-D (convolution) weights of the encoders, as the
+reference code does; "all" every encoder weight with more than one dimension (for Transformer
+or MLP encoders). Their order (modality by modality, then the encoder's parameters() order)
+fixes each tensor's noise stream.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from ..ops import grad_modulate_
+from ..ops.balance import FORMS, KINDS, ZS
+from .base import Method, StepState, check_choice, check_number, in_window
+
+WEIGHT_MODES = ("conv", "all")
+
+
+def select_encoder_params(encoders, mode: str):
+    """(parameters, modality index of each) of the encoders (a name -> module mapping, in
+    modality order): 4-D weights for mode 'conv', every weight of dim > 1 for 'all'."""
+    params, index = [], []
+    for m, encoder in enumerate(encoders.values()):
+        for p in encoder.parameters():
+            if p.requires_grad and (p.dim() == 4 if mode == "conv" else p.dim() > 1):
+                params.append(p)
+                index.append(m)
+    return params, index
+
+
+class OGM(Method):
+    name = "ogm"
+
+    @dataclasses.dataclass
+    class Params:
+        alpha: float = 0.8
+        form: str = "paper"  # "paper" (TPAMI), "reference" (public code: 1 - tanh(alpha * rho))
+        z: str = "tanh"
+        kind: str = "ratio"
+        noise: bool = False  # Gaussian noise of the gradient's std (GE)
+        weights: str = "conv"  # "conv": 4-D encoder weights; "all": every encoder weight of dim > 1
+        start_epoch: int = 0
+        end_epoch: int | None = None  # inclusive; None: to the end
+        warmup_epochs: int = 0
+        eps: float = 1e-8
+
+        def check(self, name="ogm"):
+            check_number(name, "alpha", self.alpha, low=0)
+            check_choice(name, "form", self.form, FORMS)
+            check_choice(name, "z", self.z, ZS)
+            check_choice(name, "kind", self.kind, KINDS)
+            check_choice(name, "weights", self.weights, WEIGHT_MODES)
+            check_choice(name, "noise", self.noise, (True, False))
+            check_number(name, "start_epoch", self.start_epoch, low=0, integer=True)
+            if self.end_epoch is not None:
+                check_number(name, "end_epoch", self.end_epoch, low=self.start_epoch, integer=True)
+            check_number(name, "warmup_epochs", self.warmup_epochs, low=0, integer=True)
+            check_number(name, "eps", self.eps, low=0)
+            if self.form == "star" and self.kind != "ratio":
+                raise ValueError(f"{name}.form='star' needs kind='ratio'")
+
+    def balance_params(self):
+        p = self.params
+        return {"alpha": p.alpha, "form": p.form, "z": p.z, "kind": p.kind}
+
+    def active(self, epoch: int) -> bool:
+        p = self.params
+        return epoch >= p.warmup_epochs and in_window(epoch, p.start_epoch, p.end_epoch)
+
+    def fit_start(self, state: StepState) -> None:
+        self.modulated, self.modality_index = select_encoder_params(state.encoders, self.params.weights)
+        if not self.modulated:
+            raise ValueError(f"{self.name}: the encoders have no weights to modulate with weights="
+                             f"{self.params.weights!r}" + (" (no 4-D convolution weights: use weights='all')"
+                                                           if self.params.weights == "conv" else ""))
+
+    def after_backward(self, state: StepState) -> None:
+        if not self.active(state.epoch):
+            return
+        coeffs = state.stats().coeffs
+        for m, name in enumerate(state.modalities):
+            state.metrics[f"coeff/{name}"] = coeffs[m]
+        pairs = [(p.grad, m) for p, m in zip(self.modulated, self.modality_index) if p.grad is not None]
+        if pairs:
+            grads, index = zip(*pairs)
+            grad_modulate_(list(grads), coeffs, list(index), noise=self.params.noise, seed=state.seed,
+                           step=state.step, eps=self.params.eps)
+
+
+class OGMGE(OGM):
+    name = "ogm_ge"
+
+    @dataclasses.dataclass
+    class Params(OGM.Params):
+        noise: bool = True
+
+        def check(self):
+            super().check("ogm_ge")
+
+
+class OGMStar(OGM):
+    name = "ogm_star"
+
+    @dataclasses.dataclass
+    class Params(OGM.Params):
+        form: str = "star"
+
+        def check(self):
+            super().check("ogm_star")
