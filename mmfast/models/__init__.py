@@ -1,5 +1,8 @@
-"""Encoders used by the published balanced-multimodal recipes."""
-from .resnet import resnet18_encoder
+"""Encoders, fusion heads and the multimodal model contract (encode -> features -> head)."""
+from .fusion import FUSIONS, SPLITTABLE, make_fusion
+from .multimodal import MultimodalModel, build_model
+from .resnet import ResNet18Encoder, resnet18_encoder
 from .small import SmallConvEncoder
 
-__all__ = ["SmallConvEncoder", "resnet18_encoder"]
+__all__ = ["FUSIONS", "MultimodalModel", "ResNet18Encoder", "SPLITTABLE", "SmallConvEncoder", "build_model",
+           "make_fusion", "resnet18_encoder"]

@@ -1,8 +1,14 @@
-"""ResNet-18 trunk (no pooling head, no classifier), the encoder of the OGM-GE/OPM recipes:
-one per modality, 1 input channel for spectrograms, 3 for RGB frames."""
+"""ResNet-18 encoder of the OGM-GE/OPM recipes: one per modality, 1 input channel for
+spectrograms, 3 for RGB frames; returns pooled features [B, 512] (T frames are pooled over time
+too, mmfast/models/pooling.py). ``feature_map`` gives the trunk's map for other uses."""
 from __future__ import annotations
 
+from pathlib import Path
+
+import torch
 from torch import nn
+
+from .pooling import pooled_features
 
 
 class BasicBlock(nn.Module):
@@ -26,7 +32,9 @@ class BasicBlock(nn.Module):
 
 
 class ResNet18Encoder(nn.Module):
-    """x [N, C, H, W] -> feature map [N, 512, H/32, W/32]."""
+    """x [B, C, H, W] or [B, T, C, H, W] -> features [B, 512]."""
+
+    out_dim = 512
 
     def __init__(self, in_channels: int = 3):
         super().__init__()
@@ -45,10 +53,36 @@ class ResNet18Encoder(nn.Module):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
-    def forward(self, x):
+    def feature_map(self, x):
+        """[N, C, H, W] -> [N, 512, H/32, W/32]."""
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
+    def forward(self, x):
+        return pooled_features(self.feature_map, x, "ResNet18Encoder")
 
-def resnet18_encoder(in_channels: int = 3) -> ResNet18Encoder:
-    return ResNet18Encoder(in_channels)
+
+def resnet18_encoder(in_channels: int = 3, weights: str | Path | None = None) -> ResNet18Encoder:
+    """A ResNet-18 encoder, randomly initialised or with weights from a local file (a state dict
+    saved by torch.save, optionally under a "state_dict" or "model" key; a torchvision-style
+    classifier "fc.*" is ignored)."""
+    encoder = ResNet18Encoder(in_channels)
+    if weights is not None:
+        path = Path(weights)
+        if not path.is_file():
+            raise FileNotFoundError(f"resnet18_encoder: weights file {str(path)!r} does not exist")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        for key in ("state_dict", "model"):
+            if isinstance(state, dict) and isinstance(state.get(key), dict):
+                state = state[key]
+        if not isinstance(state, dict):
+            raise ValueError(f"resnet18_encoder: {path} does not hold a state dict")
+        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+        misfit = f"resnet18_encoder: {path} does not fit a ResNet-18 with {in_channels} input channel(s)"
+        try:
+            missing, unexpected = encoder.load_state_dict(state, strict=False)
+        except RuntimeError as error:  # a tensor of another shape
+            raise ValueError(f"{misfit}: {str(error).splitlines()[-1].strip()}") from None
+        if missing or unexpected:
+            raise ValueError(f"{misfit}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return encoder

@@ -5,9 +5,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .pooling import pooled_features
+
 
 class SmallConvEncoder(nn.Module):
-    """x [N, C, H, W] -> features [N, width * 4]: four stride-2 conv blocks and global pooling."""
+    """x [B, C, H, W] or [B, T, C, H, W] -> features [B, width * 4]: four stride-2 conv blocks and
+    global pooling (over time too)."""
 
     def __init__(self, in_channels: int, width: int = 16):
         super().__init__()
@@ -19,4 +22,4 @@ class SmallConvEncoder(nn.Module):
         self.out_dim = c
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x).mean(dim=(2, 3))
+        return pooled_features(self.body, x, "SmallConvEncoder")

@@ -1,0 +1,97 @@
+"""Fusion heads, each paired with the uni-modal estimator that fits it (reference semantics
+section 1). Every head maps the M modality features [B, d_m] to ``(fused [B, C], unimodal
+[M, B, C])``; the uni-modal logits are detached measurements for the balancing methods.
+
+| name | fused logits | uni-modal estimate o_m |
+|---|---|---|
+| concat | W [phi_1 .. phi_M] + b (one linear) | weight split W_m phi_m + b/M (no extra product) |
+| sum | sum_m (W_m phi_m + b_m) (one linear per modality) | W_m phi_m + b_m |
+| film | fc(gamma(phi_c) * phi_o + beta(phi_c)), M = 2 | zero-out: the head with the other modality zeroed |
+| gated | fc(sigmoid(W_c phi_c) * W_o phi_o), M = 2 | zero-out |
+| mlp | fc2(relu(fc1([phi_1 .. phi_M]))) | zero-out |
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from ..estimators import ConcatHead, zero_out_logits
+
+SPLITTABLE = ("concat", "sum")  # heads whose estimate needs no zero-out pass
+
+
+class SumHead(nn.Module):
+    def __init__(self, in_dims: Sequence[int], num_classes: int):
+        super().__init__()
+        self.fcs = nn.ModuleList(nn.Linear(d, num_classes) for d in in_dims)
+
+    def forward(self, features):
+        partial = torch.stack([fc(f) for fc, f in zip(self.fcs, features)])
+        return partial.sum(dim=0), partial.detach()
+
+
+class _ZeroOutHead(nn.Module):
+    """A head whose uni-modal estimates come from zero_out_logits (one extra no-grad pass of the
+    head on an M*B batch)."""
+
+    def fuse(self, features):
+        raise NotImplementedError
+
+    def forward(self, features):
+        features = list(features)
+        return self.fuse(features), zero_out_logits(self.fuse, features)
+
+
+def _two_modalities(name, in_dims, condition):
+    if len(in_dims) != 2:
+        raise ValueError(f"fusion={name!r} combines exactly 2 modalities, got {len(in_dims)}; use concat, sum or mlp")
+    if condition not in (0, 1):
+        raise ValueError(f"fusion={name!r}: condition must be 0 or 1 (the conditioning modality), got {condition!r}")
+    return condition, 1 - condition
+
+
+class FiLMHead(_ZeroOutHead):
+    def __init__(self, in_dims: Sequence[int], num_classes: int, condition: int = 0):
+        super().__init__()
+        self.c, self.o = _two_modalities("film", in_dims, condition)
+        self.film = nn.Linear(in_dims[self.c], 2 * in_dims[self.o])
+        self.fc = nn.Linear(in_dims[self.o], num_classes)
+
+    def fuse(self, features):
+        gamma, beta = self.film(features[self.c]).chunk(2, dim=1)
+        return self.fc(gamma * features[self.o] + beta)
+
+
+class GatedHead(_ZeroOutHead):
+    def __init__(self, in_dims: Sequence[int], num_classes: int, condition: int = 0, hidden: int = 128):
+        super().__init__()
+        self.c, self.o = _two_modalities("gated", in_dims, condition)
+        self.gate = nn.Linear(in_dims[self.c], hidden)
+        self.value = nn.Linear(in_dims[self.o], hidden)
+        self.fc = nn.Linear(hidden, num_classes)
+
+    def fuse(self, features):
+        return self.fc(torch.sigmoid(self.gate(features[self.c])) * self.value(features[self.o]))
+
+
+class MLPHead(_ZeroOutHead):
+    def __init__(self, in_dims: Sequence[int], num_classes: int, hidden: int = 256):
+        super().__init__()
+        self.fc1 = nn.Linear(sum(in_dims), hidden)
+        self.fc2 = nn.Linear(hidden, num_classes)
+
+    def fuse(self, features):
+        return self.fc2(torch.relu(self.fc1(torch.cat(features, dim=1))))
+
+
+FUSIONS = {"concat": ConcatHead, "sum": SumHead, "film": FiLMHead, "gated": GatedHead, "mlp": MLPHead}
+
+
+def make_fusion(name: str, in_dims: Sequence[int], num_classes: int, **options) -> nn.Module:
+    if name not in FUSIONS:
+        raise ValueError(f"fusion must be one of {tuple(FUSIONS)}, got {name!r}")
+    if len(in_dims) < 2:
+        raise ValueError(f"fusion={name!r} needs at least 2 modalities, got {len(in_dims)}")
+    return FUSIONS[name](list(in_dims), num_classes, **options)
