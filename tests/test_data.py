@@ -401,6 +401,20 @@ def test_gpu_pipeline_is_well_formed(synth, tmp_path, visual, train):
     assert isinstance(loader._define(gpu=True), Pipeline)
 
 
+def test_skipped_clip_is_named_in_full_when_its_path_holds_a_colon(synth, tmp_path):
+    root = tmp_path / "takes: 2"  # the skip report used to cut paths at the first ": "
+    shutil.copytree(synth, root, ignore=shutil.ignore_patterns("Image-01-FPS"))
+    for workers in (0, 1):
+        loader = build_loader(config(root, on_error="skip", num_workers=workers), "train", backend="naive")
+        broken = loader.clips[0].files["audio"]
+        broken.write_bytes(b"not audio any more")
+        collect(loader)
+        report = loader.last_epoch_skipped
+        assert report.total == 1 and report.examples[0].startswith(f"{broken}: corrupt audio"), report.examples
+        assert "corrupt audio" in report.counts
+        shutil.copy(synth / broken.relative_to(root), broken)
+
+
 def test_clip_that_breaks_after_probing(synth, tmp_path):
     root, _ = broken_copy(synth, tmp_path, lambda r, c: None)
     loader = build_loader(config(root, on_error="skip"), "train", backend="naive")

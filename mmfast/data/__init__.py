@@ -8,7 +8,8 @@
 from .audio import AudioRecipe, crema_d, kaldi_fbank, kinetics_sounds, vggsound
 from .errors import DataError, SkipReport
 from .layouts import Clip, DatasetIndex, read_layout
-from .loader import DataConfig, build_loader
+from .base import DataConfig
+from .loader import build_loader
 from .synth import SynthSpec, generate
 from .video import FrameRecipe
 

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from .audio import kaldi_fbank_features
+from .base import ClipLoader, log
 from .errors import DataError
-from .loader import ClipLoader, log
 from .video import decode_video_frames, segment_indices
 
 _CPU_VIDEO_CODECS = ("vp8", "vp9", "mjpeg")

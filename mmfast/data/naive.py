@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 from .audio import audio_features, cut_window, load_wave
+from .base import ClipLoader
 from .errors import DataError
-from .loader import ClipLoader
 from .transforms import transform_frames
 from .video import decode_video_frames, segment_indices
 
@@ -50,7 +50,7 @@ class ClipDataset(torch.utils.data.Dataset):
         except DataError as err:
             if self.cfg.on_error == "raise":
                 raise
-            return {"_skipped": str(err), "_reason": err.reason}
+            return {"_skipped": err.path, "_reason": err.reason}  # as data: a path may hold ": "
         sample["label"] = torch.tensor(clip.label, dtype=torch.int64)
         sample["index"] = torch.tensor(number, dtype=torch.int64)
         return sample
@@ -103,8 +103,8 @@ class NaiveLoader(ClipLoader):
 
     def __iter__(self):
         for batch, skipped in self.loader:
-            for message, reason in skipped:
-                self.skipped.add(DataError(message.split(": ")[0], reason))
+            for path, reason in skipped:
+                self.skipped.add(DataError(path, reason))
             if batch:
                 yield batch
         self.end_epoch()
