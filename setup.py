@@ -122,9 +122,10 @@ setup(
     package_dir={"mmfast.kernels": "kernels"},
     ext_modules=[CMakeExtension("mmfast._C")],
     cmdclass={"build_ext": CMakeBuild},
-    install_requires=["torch>=2.4", "numpy"],
+    install_requires=["torch>=2.4", "numpy", "pyyaml", "tqdm"],
+    package_data={"mmfast": ["configs/*.yaml"]},
     extras_require={
-        "data": ["nvidia-dali-cuda130", "librosa", "av", "soundfile", "pillow"],
+        "data": ["nvidia-dali-cuda130", "librosa", "av", "soundfile", "pillow", "scikit-learn"],
         "test": ["pytest", "scipy"],
     },
     entry_points={"console_scripts": ["mmfast=mmfast.cli:main"]},

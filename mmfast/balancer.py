@@ -65,10 +65,12 @@ class Balancer:
         self._emit("epoch_end")
 
     def drop(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """The features to fuse: dropped and rescaled by OPM/ModDrop, unchanged otherwise."""
+        """The features to fuse: dropped and rescaled by OPM/ModDrop, unchanged otherwise. Starts
+        a new (micro-)batch: the previous one's masks and logits are forgotten."""
         features = list(features)
         if len(features) != len(self.state.modalities):
             raise ValueError(f"Balancer.drop: {len(features)} feature tensors for modalities {self.state.modalities}")
+        self.state.begin_batch()
         self.state.features = features
         self._emit("before_fusion")
         return self.state.features
@@ -86,22 +88,33 @@ class Balancer:
             total = total + term
         return total
 
-    def after_backward(self, unimodal_logits: torch.Tensor, labels: torch.Tensor, *,
-                       scaler: "torch.amp.GradScaler | None" = None,
-                       optimizer: torch.optim.Optimizer | None = None) -> BalanceStats | None:
-        """After loss.backward(), before optimizer.step(): measures this step (once), updates the
-        methods' device state and modulates the encoder gradients. With a GradScaler, pass it and
-        the optimizer: the gradients are unscaled first (modulation needs true gradients; the
-        scaler's step then does not unscale them again). Returns the step's statistics, if any
-        method measured them."""
+    def after_forward(self, unimodal_logits: torch.Tensor, labels: torch.Tensor) -> None:
+        """Hand over this (micro-)batch's uni-modal logits [M, B, C] and labels: the methods measure
+        (balance statistics, once) and update their device state (OPM's next probabilities).
+        Optional: after_backward does it when given the logits. With gradient accumulation, call
+        it for every micro-batch and after_backward() once, before the optimizer step."""
         if not isinstance(unimodal_logits, torch.Tensor) or unimodal_logits.dim() != 3 \
                 or unimodal_logits.shape[0] != len(self.state.modalities):
-            raise ValueError(f"Balancer.after_backward: unimodal_logits must be [M={len(self.state.modalities)}, B, C]"
-                             f", got {tuple(getattr(unimodal_logits, 'shape', ()))}")
-        state = self.state
-        state.unimodal_logits = unimodal_logits.detach()
-        state.labels = labels
+            raise ValueError(f"Balancer: unimodal_logits must be [M={len(self.state.modalities)}, B, C], got "
+                             f"{tuple(getattr(unimodal_logits, 'shape', ()))}")
+        self.state.unimodal_logits = unimodal_logits.detach()
+        self.state.labels = labels
         self._emit("after_forward")
+
+    def after_backward(self, unimodal_logits: torch.Tensor | None = None, labels: torch.Tensor | None = None, *,
+                       scaler: "torch.amp.GradScaler | None" = None,
+                       optimizer: torch.optim.Optimizer | None = None) -> BalanceStats | None:
+        """After loss.backward(), before optimizer.step(): measures this step (once; skipped when
+        after_forward already did), then modulates the encoder gradients and advances the step
+        counter. With a GradScaler, pass it and the optimizer: the gradients are unscaled first
+        (modulation needs true gradients; the scaler's step then does not unscale them again).
+        Returns the step's statistics, if any method measured them."""
+        state = self.state
+        if unimodal_logits is not None:
+            self.after_forward(unimodal_logits, labels)
+        elif state.unimodal_logits is None:
+            raise ValueError("Balancer.after_backward: pass the step's unimodal_logits and labels "
+                             "(or hand them to after_forward first)")
         if scaler is not None:
             if optimizer is None:
                 raise ValueError("Balancer.after_backward: with a scaler, pass the optimizer too (to unscale it)")

@@ -21,6 +21,56 @@ def _synth(args) -> int:
     return 0
 
 
+def _train(args) -> int:
+    from mmfast.config import load_config
+    from mmfast.trainer import NonFiniteError, Trainer, resume
+
+    try:
+        if args.resume:
+            if args.config or args.overrides:
+                raise ValueError("--resume continues a run with its saved config; give no --config or overrides")
+            trainer = resume(args.resume)
+        else:
+            if not args.config:
+                raise ValueError("give --config CONFIG (a YAML file or one of the shipped configs) or --resume RUN_DIR")
+            trainer = Trainer(load_config(args.config, args.overrides))
+        summary = trainer.fit()
+    except (ValueError, FileExistsError, FileNotFoundError, NonFiniteError) as exc:
+        print(f"mmfast train: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _parse_missing(text: str) -> dict:
+    out = {}
+    for item in filter(None, text.split(",")):
+        name, _, value = item.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise ValueError(f"--missing {text!r}: expected modality=probability pairs, e.g. audio=0.3,visual=0.1") \
+                from None
+    return out
+
+
+def _eval(args) -> int:
+    from mmfast.trainer import resume
+
+    try:
+        trainer = resume(args.run_dir)
+        trainer._load_checkpoint(trainer.out / "checkpoints" / "best.pt", weights_only=True)
+        split = "test" if "test" in trainer.loaders else "val"
+        result = trainer.evaluate(split, missing=_parse_missing(args.missing) if args.missing else None)
+        if args.linear_probe:
+            result.update(trainer.linear_probe(test_split=split))
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"mmfast eval: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2))
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="mmfast", description="Fast balanced multimodal training.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -35,7 +85,21 @@ def main(argv=None) -> int:
                        help="how much weaker the other modality's class signal is (>= 1)")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--jpeg-frames", action="store_true", help="also write 1-fps JPEG frame folders")
+    train = sub.add_parser("train", help="train a model with a balancing method (see README)")
+    train.add_argument("--config", help="a YAML file or a shipped config: embedded, crema_d, kinetics_sounds, "
+                                        "vggsound, ave")
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    train.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. method=ogm_ge epochs=2 "
+                                                    "seed=1 out=runs/x data.root=DIR hparams.alpha=0.8")
+    evaluate = sub.add_parser("eval", help="evaluate the best checkpoint of a run")
+    evaluate.add_argument("run_dir")
+    evaluate.add_argument("--missing", help="drop modalities at test time, e.g. audio=0.3,visual=0.1")
+    evaluate.add_argument("--linear-probe", action="store_true", help="also fit a linear probe on each encoder")
     args = parser.parse_args(argv)
+    if args.command == "train":
+        return _train(args)
+    if args.command == "eval":
+        return _eval(args)
     if args.command == "info":
         import mmfast
 

@@ -42,7 +42,6 @@ class StepState:
     keep: [M, B] mask of kept features (set by a dropping method; masks the scores);
     sample_weight: [B] or None, 1 for samples that stay in the loss;
     extra_losses: name -> scalar tensor added to the task loss;
-    grads / grad_modality: the encoder gradients to modulate and their modality indices;
     metrics: name -> device tensor, read by the loop only at logging points.
     """
 
@@ -60,8 +59,8 @@ class StepState:
         self.epoch = 0
         self.begin_step()
 
-    def begin_step(self) -> None:
-        """Forget the previous step's tensors (the step counter and generator carry on)."""
+    def begin_batch(self) -> None:
+        """Forget the previous (micro-)batch's tensors."""
         self.features: list[torch.Tensor] = []
         self.labels: torch.Tensor | None = None
         self.fused_logits: torch.Tensor | None = None
@@ -69,10 +68,12 @@ class StepState:
         self.keep: torch.Tensor | None = None
         self.sample_weight: torch.Tensor | None = None
         self.extra_losses: dict[str, torch.Tensor] = {}
-        self.grads: list[torch.Tensor] = []
-        self.grad_modality: list[int] = []
-        self.metrics: dict[str, torch.Tensor] = {}
         self._stats: BalanceStats | None = None
+
+    def begin_step(self) -> None:
+        """Forget the previous step (the step counter and generator carry on)."""
+        self.begin_batch()
+        self.metrics: dict[str, torch.Tensor] = {}
 
     def stats(self) -> BalanceStats:
         """balance_stats of this step's uni-modal logits (masked by ``keep``), computed once

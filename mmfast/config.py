@@ -1,0 +1,199 @@
+"""Run configuration: typed sections, loaded from YAML (a path, or the name of a config shipped in
+mmfast/configs/) with dotted ``key=value`` overrides, checked at start-up with errors that name
+the key. ``hparams`` holds the method's hyper-parameters (mmfast.methods.hyper_parameters)."""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+AUDIO_PRESETS = ("crema_d", "kinetics_sounds", "vggsound", "kaldi_fbank")
+
+
+@dataclasses.dataclass
+class DataSection:
+    root: str = ""
+    layout: str = "crema_d"
+    backend: str = "dali"  # "dali" | "naive"
+    modalities: dict | None = None  # generic layout: name -> "audio" | "video" | "frames"
+    audio: str = "crema_d"  # audio recipe preset (mmfast.data.audio)
+    num_frames: int = 1
+    size: int = 224
+    batch_size: int = 64
+    num_workers: int = 2
+    on_error: str = "raise"  # "raise" | "skip"
+    synth: dict | None = None  # generate the embedded dataset at root if absent (mmfast.data.generate options)
+
+
+@dataclasses.dataclass
+class ModelSection:
+    encoder: str = "small"  # "small" | "resnet18"
+    fusion: str = "concat"  # concat | sum | film | gated | mlp
+    width: int = 16  # small encoder width
+    weights: dict | None = None  # modality -> local ResNet-18 weights file
+    estimator: str = "auto"  # "auto" | "split" (concat/sum only) | "zero_out"
+
+
+@dataclasses.dataclass
+class OptimSection:
+    name: str = "sgd"  # "sgd" | "adamw"
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    scheduler: str = "step"  # "step" | "cosine" | "none"
+    step_size: int = 70  # StepLR period in epochs
+    gamma: float = 0.1
+
+
+@dataclasses.dataclass
+class Config:
+    method: str = "joint"
+    hparams: dict = dataclasses.field(default_factory=dict)
+    epochs: int = 100
+    seed: int = 0
+    out: str = "runs/run"
+    device: str = "auto"  # "auto" | "cpu" | "cuda"
+    precision: str = "fp32"  # "fp32" | "bf16" | "fp16" (autocast; fp16 with a GradScaler)
+    channels_last: bool = False
+    grad_accum: int = 1
+    checkpoint_every: int = 0  # steps between mid-epoch checkpoints (0: epoch ends only)
+    progress: bool = True  # tqdm progress bar
+    data: DataSection = dataclasses.field(default_factory=DataSection)
+    model: ModelSection = dataclasses.field(default_factory=ModelSection)
+    optim: OptimSection = dataclasses.field(default_factory=OptimSection)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+CHOICES = {
+    "data.backend": ("dali", "naive"), "data.audio": AUDIO_PRESETS, "data.on_error": ("raise", "skip"),
+    "model.encoder": ("small", "resnet18"), "model.fusion": ("concat", "sum", "film", "gated", "mlp"),
+    "model.estimator": ("auto", "split", "zero_out"), "optim.name": ("sgd", "adamw"),
+    "optim.scheduler": ("step", "cosine", "none"), "device": ("auto", "cpu", "cuda"),
+    "precision": ("fp32", "bf16", "fp16"),
+}
+POSITIVE = ("epochs", "grad_accum", "data.batch_size", "data.num_frames", "data.size", "model.width", "optim.step_size")
+NON_NEGATIVE = ("seed", "checkpoint_every", "data.num_workers", "optim.lr", "optim.momentum", "optim.weight_decay",
+                "optim.gamma")
+
+
+def shipped_configs() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def load_config(source: str | Path | dict | None = None, overrides: list[str] | tuple = ()) -> Config:
+    """A Config from a YAML path, a shipped config name, a dict or None (defaults), with dotted
+    ``key=value`` overrides (values parsed as YAML: 2, 0.5, true, [a, b], {audio: 0.3})."""
+    if source is None:
+        raw: dict = {}
+    elif isinstance(source, dict):
+        raw = dict(source)
+    else:
+        path = Path(source)
+        if not path.suffix and not path.exists():
+            path = CONFIG_DIR / f"{source}.yaml"
+            if not path.exists():
+                raise ValueError(f"config {str(source)!r} is neither a YAML file nor a shipped config "
+                                 f"({', '.join(shipped_configs())})")
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"config {path}: the top level must be a mapping of keys")
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like key=value (e.g. method=ogm_ge, data.root=DIR)")
+        key, text = item.split("=", 1)
+        target = raw
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ValueError(f"override {item!r}: empty key")
+        for part in parts[:-1]:
+            if not isinstance(target.setdefault(part, {}), dict):
+                raise ValueError(f"override {item!r}: {part!r} is not a section")
+            target = target[part]
+        target[parts[-1]] = yaml.safe_load(text) if text.strip() else ""
+    cfg = _build(Config, raw, "")
+    check_config(cfg)
+    return cfg
+
+
+def _build(cls, raw: dict, prefix: str):
+    if not isinstance(raw, dict):
+        raise ValueError(f"config key {prefix.rstrip('.')!r} must be a section (a mapping), got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown config key(s) {[prefix + k for k in unknown]}; known in this section: "
+                         f"{sorted(prefix + k for k in fields)}")
+    values = {}
+    for name, value in raw.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = _build(hint, value or {}, f"{prefix}{name}.")
+        elif name == "hparams" or name in ("synth", "modalities", "weights"):
+            if value is not None and not isinstance(value, dict):
+                raise ValueError(f"config key {prefix + name!r} must be a mapping, got {value!r}")
+            values[name] = dict(value) if value is not None else (None if name != "hparams" else {})
+        else:
+            values[name] = _coerce(prefix + name, hint, value)
+    return cls(**values)
+
+
+def _coerce(key: str, hint, value):
+    allowed = typing.get_args(hint) or (hint,)
+    if value is None and type(None) in allowed:
+        return None
+    for t in allowed:
+        if t is bool and isinstance(value, bool):
+            return value
+        if t is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if t is str and isinstance(value, str):
+            return value
+    names = "/".join(getattr(t, "__name__", str(t)) for t in allowed)
+    raise ValueError(f"config key {key!r} must be {names}, got {type(value).__name__} {value!r}")
+
+
+def get(cfg: Config, key: str) -> Any:
+    value = cfg
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def check_config(cfg: Config) -> None:
+    """Value checks that need no data (the method's hyper-parameters, the modalities and the
+    estimator/fusion pairing are checked when the run is built)."""
+    from . import methods
+
+    for key, choices in CHOICES.items():
+        if get(cfg, key) not in choices:
+            raise ValueError(f"config key {key!r} must be one of {choices}, got {get(cfg, key)!r}")
+    for key in POSITIVE:
+        if get(cfg, key) < 1:
+            raise ValueError(f"config key {key!r} must be >= 1, got {get(cfg, key)!r}")
+    for key in NON_NEGATIVE:
+        if get(cfg, key) < 0:
+            raise ValueError(f"config key {key!r} must be >= 0, got {get(cfg, key)!r}")
+    if cfg.method not in methods.NAMES:
+        raise ValueError(f"config key 'method' must be one of {methods.NAMES}, got {cfg.method!r}")
+    try:
+        methods.create(cfg.method, **cfg.hparams)
+    except ValueError as err:
+        raise ValueError(f"config key 'hparams': {err}") from None
+    if cfg.model.estimator == "split" and cfg.model.fusion not in ("concat", "sum"):
+        raise ValueError(f"config key 'model.estimator': 'split' needs fusion concat or sum (fusion "
+                         f"{cfg.model.fusion!r} cannot be split by modality; use estimator=zero_out or auto)")
+    if not cfg.data.root:
+        raise ValueError("config key 'data.root' is empty: set the dataset folder, e.g. data.root=data/cremad")
+
+
+def dump_config(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")

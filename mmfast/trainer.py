@@ -1,0 +1,424 @@
+"""The one training loop of mmfast. Methods are not subclasses of it: they are small objects
+reacting to the step's named events (mmfast/methods), driven through the same step machinery users
+get as ``mmfast.Balancer``. Per step:
+
+    features = model.encode(batch)                 # [B, d_m] per modality
+    features = balancer.drop(features)             # before_fusion (OPM, ModDrop, unimodal)
+    fused, unimodal = model.head(features)
+    loss = weighted CE over the kept samples (+ method loss terms)
+    balancer.after_forward(unimodal, labels)       # measure once, update device state
+    loss.backward(); balancer.after_backward()     # modulate unscaled gradients (OGM family)
+    optimizer.step()
+
+Nothing in a step reads a tensor on the host: losses, accuracies, ratios and coefficients are
+summed on the device and read once per logging interval (the progress bar) and at epoch ends.
+The run directory (``cfg.out``) holds config.yaml, metrics.jsonl (one flat JSON object per
+epoch), summary.json, checkpoints/{last,best}.pt (written atomically) and plots.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import config as config_mod
+from .balancer import Balancer
+from .estimators import zero_out_logits
+from .evaluation import classification_metrics, linear_probe_accuracy
+from .models import build_model
+from .ops import feature_drop
+
+CHECKPOINT_VERSION = 1
+
+
+class NonFiniteError(RuntimeError):
+    """A non-finite loss or gradient; the message names the step."""
+
+
+def atomic_save(obj, path: Path) -> None:
+    """torch.save through a temporary file, fsync and rename: a crash leaves the old file whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    with contextlib.suppress(OSError):
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("config key 'device' is 'cuda' but no CUDA GPU is available")
+    return torch.device(name)
+
+
+def data_config(cfg: config_mod.Config, device: torch.device):
+    from .data import DataConfig, FrameRecipe
+    from .data import audio as audio_recipes
+
+    d = cfg.data
+    return DataConfig(root=d.root, layout=d.layout, modalities=d.modalities, audio=getattr(audio_recipes, d.audio)(),
+                      frames=FrameRecipe(num_frames=d.num_frames, size=d.size), batch_size=d.batch_size,
+                      num_workers=d.num_workers, seed=cfg.seed, on_error=d.on_error, device=device.type)
+
+
+class Trainer:
+    def __init__(self, cfg: config_mod.Config, *, resume: bool = False):
+        from .data import build_loader, generate, read_layout
+
+        config_mod.check_config(cfg)
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        self.out = Path(cfg.out)
+        self._seed_everything(cfg.seed)
+        root = Path(cfg.data.root)
+        if cfg.data.synth is not None and not (root.exists() and any(root.iterdir())):
+            generate(root, **cfg.data.synth)
+        dcfg = data_config(cfg, self.device)
+        index = read_layout(dcfg.root, dcfg.layout, modalities=dcfg.modalities, on_error=dcfg.on_error)
+        self.modalities = dict(index.kinds)
+        self.classes = list(index.classes)
+        self.loaders = {"train": build_loader(dcfg, "train", cfg.data.backend)}
+        for split in ("val", "test"):
+            if index.splits.get(split):
+                self.loaders[split] = build_loader(dcfg, split, cfg.data.backend, train=False)
+        self.model = build_model(self.modalities, len(self.classes), encoder=cfg.model.encoder,
+                                 fusion=cfg.model.fusion, width=cfg.model.width, weights=cfg.model.weights)
+        self.model.to(self.device)
+        if cfg.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.optimizer = self._make_optimizer()
+        self.scheduler = self._make_scheduler()
+        try:
+            self.balancer = Balancer(cfg.method, dict(self.model.encoders.items()), seed=cfg.seed, device=self.device,
+                                     **cfg.hparams)
+        except ValueError as err:
+            raise ValueError(f"config key 'hparams' (method {cfg.method!r}): {err}") from None
+        amp_device = self.device.type
+        self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
+        self.scaler = torch.amp.GradScaler(amp_device) if cfg.precision == "fp16" else None
+        self.epoch, self.batch_in_epoch, self.global_step = 0, 0, 0
+        self.best = {"epoch": None, "val/acc": -math.inf}
+        self._epoch_sums: dict[str, torch.Tensor] = {}
+        self._epoch_counts: dict[str, int] = {}
+        self._bad_step = torch.full((), -1, dtype=torch.int64, device=self.device)
+        if resume:
+            self._load_checkpoint(self.out / "checkpoints" / "last.pt")
+        else:
+            self.out.mkdir(parents=True, exist_ok=True)
+            if (self.out / "metrics.jsonl").exists():
+                raise FileExistsError(f"{self.out} already holds a run (metrics.jsonl); resume it with --resume "
+                                      f"or choose another out=")
+            config_mod.dump_config(cfg, self.out / "config.yaml")
+
+    # ---- construction ------------------------------------------------------------------------
+
+    @staticmethod
+    def _seed_everything(seed: int) -> None:
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+
+    def _make_optimizer(self):
+        o = self.cfg.optim
+        params = list(self.model.parameters())
+        if o.name == "sgd":
+            return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+        return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+
+    def _make_scheduler(self):
+        o = self.cfg.optim
+        if o.scheduler == "step":
+            return torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=o.step_size, gamma=o.gamma)
+        if o.scheduler == "cosine":
+            return torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=self.cfg.epochs)
+        return None
+
+    # ---- the step ----------------------------------------------------------------------------
+
+    def _inputs(self, batch):
+        out = {}
+        for name in self.modalities:
+            x = batch[name].to(self.device, non_blocking=True)
+            if self.cfg.channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            out[name] = x
+        return out, batch["label"].to(self.device, non_blocking=True)
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _unimodal(self, features, fused_unimodal):
+        if self.cfg.model.estimator == "zero_out" and self.cfg.model.fusion in ("concat", "sum"):
+            return zero_out_logits(lambda fs: self.model.head(fs)[0], features)
+        return fused_unimodal
+
+    def _accumulate(self, name: str, value: torch.Tensor) -> None:
+        value = value.detach().float()
+        self._epoch_sums[name] = self._epoch_sums[name] + value if name in self._epoch_sums else value.clone()
+        self._epoch_counts[name] = self._epoch_counts.get(name, 0) + 1
+
+    def train_step(self, batch, *, last_micro_batch: bool = True) -> None:
+        inputs, labels = self._inputs(batch)
+        bal = self.balancer
+        with self._autocast():
+            features = bal.drop(self.model.encode(inputs))
+            fused, unimodal = self.model.head(features)
+            unimodal = self._unimodal(features, unimodal)
+            per_sample = F.cross_entropy(fused.float(), labels, reduction="none")
+        loss = bal.loss(per_sample)
+        bal.after_forward(unimodal.float(), labels)
+        weight = bal.sample_weight
+        scale = self.scaler.scale if self.scaler is not None else (lambda t: t)
+        scale(loss / self.cfg.grad_accum).backward()
+        # Device-side bookkeeping: no host read.
+        self._bad_step = torch.where((self._bad_step < 0) & ~torch.isfinite(loss), bal.state.step, self._bad_step)
+        correct = (fused.argmax(dim=1) == labels).float()
+        kept = weight if weight is not None else torch.ones_like(correct)
+        self._accumulate("loss", per_sample.detach() @ kept)
+        self._accumulate("correct", correct @ kept)
+        self._accumulate("samples", kept.sum())
+        if not last_micro_batch:
+            return
+        if self.scaler is None:
+            # A non-finite gradient also stops the run; under a GradScaler the step is skipped instead.
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            finite = torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads else torch.tensor(True)
+            self._bad_step = torch.where((self._bad_step < 0) & ~finite, bal.state.step, self._bad_step)
+        bal.after_backward(scaler=self.scaler, optimizer=self.optimizer)
+        for name, value in bal.metrics.items():
+            self._accumulate(name, value)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.global_step += 1
+
+    def _check_finite(self) -> None:
+        """A logging point: read the device flag once."""
+        bad = int(self._bad_step)
+        if bad >= 0:
+            raise NonFiniteError(f"non-finite loss or gradient at training step {bad} (epoch {self.epoch}); the run "
+                                 f"stops here, the last good checkpoint in {self.out / 'checkpoints'} is kept")
+
+    # ---- epochs ------------------------------------------------------------------------------
+
+    def train_epoch(self, max_steps: int | None = None) -> dict[str, float] | None:
+        """One epoch (from batch self.batch_in_epoch on, after a resume). Returns the epoch's
+        train metrics, or None when stopped after max_steps (for tests of resuming)."""
+        from tqdm import tqdm
+
+        loader = self.loaders["train"]
+        loader.epoch = self.epoch
+        self.model.train()
+        self.balancer.start_epoch(self.epoch)
+        start = time.perf_counter()
+        accum = self.cfg.grad_accum
+        bar = tqdm(total=len(loader), initial=self.batch_in_epoch, desc=f"epoch {self.epoch}", leave=False,
+                   disable=not self.cfg.progress)
+        steps_done = 0
+        for i, batch in enumerate(loader):
+            if i < self.batch_in_epoch:
+                continue  # resumed mid-epoch: the data order is a function of (seed, epoch)
+            last = (i + 1) % accum == 0 or i + 1 == len(loader)
+            self.train_step(batch, last_micro_batch=last)
+            self.batch_in_epoch = i + 1
+            bar.update(1)
+            if last:
+                steps_done += 1
+                if self.cfg.progress and self.global_step % 10 == 0:
+                    bar.set_postfix(self._live_postfix())
+                if self.cfg.checkpoint_every and self.global_step % self.cfg.checkpoint_every == 0:
+                    self._check_finite()
+                    self.save_checkpoint("last.pt")
+                if max_steps is not None and steps_done >= max_steps:
+                    bar.close()
+                    self._check_finite()
+                    self.save_checkpoint("last.pt")
+                    return None
+        bar.close()
+        self._check_finite()
+        metrics = self._epoch_metrics(time.perf_counter() - start)
+        self.balancer.end_epoch()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        return metrics
+
+    def _live_postfix(self) -> dict:
+        sums, n = self._epoch_sums, max(float(self._epoch_sums["samples"]), 1.0)
+        out = {"loss": f"{float(sums['loss']) / n:.3f}", "acc": f"{float(sums['correct']) / n:.3f}"}
+        for name in self.modalities:
+            if f"ratio/{name}" in sums:
+                out[f"rho_{name}"] = f"{float(sums[f'ratio/{name}']) / self._epoch_counts[f'ratio/{name}']:.2f}"
+        return out
+
+    def _epoch_metrics(self, seconds: float) -> dict[str, float]:
+        sums = {k: float(v) for k, v in self._epoch_sums.items()}  # the epoch's one read
+        samples = max(sums.pop("samples", 0.0), 1.0)
+        metrics = {"train/loss": sums.pop("loss", 0.0) / samples, "train/acc": sums.pop("correct", 0.0) / samples}
+        for key, value in sums.items():
+            metrics[f"train/{key}"] = value / self._epoch_counts[key]
+        metrics["time/epoch_s"] = seconds
+        metrics["throughput/samples_per_s"] = samples / max(seconds, 1e-9)
+        self._epoch_sums, self._epoch_counts = {}, {}
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self, split: str, *, missing: dict[str, float] | None = None, seed: int = 0) -> dict[str, float]:
+        """Fused and per-modality accuracy, macro-F1 and mAP on `split` (every sample). `missing`
+        drops each modality's features with the given probability (missing-modality evaluation)."""
+        loader = self.loaders[split]
+        self.model.eval()
+        fused_all, uni_all, labels_all = [], [], []
+        probs = None
+        if missing:
+            unknown = sorted(set(missing) - set(self.modalities))
+            if unknown:
+                raise ValueError(f"missing-modality evaluation names {unknown}, not modalities {list(self.modalities)}")
+            probs = torch.tensor([float(missing.get(m, 0.0)) for m in self.modalities], device=self.device)
+            gen = torch.Generator(device=self.device).manual_seed(seed)
+        for batch in loader:
+            inputs, labels = self._inputs(batch)
+            with self._autocast():
+                features = self.model.encode(inputs)
+                if probs is not None:
+                    features = feature_drop(features, probs, generator=gen).features
+                fused, unimodal = self.model.head(features)
+                unimodal = self._unimodal(features, unimodal)
+            fused_all.append(fused.float())
+            uni_all.append(unimodal.float())
+            labels_all.append(labels)
+        fused = torch.cat(fused_all).cpu()
+        unimodal = torch.cat(uni_all, dim=1).cpu()
+        labels = torch.cat(labels_all).cpu()
+        C = len(self.classes)
+        out = {f"{split}/{k}": v for k, v in classification_metrics(fused, labels, C).items()}
+        for m, name in enumerate(self.modalities):
+            for k, v in classification_metrics(unimodal[m], labels, C).items():
+                out[f"{split}/{k}/{name}"] = v
+        out[f"{split}/samples"] = len(labels)
+        return out
+
+    @torch.no_grad()
+    def encoder_features(self, split: str):
+        """Frozen features of every encoder on `split` (evaluation transforms), and the labels."""
+        self.model.eval()
+        feats = {name: [] for name in self.modalities}
+        labels = []
+        for batch in self.loaders[split]:
+            inputs, y = self._inputs(batch)
+            for name, f in zip(self.modalities, self.model.encode(inputs)):
+                feats[name].append(f.float().cpu())
+            labels.append(y.cpu())
+        return {k: torch.cat(v) for k, v in feats.items()}, torch.cat(labels)
+
+    def linear_probe(self, train_split: str = "train", test_split: str = "test") -> dict[str, float]:
+        """The papers' linear probe of each encoder (frozen features, fresh linear classifier)."""
+        from .data import build_loader
+
+        if f"{train_split}_eval" not in self.loaders:  # training clips through evaluation transforms
+            self.loaders[f"{train_split}_eval"] = build_loader(data_config(self.cfg, self.device), train_split,
+                                                              self.cfg.data.backend, train=False)
+        train_x, train_y = self.encoder_features(f"{train_split}_eval")
+        test_x, test_y = self.encoder_features(test_split)
+        return {f"probe/acc/{name}": linear_probe_accuracy(train_x[name], train_y, test_x[name], test_y, seed=self.cfg.seed)
+                for name in self.modalities}
+
+    # ---- the run -----------------------------------------------------------------------------
+
+    def fit(self, *, max_steps: int | None = None) -> dict | None:
+        """Train for cfg.epochs (continuing a resumed run), select on val, test once at the end.
+        max_steps stops early (as if killed) after that many optimizer steps: for resume tests."""
+        started = time.perf_counter()
+        while self.epoch < self.cfg.epochs:
+            metrics = self.train_epoch(max_steps=max_steps)
+            if metrics is None:
+                return None
+            if "val" in self.loaders:
+                metrics.update(self.evaluate("val"))
+            metrics = {"epoch": self.epoch, **metrics}
+            self._log(metrics)
+            improved = "val" not in self.loaders or metrics["val/acc"] > self.best["val/acc"]
+            if improved:
+                self.best = {"epoch": self.epoch, "val/acc": metrics.get("val/acc", math.nan)}
+            self.epoch += 1
+            self.batch_in_epoch = 0
+            self.save_checkpoint("last.pt")
+            if improved:
+                self.save_checkpoint("best.pt")
+        summary = {"best_epoch": self.best["epoch"], "wall_time_s": time.perf_counter() - started}
+        if "test" in self.loaders:
+            self._load_checkpoint(self.out / "checkpoints" / "best.pt", weights_only=True)
+            summary.update(self.evaluate("test"))
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
+
+    def _log(self, metrics: dict) -> None:
+        with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(metrics) + "\n")
+
+    def state_dict(self) -> dict:
+        rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {"version": CHECKPOINT_VERSION, "config": self.cfg.to_dict(), "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
+                "scaler": None if self.scaler is None else self.scaler.state_dict(),
+                "balancer": self.balancer.state_dict(), "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                "global_step": self.global_step, "best": self.best, "rng": rng,
+                "epoch_sums": self._epoch_sums, "epoch_counts": self._epoch_counts}
+
+    def save_checkpoint(self, name: str) -> None:
+        atomic_save(self.state_dict(), self.out / "checkpoints" / name)
+
+    def _load_checkpoint(self, path: Path, *, weights_only: bool = False) -> None:
+        if not path.exists():
+            raise FileNotFoundError(f"no checkpoint at {path} to resume from")
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        self.model.load_state_dict(state["model"])
+        if weights_only:
+            return
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state["scheduler"] is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state["scaler"] is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        self.balancer.load_state_dict(state["balancer"])
+        self.epoch, self.batch_in_epoch = state["epoch"], state["batch_in_epoch"]
+        self.global_step, self.best = state["global_step"], state["best"]
+        self._epoch_sums, self._epoch_counts = state["epoch_sums"], state["epoch_counts"]
+        torch.set_rng_state(state["rng"]["torch"])
+        np.random.set_state(state["rng"]["numpy"])
+        random.setstate(state["rng"]["python"])
+        if "cuda" in state["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+
+
+def resume(out: str | Path) -> Trainer:
+    """A Trainer continuing the run in `out` from its last checkpoint, with its saved config."""
+    out = Path(out)
+    path = out / "config.yaml"
+    if not path.exists():
+        raise FileNotFoundError(f"{out} holds no run (no config.yaml)")
+    return Trainer(config_mod.load_config(path), resume=True)

@@ -1,0 +1,149 @@
+"""The trainer on a small generated dataset: the run directory, resuming from the middle of an
+epoch to bitwise the same parameters, the non-finite stop, no host reads inside training steps,
+evaluation that never drops samples, missing-modality evaluation and linear probes."""
+import json
+
+import pytest
+import torch
+
+from mmfast.config import load_config
+from mmfast.data import generate
+from mmfast.trainer import NonFiniteError, Trainer, resume
+
+pytest.importorskip("nvidia.dali")
+pytest.importorskip("sklearn")
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return generate(tmp_path_factory.mktemp("trainer") / "cremad", clips=30, seed=2)
+
+
+def make_config(dataset, out, *overrides):
+    return load_config("embedded", [f"data.root={dataset}", f"out={out}", "epochs=2", "data.batch_size=8",
+                                    "data.size=32", "data.num_workers=1", "progress=false", *overrides])
+
+
+def parameters(trainer):
+    return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+
+
+def test_fit_writes_the_run_directory(dataset, tmp_path):
+    out = tmp_path / "run"
+    summary = Trainer(make_config(dataset, out, "method=ogm_ge", "hparams.alpha=0.5")).fit()
+    assert (out / "config.yaml").exists() and (out / "checkpoints" / "last.pt").exists()
+    assert (out / "checkpoints" / "best.pt").exists()
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in lines] == [0, 1]
+    for key in ("train/loss", "train/acc", "train/ratio/audio", "train/coeff/visual", "val/acc", "val/acc/visual",
+                "val/f1", "val/map", "time/epoch_s", "throughput/samples_per_s"):
+        assert key in lines[0], key
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved == pytest.approx(summary, nan_ok=True)
+    assert saved["best_epoch"] in (0, 1) and 0 <= saved["test/acc"] <= 1
+    # evaluation never drops samples: every test clip is counted
+    assert saved["test/samples"] == 6
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        Trainer(make_config(dataset, out))
+
+
+@pytest.mark.parametrize("method,extra", [("ogm_ge", ["hparams.alpha=1.0"]), ("opm", ["hparams.p_exe=1.0"])])
+def test_resume_mid_epoch_gives_bitwise_the_same_parameters(dataset, tmp_path, method, extra):
+    full = Trainer(make_config(dataset, tmp_path / "full", f"method={method}", *extra))
+    full.fit()
+    killed = Trainer(make_config(dataset, tmp_path / "killed", f"method={method}", *extra))
+    assert killed.fit(max_steps=2) is None  # stopped in the middle of epoch 0 (3 steps an epoch)
+    assert killed.batch_in_epoch == 2 and killed.epoch == 0
+    resumed = resume(tmp_path / "killed")
+    assert resumed.batch_in_epoch == 2 and int(resumed.balancer.state.step) == 2
+    resumed.fit()
+    a, b = parameters(full), parameters(resumed)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    lines_full = (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
+    lines_resumed = (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
+    strip = lambda line: {k: v for k, v in json.loads(line).items() if not k.startswith(("time/", "throughput/"))}  # noqa: E731
+    assert [strip(x) for x in lines_full] == [strip(x) for x in lines_resumed]
+
+
+def test_non_finite_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(dataset, tmp_path):
+    trainer = Trainer(make_config(dataset, tmp_path / "nan", "method=ogm", "checkpoint_every=1"))
+    calls = {"n": 0}
+
+    def poison(module, inputs, output):
+        calls["n"] += 1
+        if calls["n"] == 3 and module.training:
+            fused, unimodal = output
+            return fused * float("nan"), unimodal
+        return output
+
+    trainer.model.fusion.register_forward_hook(poison)
+    with pytest.raises(NonFiniteError, match="training step 2"):
+        trainer.fit()
+    state = torch.load(tmp_path / "nan" / "checkpoints" / "last.pt", weights_only=False)
+    assert state["global_step"] == 2
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize("method", ["joint", "ogm_ge", "opm", "opm_ogm", "moddrop"])
+def test_training_steps_read_nothing_on_the_host(dataset, tmp_path, monkeypatch, method):
+    from test_methods import count_host_reads
+
+    hp = ["hparams.probs={audio: 0.3}"] if method == "moddrop" else []
+    trainer = Trainer(make_config(dataset, tmp_path / method, f"method={method}", "epochs=1", *hp))
+    original = trainer.train_step
+    reads = []
+
+    def counted_step(batch, **kw):
+        with count_host_reads(monkeypatch) as counts:
+            original(batch, **kw)
+        reads.append(dict(counts))
+
+    trainer.train_step = counted_step
+    trainer.fit()
+    assert len(reads) == 3 and all(r == {} for r in reads), reads
+
+
+def test_missing_modality_evaluation_and_linear_probe(dataset, tmp_path):
+    trainer = Trainer(make_config(dataset, tmp_path / "eval", "epochs=1"))
+    trainer.fit()
+    plain = trainer.evaluate("test")
+    no_audio = trainer.evaluate("test", missing={"audio": 1.0})
+    assert no_audio["test/samples"] == plain["test/samples"] == 6
+    # with every audio feature dropped, the audio estimate is the bias alone: one class for all clips
+    assert no_audio["test/acc/audio"] in {k / 6 for k in range(7)}
+    with pytest.raises(ValueError, match=r"names \['depth'\]"):
+        trainer.evaluate("test", missing={"depth": 0.5})
+    probe = trainer.linear_probe()
+    assert set(probe) == {"probe/acc/audio", "probe/acc/visual"} and all(0 <= v <= 1 for v in probe.values())
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (["method=ogm_ge", "hparams.alpha=-1"], "hparams"),
+    (["method=unimodal", "hparams.modality=depth"], "unimodal.modality='depth'"),
+    (["method=moddrop", "hparams.probs={depth: 0.5}"], "moddrop.probs names"),
+])
+def test_configuration_errors_fail_at_start_up_naming_the_key(dataset, tmp_path, overrides, needle):
+    with pytest.raises(ValueError, match=needle):
+        Trainer(make_config(dataset, tmp_path / "bad", *overrides))
+
+
+def test_command_line_train_resume_and_eval(dataset, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "cli"
+    common = [sys.executable, "-m", "mmfast"]
+    args = ["train", "--config", "embedded", "method=ogm_ge", "epochs=1", "seed=1", f"out={out}", f"data.root={dataset}",
+            "data.batch_size=8", "data.size=32", "data.num_workers=1", "progress=false"]
+    done = subprocess.run(common + args, capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout)["best_epoch"] == 0
+    evaluated = subprocess.run(common + ["eval", str(out), "--missing", "audio=0.5"], capture_output=True, text=True)
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    assert json.loads(evaluated.stdout)["test/samples"] == 6
+    bad = subprocess.run(common + ["train", "--config", "embedded", f"data.root={dataset}", "hparams.alpha=-1",
+                                   "method=ogm"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "config key 'hparams': ogm.alpha must be >= 0" in bad.stderr
+    again = subprocess.run(common + ["train", "--resume", str(out)], capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-2000:]  # a finished run resumes to its end at once
