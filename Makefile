@@ -1,4 +1,5 @@
-# make demo : set up .venv, build the extension, run the benchmarks (the main job for now)
+# make demo : set up .venv, build the extension, train every method on the embedded dataset (mmfast demo)
+# make bench: the benchmarks
 # make test : set up .venv, build the extension, run the test suite (what CI runs)
 PYTHON ?= python3
 VENV ?= .venv
@@ -21,12 +22,14 @@ test: build
 	$(PY) -m pytest -q tests
 
 demo: build
+	$(PY) -m mmfast demo
+
+bench: build
 	$(PY) bench/grad_modulation.py --json bench/results/grad_modulation.json
 	$(PY) bench/scores.py --json bench/results/scores.json
 	$(PY) bench/data.py --json bench/results/data.json
 	$(PY) bench/imbalance.py --json bench/results/imbalance.json
 
-bench: demo
 
 clean:
 	rm -rf build *.egg-info mmfast/_C*.so

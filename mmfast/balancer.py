@@ -31,10 +31,12 @@ from .ops import BalanceStats, weighted_mean
 
 class Balancer:
     def __init__(self, method: str, encoders: Mapping[str, nn.Module], *, seed: int = 0,
-                 device: torch.device | str | None = None, **hparams):
+                 device: torch.device | str | None = None, measure: bool = False, **hparams):
         """method: a name of mmfast.methods.NAMES; encoders: modality name -> encoder module, in
         the order of the features and uni-modal logits you pass; seed: the noise key and drop
-        generator seed; hparams: the method's hyper-parameters (mmfast.methods.hyper_parameters)."""
+        generator seed; measure: compute the balance statistics every step even when no method
+        needs them (to monitor plain joint training); hparams: the method's hyper-parameters
+        (mmfast.methods.hyper_parameters)."""
         if not isinstance(encoders, Mapping) or len(encoders) < 2:
             raise ValueError("Balancer: encoders must map at least two modality names to their encoder modules")
         for name, module in encoders.items():
@@ -49,6 +51,7 @@ class Balancer:
         self.state = _methods.StepState(list(encoders), seed=seed, device=torch.device(device), encoders=encoders,
                                         balance_params=_methods.merge_balance_params(self.methods))
         self.metrics: dict[str, torch.Tensor] = {}
+        self.measure = bool(measure)
         self._emit("fit_start")
 
     def _emit(self, event: str) -> None:
@@ -100,6 +103,8 @@ class Balancer:
         self.state.unimodal_logits = unimodal_logits.detach()
         self.state.labels = labels
         self._emit("after_forward")
+        if self.measure:
+            self.state.stats()  # (computed once: a method may have asked already)
 
     def after_backward(self, unimodal_logits: torch.Tensor | None = None, labels: torch.Tensor | None = None, *,
                        scaler: "torch.amp.GradScaler | None" = None,

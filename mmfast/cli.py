@@ -10,7 +10,8 @@ def _synth(args) -> int:
     from mmfast.data.synth import SynthSpec, generate
 
     spec = SynthSpec(clips=args.clips, classes=args.classes, dominant=args.dominant, imbalance=args.imbalance,
-                     seed=args.seed, jpeg_frames=args.jpeg_frames)
+                     seed=args.seed, dominant_missing=args.dominant_missing, weak_missing=args.weak_missing,
+                     jpeg_frames=args.jpeg_frames)
     try:
         out = generate(args.out, spec)
     except (ValueError, FileExistsError) as exc:
@@ -71,6 +72,14 @@ def _eval(args) -> int:
     return 0
 
 
+def _demo(args) -> int:
+    from mmfast.demo import run_demo
+
+    run_demo(args.out, args.data, seeds=args.seeds, dominants=args.dominant, epochs=args.epochs, clips=args.clips,
+             progress=not args.no_progress)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="mmfast", description="Fast balanced multimodal training.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -84,6 +93,10 @@ def main(argv=None) -> int:
     synth.add_argument("--imbalance", type=float, default=2.5,
                        help="how much weaker the other modality's class signal is (>= 1)")
     synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--dominant-missing", type=float, default=0.3,
+                       help="share of clips without a dominant-modality signature")
+    synth.add_argument("--weak-missing", type=float, default=0.1,
+                       help="share of other clips without a weak-modality signature")
     synth.add_argument("--jpeg-frames", action="store_true", help="also write 1-fps JPEG frame folders")
     train = sub.add_parser("train", help="train a model with a balancing method (see README)")
     train.add_argument("--config", help="a YAML file or a shipped config: embedded, crema_d, kinetics_sounds, "
@@ -95,7 +108,17 @@ def main(argv=None) -> int:
     evaluate.add_argument("run_dir")
     evaluate.add_argument("--missing", help="drop modalities at test time, e.g. audio=0.3,visual=0.1")
     evaluate.add_argument("--linear-probe", action="store_true", help="also fit a linear probe on each encoder")
+    demo = sub.add_parser("demo", help="train every method on the embedded dataset and print the table")
+    demo.add_argument("--out", default="runs/demo")
+    demo.add_argument("--data", default="data", help="where the embedded dataset is (generated when absent)")
+    demo.add_argument("--seeds", type=int, nargs="+", default=[0])
+    demo.add_argument("--dominant", nargs="+", choices=["audio", "visual"], default=["audio"])
+    demo.add_argument("--epochs", type=int, help="override the embedded config's epochs")
+    demo.add_argument("--clips", type=int, default=480)
+    demo.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    if args.command == "demo":
+        return _demo(args)
     if args.command == "train":
         return _train(args)
     if args.command == "eval":

@@ -107,7 +107,7 @@ class Trainer:
         self.scheduler = self._make_scheduler()
         try:
             self.balancer = Balancer(cfg.method, dict(self.model.encoders.items()), seed=cfg.seed, device=self.device,
-                                     **cfg.hparams)
+                                     measure=True, **cfg.hparams)
         except ValueError as err:
             raise ValueError(f"config key 'hparams' (method {cfg.method!r}): {err}") from None
         amp_device = self.device.type
@@ -371,6 +371,9 @@ class Trainer:
             self._load_checkpoint(self.out / "checkpoints" / "best.pt", weights_only=True)
             summary.update(self.evaluate("test"))
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        from .plots import plot_run
+
+        plot_run(self.out)
         return summary
 
     def _log(self, metrics: dict) -> None:

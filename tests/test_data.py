@@ -432,3 +432,14 @@ def test_clip_that_breaks_after_probing(synth, tmp_path):
     dali.clips[0].files["audio"] = tmp_path / "vanished.wav"
     with pytest.raises(DataError, match="missing file|DALI failed"):
         collect(dali)
+
+
+def test_synth_modalities_are_complementary():
+    from mmfast.data.synth import SynthSpec
+
+    spec = SynthSpec(clips=4000, dominant="visual", dominant_missing=0.3, weak_missing=0.1, seed=3)
+    has = np.array([spec.signatures(i) for i in range(spec.clips)])  # columns: audio, visual
+    assert has.any(axis=1).all()  # every clip keeps at least one signature
+    assert abs((~has[:, 1]).mean() - 0.3) < 0.03 and abs((~has[:, 0]).mean() - 0.1) < 0.03
+    with pytest.raises(ValueError, match="sum below 1"):
+        SynthSpec(dominant_missing=0.6, weak_missing=0.5).check()

@@ -4,7 +4,10 @@ layout (mmfast.data.layouts), where one modality is clearly more discriminative 
 Each class has an audio signature (a tone at a class frequency, in noise) and a visual signature
 (a grating patch at a class orientation, random place and phase, in noise). The dominant modality's signature has amplitude
 1; the other's is divided by `imbalance`, so it is learnable alone but slower, which is what makes
-plain joint training starve it. Clip lengths vary (so audio looping and frame sampling are
+plain joint training starve it. The modalities are complementary, as in real data: a share of
+the clips (`dominant_missing`) carries no signature in the dominant modality and another
+(`weak_missing`, disjoint) none in the weak one, so neither modality alone is perfect and a joint
+model that neglects the weak encoder loses fused accuracy on the first share. Clip lengths vary (so audio looping and frame sampling are
 exercised). Videos are VP8 in WebM, a codec DALI decodes on the CPU; audio is 16-bit PCM WAV at
 the CREMA-D recipe's 22,050 Hz. Every clip is generated from (seed, clip index) alone.
 """
@@ -33,6 +36,8 @@ class SynthSpec:
     min_seconds: float = 2.0
     max_seconds: float = 3.5
     noise: float = 0.6
+    dominant_missing: float = 0.3  # share of clips without a dominant-modality signature
+    weak_missing: float = 0.1  # share of (other) clips without a weak-modality signature
     jpeg_frames: bool = False  # also write 1-fps JPEG frame folders (Image-01-FPS)
 
     def check(self):
@@ -46,6 +51,20 @@ class SynthSpec:
             raise ValueError(f"imbalance must be >= 1, got {self.imbalance}")
         if not 0.5 <= self.min_seconds <= self.max_seconds:
             raise ValueError("need 0.5 <= min_seconds <= max_seconds")
+        if not (0 <= self.dominant_missing and 0 <= self.weak_missing and self.dominant_missing + self.weak_missing < 1):
+            raise ValueError(f"dominant_missing and weak_missing must be >= 0 with a sum below 1 (every clip keeps "
+                             f"one signature), got {self.dominant_missing} and {self.weak_missing}")
+
+    def signatures(self, index: int) -> tuple[bool, bool]:
+        """(audio, visual): whether clip `index` carries each modality's class signature."""
+        u = np.random.default_rng([self.seed, index, 2]).random()
+        has = {"audio": True, "visual": True}
+        weak = "visual" if self.dominant == "audio" else "audio"
+        if u < self.dominant_missing:
+            has[self.dominant] = False
+        elif u < self.dominant_missing + self.weak_missing:
+            has[weak] = False
+        return has["audio"], has["visual"]
 
 
 def class_names(k: int) -> list:
@@ -66,8 +85,9 @@ def _amplitudes(spec: SynthSpec):
     return amp["audio"], amp["visual"]
 
 
-def make_audio(rng: np.random.Generator, label: int, seconds: float, spec: SynthSpec) -> np.ndarray:
-    amp, _ = _amplitudes(spec)
+def make_audio(rng: np.random.Generator, label: int, seconds: float, spec: SynthSpec,
+               signature: bool = True) -> np.ndarray:
+    amp = _amplitudes(spec)[0] if signature else 0.0
     n = int(seconds * SAMPLE_RATE)
     t = np.arange(n) / SAMPLE_RATE
     freq = 220.0 * 2 ** (label * 7 / 12)  # a fifth apart: distinct bins at n_fft 512
@@ -77,11 +97,12 @@ def make_audio(rng: np.random.Generator, label: int, seconds: float, spec: Synth
     return np.clip(x, -1, 1).astype(np.float32)
 
 
-def make_frames(rng: np.random.Generator, label: int, seconds: float, spec: SynthSpec) -> np.ndarray:
+def make_frames(rng: np.random.Generator, label: int, seconds: float, spec: SynthSpec,
+                signature: bool = True) -> np.ndarray:
     """An oriented grating patch (orientation = class) at a random place, random phase, in noise:
     recognising it takes learned features, unlike a colour or brightness cue a linear probe on
     untrained features would read off."""
-    _, amp = _amplitudes(spec)
+    amp = _amplitudes(spec)[1] if signature else 0.0
     n = max(1, int(round(seconds * FPS)))
     theta = np.pi * label / spec.classes
     yy, xx = np.mgrid[0:SIZE, 0:SIZE].astype(np.float64)
@@ -138,9 +159,10 @@ def generate(out, spec: SynthSpec | None = None, **overrides) -> Path:
         label = int(labels[i])
         clip = f"{1001 + i:04d}_SYN_{names[label]}_XX"
         seconds = float(rng.uniform(spec.min_seconds, spec.max_seconds))
-        sf.write(out / "AudioWAV" / f"{clip}.wav", make_audio(rng, label, seconds, spec), SAMPLE_RATE,
+        has_audio, has_visual = spec.signatures(i)
+        sf.write(out / "AudioWAV" / f"{clip}.wav", make_audio(rng, label, seconds, spec, has_audio), SAMPLE_RATE,
                  subtype="PCM_16")
-        frames = make_frames(rng, label, seconds, spec)
+        frames = make_frames(rng, label, seconds, spec, has_visual)
         write_video(out / "VideoFlash" / f"{clip}.webm", frames)
         if spec.jpeg_frames:
             folder = out / "Image-01-FPS" / clip
