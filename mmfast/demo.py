@@ -57,7 +57,10 @@ def _cell(values: list[float], digits: int = 3) -> str:
 
 
 def run_demo(out: str | Path = "runs/demo", data_root: str | Path = "data", *, seeds=(0,), dominants=("audio",),
-             epochs: int | None = None, clips: int = 480, progress: bool = True, echo=print) -> dict:
+             epochs: int | None = None, clips: int = 480, imbalance: float = 2.5, methods=None, progress: bool = True,
+             echo=print) -> dict:
+    """Runs the demo's methods (or the labels in `methods`) for every seed and dominance
+    direction; returns {dominant: {label: [row per seed]}}."""
     from .data import generate
 
     out, data_root = Path(out), Path(data_root)
@@ -67,8 +70,10 @@ def run_demo(out: str | Path = "runs/demo", data_root: str | Path = "data", *, s
         root = data_root / f"embedded_{dominant}"
         if not (root / "classes.txt").exists():
             echo(f"generating the embedded dataset ({dominant} dominant) in {root}")
-            generate(root, clips=clips, dominant=dominant, seed=0)
+            generate(root, clips=clips, dominant=dominant, imbalance=imbalance, seed=0)
         for label, method, hparams in demo_runs(dominant):
+            if methods is not None and label not in methods:
+                continue
             for seed in seeds:
                 run_dir = out / f"{dominant}_dominant" / f"seed{seed}" / label.replace(" ", "_")
                 row = _run_one(run_dir, root, method, hparams, seed, epochs, progress)

@@ -200,9 +200,11 @@ class Trainer:
             return
         if self.scaler is None:
             # A non-finite gradient also stops the run; under a GradScaler the step is skipped instead.
+            # One foreach reduction over all gradients (a NaN or Inf anywhere makes the norm non-finite).
             grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-            finite = torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads else torch.tensor(True)
-            self._bad_step = torch.where((self._bad_step < 0) & ~finite, bal.state.step, self._bad_step)
+            if grads:
+                finite = torch.isfinite(torch.nn.utils.get_total_norm(grads, foreach=True))
+                self._bad_step = torch.where((self._bad_step < 0) & ~finite, bal.state.step, self._bad_step)
         bal.after_backward(scaler=self.scaler, optimizer=self.optimizer)
         for name, value in bal.metrics.items():
             self._accumulate(name, value)
@@ -379,6 +381,23 @@ class Trainer:
     def _log(self, metrics: dict) -> None:
         with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(metrics) + "\n")
+        writer = self._tensorboard()
+        if writer is not None:
+            for key, value in metrics.items():
+                if key != "epoch" and isinstance(value, (int, float)):
+                    writer.add_scalar(key, value, metrics["epoch"])
+            writer.flush()
+
+    def _tensorboard(self):
+        """A TensorBoard writer on the run directory when tensorboard is installed, else None."""
+        if not hasattr(self, "_writer"):
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                self._writer = None
+            else:
+                self._writer = SummaryWriter(str(self.out / "tensorboard"))
+        return self._writer
 
     def state_dict(self) -> dict:
         rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}

@@ -2,6 +2,7 @@
 epoch to bitwise the same parameters, the non-finite stop, no host reads inside training steps,
 evaluation that never drops samples, missing-modality evaluation and linear probes."""
 import json
+import math
 
 import pytest
 import torch
@@ -147,3 +148,39 @@ def test_command_line_train_resume_and_eval(dataset, tmp_path):
     assert bad.returncode == 2 and "config key 'hparams': ogm.alpha must be >= 0" in bad.stderr
     again = subprocess.run(common + ["train", "--resume", str(out)], capture_output=True, text=True)
     assert again.returncode == 0, again.stderr[-2000:]  # a finished run resumes to its end at once
+
+
+def test_tensorboard_events_when_tensorboard_is_installed(dataset, tmp_path, monkeypatch):
+    import sys
+    import types
+
+    written = []
+
+    class RecordingWriter:
+        def __init__(self, log_dir):
+            self.log_dir = log_dir
+
+        def add_scalar(self, key, value, step):
+            written.append((key, step))
+
+        def flush(self):
+            pass
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=RecordingWriter))
+    Trainer(make_config(dataset, tmp_path / "tb", "epochs=1")).fit()
+    assert ("train/loss", 0) in written and ("val/acc", 0) in written
+
+
+@pytest.mark.parametrize("overrides", [
+    ["precision=bf16", "method=ogm_ge"], ["precision=fp16", "method=opm"], ["channels_last=true", "method=ogm_ge"],
+    ["grad_accum=2", "method=opm_ogm"], ["optim.name=adamw", "optim.scheduler=cosine"],
+    ["data.backend=naive", "data.num_workers=0"], ["model.fusion=mlp", "method=ogm"],
+])
+def test_engine_options_train(dataset, tmp_path, overrides):
+    trainer = Trainer(make_config(dataset, tmp_path / "opt", "epochs=1", *overrides))
+    summary = trainer.fit()
+    lines = [json.loads(line) for line in (tmp_path / "opt" / "metrics.jsonl").read_text().splitlines()]
+    assert math.isfinite(lines[0]["train/loss"]) and 0 <= summary["test/acc"] <= 1
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    if "grad_accum=2" in overrides:
+        assert trainer.global_step == 2  # 3 micro-batches: two optimizer steps

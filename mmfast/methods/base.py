@@ -150,9 +150,24 @@ def check_choice(method: str, name: str, value, choices) -> None:
         raise ValueError(f"{method}.{name} must be one of {tuple(choices)}, got {value!r}")
 
 
-def in_window(epoch: int, start: int, end: int | None) -> bool:
-    """Inclusive epoch window [start, end] (end None: no end)."""
-    return epoch >= start and (end is None or epoch <= end)
+@dataclasses.dataclass
+class WindowParams:
+    """When a method acts: inside the inclusive epoch window [start_epoch, end_epoch] (end None:
+    to the end of training) and from epoch warmup_epochs on."""
+
+    start_epoch: int = 0
+    end_epoch: int | None = None
+    warmup_epochs: int = 0
+
+    def check_window(self, method: str) -> None:
+        check_number(method, "start_epoch", self.start_epoch, low=0, integer=True)
+        if self.end_epoch is not None:
+            check_number(method, "end_epoch", self.end_epoch, low=self.start_epoch, integer=True)
+        check_number(method, "warmup_epochs", self.warmup_epochs, low=0, integer=True)
+
+    def active(self, epoch: int) -> bool:
+        return epoch >= self.warmup_epochs and epoch >= self.start_epoch and (
+            self.end_epoch is None or epoch <= self.end_epoch)
 
 
 def merge_balance_params(methods: Sequence[Method]) -> dict[str, Any]:

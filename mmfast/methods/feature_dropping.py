@@ -16,7 +16,7 @@ import torch
 
 from ..ops import feature_drop
 from ..ops.balance import KINDS, ZS
-from .base import Method, StepState, check_choice, check_number, in_window
+from .base import Method, StepState, WindowParams, check_choice, check_number
 
 
 def apply_drop(state: StepState, probs: torch.Tensor, p_exe: float) -> None:
@@ -31,15 +31,12 @@ class OPM(Method):
     name = "opm"
 
     @dataclasses.dataclass
-    class Params:
+    class Params(WindowParams):
         q_base: float = 0.5
         lam: float = 0.5
         z: str = "tanh"
         kind: str = "ratio"
         p_exe: float = 0.7
-        start_epoch: int = 0
-        end_epoch: int | None = None
-        warmup_epochs: int = 0
 
         def check(self):
             check_number("opm", "q_base", self.q_base, low=0, high=1)
@@ -47,28 +44,21 @@ class OPM(Method):
             check_number("opm", "p_exe", self.p_exe, low=0, high=1)
             check_choice("opm", "z", self.z, ZS)
             check_choice("opm", "kind", self.kind, KINDS)
-            check_number("opm", "start_epoch", self.start_epoch, low=0, integer=True)
-            if self.end_epoch is not None:
-                check_number("opm", "end_epoch", self.end_epoch, low=self.start_epoch, integer=True)
-            check_number("opm", "warmup_epochs", self.warmup_epochs, low=0, integer=True)
+            self.check_window("opm")
 
     def balance_params(self):
         p = self.params
         return {"q_base": p.q_base, "lam": p.lam, "z": p.z, "kind": p.kind}
 
-    def active(self, epoch: int) -> bool:
-        p = self.params
-        return epoch >= p.warmup_epochs and in_window(epoch, p.start_epoch, p.end_epoch)
-
     def fit_start(self, state: StepState) -> None:
         self.drop_probs = torch.zeros(len(state.modalities), device=state.device)
 
     def before_fusion(self, state: StepState) -> None:
-        if self.active(state.epoch):
+        if self.params.active(state.epoch):
             apply_drop(state, self.drop_probs, self.params.p_exe)
 
     def after_forward(self, state: StepState) -> None:
-        if self.active(state.epoch):
+        if self.params.active(state.epoch):
             self.drop_probs = state.stats().drop_probs  # for the next step, never read by the host
             for m, name in enumerate(state.modalities):
                 state.metrics[f"drop_prob/{name}"] = self.drop_probs[m]

@@ -19,7 +19,7 @@ import dataclasses
 
 from ..ops import grad_modulate_
 from ..ops.balance import FORMS, KINDS, ZS
-from .base import Method, StepState, check_choice, check_number, in_window
+from .base import Method, StepState, WindowParams, check_choice, check_number
 
 WEIGHT_MODES = ("conv", "all")
 
@@ -40,16 +40,13 @@ class OGM(Method):
     name = "ogm"
 
     @dataclasses.dataclass
-    class Params:
+    class Params(WindowParams):
         alpha: float = 0.8
         form: str = "paper"  # "paper" (TPAMI), "reference" (public code: 1 - tanh(alpha * rho))
         z: str = "tanh"
         kind: str = "ratio"
         noise: bool = False  # Gaussian noise of the gradient's std (GE)
         weights: str = "conv"  # "conv": 4-D encoder weights; "all": every encoder weight of dim > 1
-        start_epoch: int = 0
-        end_epoch: int | None = None  # inclusive; None: to the end
-        warmup_epochs: int = 0
         eps: float = 1e-8
 
         def check(self, name="ogm"):
@@ -59,10 +56,7 @@ class OGM(Method):
             check_choice(name, "kind", self.kind, KINDS)
             check_choice(name, "weights", self.weights, WEIGHT_MODES)
             check_choice(name, "noise", self.noise, (True, False))
-            check_number(name, "start_epoch", self.start_epoch, low=0, integer=True)
-            if self.end_epoch is not None:
-                check_number(name, "end_epoch", self.end_epoch, low=self.start_epoch, integer=True)
-            check_number(name, "warmup_epochs", self.warmup_epochs, low=0, integer=True)
+            self.check_window(name)
             check_number(name, "eps", self.eps, low=0)
             if self.form == "star" and self.kind != "ratio":
                 raise ValueError(f"{name}.form='star' needs kind='ratio'")
@@ -70,10 +64,6 @@ class OGM(Method):
     def balance_params(self):
         p = self.params
         return {"alpha": p.alpha, "form": p.form, "z": p.z, "kind": p.kind}
-
-    def active(self, epoch: int) -> bool:
-        p = self.params
-        return epoch >= p.warmup_epochs and in_window(epoch, p.start_epoch, p.end_epoch)
 
     def fit_start(self, state: StepState) -> None:
         self.modulated, self.modality_index = select_encoder_params(state.encoders, self.params.weights)
@@ -83,7 +73,7 @@ class OGM(Method):
                                                            if self.params.weights == "conv" else ""))
 
     def after_backward(self, state: StepState) -> None:
-        if not self.active(state.epoch):
+        if not self.params.active(state.epoch):
             return
         coeffs = state.stats().coeffs
         for m, name in enumerate(state.modalities):
