@@ -60,7 +60,7 @@ def _eval(args) -> int:
 
     try:
         trainer = resume(args.run_dir)
-        trainer._load_checkpoint(trainer.out / "checkpoints" / "best.pt", weights_only=True)
+        trainer.load_best()
         split = "test" if "test" in trainer.loaders else "val"
         result = trainer.evaluate(split, missing=_parse_missing(args.missing) if args.missing else None)
         if args.linear_probe:

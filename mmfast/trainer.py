@@ -370,7 +370,7 @@ class Trainer:
                 self.save_checkpoint("best.pt")
         summary = {"best_epoch": self.best["epoch"], "wall_time_s": time.perf_counter() - started}
         if "test" in self.loaders:
-            self._load_checkpoint(self.out / "checkpoints" / "best.pt", weights_only=True)
+            self.load_best()
             summary.update(self.evaluate("test"))
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         from .plots import plot_run
@@ -413,6 +413,10 @@ class Trainer:
 
     def save_checkpoint(self, name: str) -> None:
         atomic_save(self.state_dict(), self.out / "checkpoints" / name)
+
+    def load_best(self) -> None:
+        """The model weights of the best epoch (selected on the validation split)."""
+        self._load_checkpoint(self.out / "checkpoints" / "best.pt", weights_only=True)
 
     def _load_checkpoint(self, path: Path, *, weights_only: bool = False) -> None:
         if not path.exists():

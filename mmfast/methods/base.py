@@ -38,7 +38,7 @@ class StepState:
     epoch: host int; step: 0-dim int64 device tensor (the noise counter of grad modulation);
     seed: the run's seed (noise key); generator: device generator for drop masks;
     features: M tensors [B, d_m] (before_fusion may replace them);
-    labels [B]; fused_logits [B, C]; unimodal_logits [M, B, C] (detached measurements);
+    labels [B]; unimodal_logits [M, B, C] (detached measurements);
     keep: [M, B] mask of kept features (set by a dropping method; masks the scores);
     sample_weight: [B] or None, 1 for samples that stay in the loss;
     extra_losses: name -> scalar tensor added to the task loss;
@@ -63,7 +63,6 @@ class StepState:
         """Forget the previous (micro-)batch's tensors."""
         self.features: list[torch.Tensor] = []
         self.labels: torch.Tensor | None = None
-        self.fused_logits: torch.Tensor | None = None
         self.unimodal_logits: torch.Tensor | None = None
         self.keep: torch.Tensor | None = None
         self.sample_weight: torch.Tensor | None = None
