@@ -7,7 +7,7 @@ import torch  # noqa: F401  (must precede the extension)
 
 from . import _C  # noqa: E402
 from . import methods, ops  # noqa: E402
-from .balancer import Balancer  # noqa: E402
+from .methods import Balancer  # noqa: E402
 
 __version__ = _C.build_info()["version"]
 

@@ -1,8 +1,8 @@
 """The one training loop of mmfast. Methods are not subclasses of it: they are small objects
-reacting to the step's named events (mmfast/methods), driven through the same step machinery users
-get as ``mmfast.Balancer``. Per step:
+reacting to the step's named events (mmfast/methods), driven through ``mmfast.methods.Balancer``,
+the object users with their own loop call too. Per step:
 
-    features = model.encode(batch)                 # [B, d_m] per modality
+    features = model.encode(batch)                 # [B, d_m] per modality (unused ones: zeros)
     features = balancer.drop(features)             # before_fusion (OPM, ModDrop, unimodal)
     fused, unimodal = model.head(features)
     loss = weighted CE over the kept samples (+ method loss terms)
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from . import config as config_mod
-from .balancer import Balancer
+from .methods import Balancer
 from .estimators import zero_out_logits
 from .evaluation import classification_metrics, linear_probe_accuracy
 from .models import build_model
@@ -118,6 +118,7 @@ class Trainer:
         self._epoch_sums: dict[str, torch.Tensor] = {}
         self._epoch_counts: dict[str, int] = {}
         self._bad_step = torch.full((), -1, dtype=torch.int64, device=self.device)
+        self._skipped_steps = torch.zeros((), dtype=torch.int64, device=self.device)  # GradScaler skips, this epoch
         if resume:
             self._load_checkpoint(self.out / "checkpoints" / "last.pt")
         else:
@@ -180,7 +181,7 @@ class Trainer:
         inputs, labels = self._inputs(batch)
         bal = self.balancer
         with self._autocast():
-            features = bal.drop(self.model.encode(inputs))
+            features = bal.drop(self.model.encode(inputs, skip=bal.unused_modalities))
             fused, unimodal = self.model.head(features)
             unimodal = self._unimodal(features, unimodal)
             per_sample = F.cross_entropy(fused.float(), labels, reduction="none")
@@ -189,8 +190,10 @@ class Trainer:
         weight = bal.sample_weight
         scale = self.scaler.scale if self.scaler is not None else (lambda t: t)
         scale(loss / self.cfg.grad_accum).backward()
-        # Device-side bookkeeping: no host read.
-        self._bad_step = torch.where((self._bad_step < 0) & ~torch.isfinite(loss), bal.state.step, self._bad_step)
+        # Device-side bookkeeping: no host read. (Under a GradScaler a non-finite loss gives
+        # non-finite gradients, and the scaler skips the step: see below.)
+        if self.scaler is None:
+            self._bad_step = torch.where((self._bad_step < 0) & ~torch.isfinite(loss), bal.state.step, self._bad_step)
         correct = (fused.argmax(dim=1) == labels).float()
         kept = weight if weight is not None else torch.ones_like(correct)
         self._accumulate("loss", per_sample.detach() @ kept)
@@ -198,20 +201,23 @@ class Trainer:
         self._accumulate("samples", kept.sum())
         if not last_micro_batch:
             return
-        if self.scaler is None:
-            # A non-finite gradient also stops the run; under a GradScaler the step is skipped instead.
-            # One foreach reduction over all gradients (a NaN or Inf anywhere makes the norm non-finite).
-            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-            if grads:
-                finite = torch.isfinite(torch.nn.utils.get_total_norm(grads, foreach=True))
-                self._bad_step = torch.where((self._bad_step < 0) & ~finite, bal.state.step, self._bad_step)
-        bal.after_backward(scaler=self.scaler, optimizer=self.optimizer)
+        step = bal.state.step.clone()
+        bal.after_backward(scaler=self.scaler, optimizer=self.optimizer)  # (unscales the gradients first)
         for name, value in bal.metrics.items():
             self._accumulate(name, value)
+        # A non-finite gradient stops the run; under a GradScaler the scaler skips the step instead
+        # (it finds the same non-finite unscaled gradients), and the skips are counted. One foreach
+        # reduction over all gradients: a NaN or Inf anywhere makes the norm non-finite.
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        finite = torch.isfinite(torch.nn.utils.get_total_norm(grads, foreach=True)) if grads else None
         if self.scaler is not None:
+            if finite is not None:
+                self._skipped_steps += ~finite
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
+            if finite is not None:
+                self._bad_step = torch.where((self._bad_step < 0) & ~finite, step, self._bad_step)
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.global_step += 1
@@ -227,7 +233,8 @@ class Trainer:
 
     def train_epoch(self, max_steps: int | None = None) -> dict[str, float] | None:
         """One epoch (from batch self.batch_in_epoch on, after a resume). Returns the epoch's
-        train metrics, or None when stopped after max_steps (for tests of resuming)."""
+        train metrics, or None when the run reached max_steps optimizer steps in all (as if
+        killed there: for tests of resuming)."""
         from tqdm import tqdm
 
         loader = self.loaders["train"]
@@ -238,22 +245,21 @@ class Trainer:
         accum = self.cfg.grad_accum
         bar = tqdm(total=len(loader), initial=self.batch_in_epoch, desc=f"epoch {self.epoch}", leave=False,
                    disable=not self.cfg.progress)
-        steps_done = 0
-        for i, batch in enumerate(loader):
-            if i < self.batch_in_epoch:
-                continue  # resumed mid-epoch: the data order is a function of (seed, epoch)
-            last = (i + 1) % accum == 0 or i + 1 == len(loader)
+        # Resumed mid-epoch: the pass starts at the next batch of the same plan (a function of
+        # seed and epoch); loader.position counts plan batches, also one whose clips all failed.
+        for batch in loader.batches(start=self.batch_in_epoch):
+            position = loader.position
+            last = position % accum == 0 or position == len(loader)
             self.train_step(batch, last_micro_batch=last)
-            self.batch_in_epoch = i + 1
-            bar.update(1)
+            bar.update(position - self.batch_in_epoch)
+            self.batch_in_epoch = position
             if last:
-                steps_done += 1
                 if self.cfg.progress and self.global_step % 10 == 0:
                     bar.set_postfix(self._live_postfix())
                 if self.cfg.checkpoint_every and self.global_step % self.cfg.checkpoint_every == 0:
                     self._check_finite()
                     self.save_checkpoint("last.pt")
-                if max_steps is not None and steps_done >= max_steps:
+                if max_steps is not None and self.global_step >= max_steps:
                     bar.close()
                     self._check_finite()
                     self.save_checkpoint("last.pt")
@@ -261,6 +267,13 @@ class Trainer:
         bar.close()
         self._check_finite()
         metrics = self._epoch_metrics(time.perf_counter() - start)
+        if self.scaler is not None:
+            metrics["train/skipped_steps"] = skipped = int(self._skipped_steps)  # the epoch's one read
+            self._skipped_steps.zero_()
+            if skipped and skipped >= math.ceil(len(loader) / accum):
+                raise NonFiniteError(f"every optimizer step of epoch {self.epoch} was skipped by the GradScaler "
+                                     f"(non-finite gradients at every loss scale); the last good checkpoint in "
+                                     f"{self.out / 'checkpoints'} is kept")
         self.balancer.end_epoch()
         if self.scheduler is not None:
             self.scheduler.step()
@@ -287,8 +300,11 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, split: str, *, missing: dict[str, float] | None = None, seed: int = 0) -> dict[str, float]:
-        """Fused and per-modality accuracy, macro-F1 and mAP on `split` (every sample). `missing`
-        drops each modality's features with the given probability (missing-modality evaluation)."""
+        """Fused and per-modality accuracy, macro-F1 and mAP on `split`, over every sample that can
+        be read: `{split}/samples` counts them, `{split}/skipped` counts clips left out under
+        on_error="skip" (when reading the list and probing, or decoding this pass) and
+        `{split}/skipped_clips` names them. `missing` drops each modality's features with the
+        given probability (missing-modality evaluation)."""
         loader = self.loaders[split]
         self.model.eval()
         fused_all, uni_all, labels_all = [], [], []
@@ -302,7 +318,7 @@ class Trainer:
         for batch in loader:
             inputs, labels = self._inputs(batch)
             with self._autocast():
-                features = self.model.encode(inputs)
+                features = self.model.encode(inputs, skip=self.balancer.unused_modalities)
                 if probs is not None:
                     features = feature_drop(features, probs, generator=gen).features
                 fused, unimodal = self.model.head(features)
@@ -319,6 +335,10 @@ class Trainer:
             for k, v in classification_metrics(unimodal[m], labels, C).items():
                 out[f"{split}/{k}/{name}"] = v
         out[f"{split}/samples"] = len(labels)
+        skipped = loader.skipped_at_build.names + loader.last_epoch_skipped.names
+        out[f"{split}/skipped"] = len(skipped)
+        if skipped:
+            out[f"{split}/skipped_clips"] = skipped
         return out
 
     @torch.no_grad()
@@ -350,7 +370,8 @@ class Trainer:
 
     def fit(self, *, max_steps: int | None = None) -> dict | None:
         """Train for cfg.epochs (continuing a resumed run), select on val, test once at the end.
-        max_steps stops early (as if killed) after that many optimizer steps: for resume tests."""
+        max_steps stops early (as if killed) once the run has made that many optimizer steps in
+        all: for resume tests."""
         started = time.perf_counter()
         while self.epoch < self.cfg.epochs:
             metrics = self.train_epoch(max_steps=max_steps)
@@ -409,7 +430,8 @@ class Trainer:
                 "scaler": None if self.scaler is None else self.scaler.state_dict(),
                 "balancer": self.balancer.state_dict(), "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                 "global_step": self.global_step, "best": self.best, "rng": rng,
-                "epoch_sums": self._epoch_sums, "epoch_counts": self._epoch_counts}
+                "epoch_sums": self._epoch_sums, "epoch_counts": self._epoch_counts,
+                "skipped_steps": self._skipped_steps}
 
     def save_checkpoint(self, name: str) -> None:
         atomic_save(self.state_dict(), self.out / "checkpoints" / name)
@@ -434,6 +456,7 @@ class Trainer:
         self.epoch, self.batch_in_epoch = state["epoch"], state["batch_in_epoch"]
         self.global_step, self.best = state["global_step"], state["best"]
         self._epoch_sums, self._epoch_counts = state["epoch_sums"], state["epoch_counts"]
+        self._skipped_steps.copy_(state["skipped_steps"])
         torch.set_rng_state(state["rng"]["torch"])
         np.random.set_state(state["rng"]["numpy"])
         random.setstate(state["rng"]["python"])

@@ -215,9 +215,17 @@ def test_bad_clip_raises_naming_the_file_or_is_skipped_and_counted(synth, tmp_pa
         build_loader(config(root), "train", backend=backend)
     assert info.value.path.startswith(str(target.with_suffix("")))  # a missing file has no known suffix
     loader = build_loader(config(root, on_error="skip"), "train", backend=backend)
-    assert loader.skipped.total == 1 and reason.split(":")[0] in loader.skipped.summary()
+    report = loader.skipped_at_build
+    assert report.total == 1 and reason.split(":")[0] in report.summary() and report.names == [victim_id(target)]
     batch = collect(loader)
     assert len(batch["label"]) == len(loader.clips) == len(read_layout(synth, "crema_d").splits["train"]) - 1
+    assert loader.last_epoch_skipped.total == 0  # found at build time, not again in every epoch
+    # every split reports its own skips: the test split lost nothing
+    assert build_loader(config(root, on_error="skip"), "test", backend=backend).skipped_at_build.total == 0
+
+
+def victim_id(path):
+    return path.name.split(".")[0]
 
 
 def test_label_not_in_class_list_and_empty_split(synth, tmp_path):
@@ -415,23 +423,106 @@ def test_skipped_clip_is_named_in_full_when_its_path_holds_a_colon(synth, tmp_pa
         shutil.copy(synth / broken.relative_to(root), broken)
 
 
-def test_clip_that_breaks_after_probing(synth, tmp_path):
-    root, _ = broken_copy(synth, tmp_path, lambda r, c: None)
-    loader = build_loader(config(root, on_error="skip"), "train", backend="naive")
-    loader.clips[0].files["audio"].write_bytes(b"not audio any more")
-    batch = collect(loader)  # the naive loader decodes per sample: skipped and counted this epoch
-    assert len(batch["label"]) == len(loader.clips) - 1
-    assert loader.last_epoch_skipped.total == 1 and "corrupt audio" in loader.last_epoch_skipped.summary()
-    assert loader.skipped.total == 0  # the next epoch starts from the build-time count
-    strict = build_loader(config(synth), "train", backend="naive")
-    strict.clips[0].files["audio"] = loader.clips[0].files["audio"]
-    with pytest.raises(DataError, match="corrupt audio"):
-        collect(strict)
-    # DALI decodes a whole batch at once: a failure there names the clips fed last.
-    dali = build_loader(config(synth, on_error="skip"), "train", backend="dali")
-    dali.clips[0].files["audio"] = tmp_path / "vanished.wav"
-    with pytest.raises(DataError, match="missing file|DALI failed"):
-        collect(dali)
+def _break_audio(clip):
+    path = clip.files["audio"]
+    path.write_bytes(b"RIFF" + path.read_bytes()[4:40] + b"garbage")  # a header, no samples
+    return path
+
+
+def _break_frames(clip):
+    for path in clip.frame_files["visual"]:
+        path.write_bytes(b"\xff\xd8\xff\xe0" + b"0" * 13)  # a 17-byte JPEG
+    first = segment_indices(len(clip.frame_files["visual"]), FRAMES.num_frames, False, None)[0]
+    return clip.frame_files["visual"][first]  # the first one decoded (evaluation: segment centres)
+
+
+def _remove_audio_file(clip):
+    clip.files["audio"].unlink()
+    return clip.files["audio"]
+
+
+@pytest.mark.parametrize("break_fn,reason", [(_break_audio, "too short"), (_break_frames, "corrupt image"),
+                                             (_remove_audio_file, "missing file")])
+@pytest.mark.parametrize("backend,workers", [("dali", 2), ("naive", 0), ("naive", 1)])
+def test_clip_that_breaks_during_an_epoch_is_named_or_skipped(synth, tmp_path, break_fn, reason, backend, workers):
+    """A clip that probed fine but fails while the epoch runs: on_error="raise" names the clip's
+    broken file (also from a worker process, also inside a DALI batch); "skip" leaves out that
+    clip alone, counts it in the epoch's report and keeps every other clip of the batch and the
+    epoch, bitwise as decoded without the fault."""
+    root = tmp_path / "data"
+    shutil.copytree(synth, root, ignore=None if break_fn is _break_frames else shutil.ignore_patterns("Image-01-FPS"))
+    loaders = {mode: build_loader(config(root, on_error=mode, batch_size=3, num_workers=workers), "val",
+                                  backend=backend) for mode in ("raise", "skip")}
+    clean = collect(loaders["skip"])
+    victim = loaders["skip"].clips[1]  # inside the first batch, not its first clip
+    broken = break_fn(victim)
+    with pytest.raises(DataError, match=reason) as info:
+        collect(loaders["raise"])
+    assert info.value.path == str(broken) and info.value.clip == victim.clip_id
+    got = collect(loaders["skip"])
+    keep = clean["index"] != 1
+    assert got.keys() == clean.keys() and all(torch.equal(got[k], clean[k][keep]) for k in got)
+    report = loaders["skip"].last_epoch_skipped
+    assert report.total == 1 and report.names == [victim.clip_id] and reason in report.summary()
+    collect(loaders["skip"])  # the next epoch meets it again and counts it again, alone
+    assert loaders["skip"].last_epoch_skipped.total == 1
+
+
+@pytest.mark.parametrize("backend", ["dali", "naive"])
+def test_an_interrupted_pass_does_not_shorten_the_next_one(synth, backend):
+    loader = build_loader(config(synth, batch_size=2, num_workers=1), "val", backend=backend)
+    full = collect(loader)
+    stale = iter(loader)
+    next(stale)  # abandoned after one batch, with more decoded ahead
+    again = collect(loader)
+    assert all(torch.equal(again[k], full[k]) for k in full)
+    assert again["index"].tolist() == list(range(len(loader.clips)))
+    with pytest.raises(RuntimeError, match="stale"):
+        next(stale)
+
+
+@pytest.mark.parametrize("backend", ["dali", "naive"])
+def test_a_pass_can_start_at_any_batch_of_the_epoch(synth, backend):
+    loader = build_loader(config(synth, batch_size=3), "train", backend=backend)
+    loader.epoch = 2  # the epoch picks the order (as a resumed run sets it)
+    full = list(loader.batches())
+    assert loader.epoch == 3
+    loader.epoch = 2
+    tail = list(loader.batches(start=3))
+    assert loader.position == len(loader) and len(tail) == len(full) - 3
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(full[3:], tail) for k in a)
+    with pytest.raises(ValueError, match="start must be a batch number"):
+        loader.batches(start=len(loader) + 1)
+
+
+def test_dali_and_naive_pick_the_same_training_samples(synth):
+    """Window starts, frame indices, crop boxes and flips come from one (seed, epoch, clip)
+    generator in both loaders: training batches agree up to the resamplers' rounding."""
+    cfg = config(synth, frames=FrameRecipe(num_frames=3, size=24), num_workers=1)
+    dali, naive = (build_loader(cfg, "train", backend=b) for b in ("dali", "naive"))
+    dali.epoch = naive.epoch = 1
+    a, b = collect(dali), collect(naive)
+    assert torch.equal(a["index"], b["index"]) and torch.equal(a["label"], b["label"])
+    assert (a["audio"] - b["audio"]).abs().max() < 1e-3
+    std = torch.tensor(cfg.frames.std).view(1, 1, 3, 1, 1) * 255
+    pixel_diff = (a["visual"] - b["visual"]).abs() * std
+    assert pixel_diff.max() <= 8 and pixel_diff.mean() < 0.5  # crop-and-resize of JPEG frames
+
+
+def test_frame_folders_are_probed_frame_by_frame(synth, tmp_path):
+    root = tmp_path / "frames"
+    shutil.copytree(synth, root)
+    clip = read_layout(root, "crema_d").splits["test"][0]
+    frames = sorted(clip.files["visual"].iterdir())
+    frames[-1].write_bytes(b"\xff\xd8\xff\xe0" + b"0" * 13)
+    with pytest.raises(DataError, match="corrupt image") as info:
+        build_loader(config(root), "test", backend="naive")
+    assert info.value.path == str(frames[-1])
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(frames[-1], format="JPEG")
+    with pytest.raises(DataError, match="differs from the folder's first frame"):
+        build_loader(config(root), "test", backend="naive")
 
 
 def test_synth_modalities_are_complementary():

@@ -48,16 +48,25 @@ def test_fit_writes_the_run_directory(dataset, tmp_path):
         Trainer(make_config(dataset, out))
 
 
-@pytest.mark.parametrize("method,extra", [("ogm_ge", ["hparams.alpha=1.0"]), ("opm", ["hparams.p_exe=1.0"])])
-def test_resume_mid_epoch_gives_bitwise_the_same_parameters(dataset, tmp_path, method, extra):
+@pytest.mark.parametrize("method,extra,steps", [("ogm_ge", ["hparams.alpha=1.0"], 2), ("opm", ["hparams.p_exe=1.0"], 2),
+                                               ("opm_ogm", [], 4)])
+def test_resume_mid_epoch_gives_bitwise_the_same_parameters(dataset, tmp_path, method, extra, steps):
     full = Trainer(make_config(dataset, tmp_path / "full", f"method={method}", *extra))
     full.fit()
     killed = Trainer(make_config(dataset, tmp_path / "killed", f"method={method}", *extra))
-    assert killed.fit(max_steps=2) is None  # stopped in the middle of epoch 0 (3 steps an epoch)
-    assert killed.batch_in_epoch == 2 and killed.epoch == 0
+    assert killed.fit(max_steps=steps) is None  # stopped in the middle of an epoch (3 steps an epoch)
+    assert (killed.epoch, killed.batch_in_epoch) == divmod(steps, 3)
     resumed = resume(tmp_path / "killed")
-    assert resumed.batch_in_epoch == 2 and int(resumed.balancer.state.step) == 2
+    assert resumed.batch_in_epoch == steps % 3 and int(resumed.balancer.state.step) == steps
+    decoded = []
+    loader = resumed.loaders["train"]
+    original = loader.encode if hasattr(loader, "encode") else None
+    if original is not None:  # the resumed pass decodes only the batches still to train on
+        loader.encode = lambda i, epoch: decoded.append(epoch) or original(i, epoch)
     resumed.fit()
+    if original is not None:
+        per_epoch = {e: decoded.count(e) for e in set(decoded)}
+        assert per_epoch[steps // 3] == len(loader.clips) - 8 * (steps % 3)
     a, b = parameters(full), parameters(resumed)
     for key in a:
         assert torch.equal(a[key], b[key]), key
@@ -86,11 +95,47 @@ def test_non_finite_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_c
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
-@pytest.mark.parametrize("method", ["joint", "ogm_ge", "opm", "opm_ogm", "moddrop"])
+@pytest.mark.parametrize("method", ["ogm_ge", "opm"])
+def test_under_a_grad_scaler_a_non_finite_step_is_skipped_and_counted(dataset, tmp_path, method):
+    trainer = Trainer(make_config(dataset, tmp_path / "fp16", f"method={method}", "precision=fp16", "epochs=1"))
+    calls = {"n": 0}
+    poisoned = []
+
+    def poison(module, inputs, output):
+        calls["n"] += 1
+        if calls["n"] == 2 and module.training:  # the second training step's loss is Inf
+            poisoned.append(True)
+            fused, unimodal = output
+            return fused * float("inf"), unimodal
+        return output
+
+    original = trainer.train_step
+
+    def weights():  # (not the BatchNorm statistics, which the forward pass updates)
+        return {k: p.detach().clone() for k, p in trainer.model.named_parameters()}
+
+    def checked_step(batch, **kw):
+        before = weights()
+        original(batch, **kw)
+        if poisoned and poisoned.pop():  # the skipped step left every parameter as it was
+            after = weights()
+            assert all(torch.equal(before[k], after[k]) for k in before)
+            checked.append(True)
+
+    checked = []
+    trainer.model.fusion.register_forward_hook(poison)
+    trainer.train_step = checked_step
+    trainer.fit()
+    line = json.loads((tmp_path / "fp16" / "metrics.jsonl").read_text().splitlines()[0])
+    assert line["train/skipped_steps"] == 1 and checked == [True]
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+@pytest.mark.parametrize("method", ["joint", "unimodal", "ogm_ge", "opm", "opm_ogm", "moddrop"])
 def test_training_steps_read_nothing_on_the_host(dataset, tmp_path, monkeypatch, method):
     from test_methods import count_host_reads
 
-    hp = ["hparams.probs={audio: 0.3}"] if method == "moddrop" else []
+    hp = {"moddrop": ["hparams.probs={audio: 0.3}"], "unimodal": ["hparams.modality=audio"]}.get(method, [])
     trainer = Trainer(make_config(dataset, tmp_path / method, f"method={method}", "epochs=1", *hp))
     original = trainer.train_step
     reads = []
@@ -184,3 +229,35 @@ def test_engine_options_train(dataset, tmp_path, overrides):
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
     if "grad_accum=2" in overrides:
         assert trainer.global_step == 2  # 3 micro-batches: two optimizer steps
+
+
+def test_clips_failing_during_training_are_skipped_and_evaluation_names_them(dataset, tmp_path):
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(dataset, root)
+    trainer = Trainer(make_config(root, tmp_path / "faults", "data.on_error=skip", "epochs=1"))
+    broken = {split: trainer.loaders[split].clips[0] for split in ("train", "test")}
+    for clip in broken.values():  # probed fine when the run started, unreadable now
+        clip.files["audio"].write_bytes(b"RIFF" + b"\x00" * 40)
+    summary = trainer.fit()
+    assert trainer.loaders["train"].last_epoch_skipped.names == [broken["train"].clip_id]
+    assert summary["test/skipped"] == 1 and summary["test/skipped_clips"] == [broken["test"].clip_id]
+    assert summary["test/samples"] == len(trainer.loaders["test"].clips) - 1
+
+
+def test_unimodal_runs_neither_train_nor_consult_the_other_encoder(dataset, tmp_path):
+    trainer = Trainer(make_config(dataset, tmp_path / "uni", "method=unimodal", "hparams.modality=audio",
+                                  "epochs=1"))
+    visual = trainer.model.encoders["visual"]
+    start = {k: v.clone() for k, v in visual.state_dict().items()}
+    calls = []
+    visual.register_forward_hook(lambda *args: calls.append(1))
+    trainer.fit()
+    assert not calls  # never encoded in training or evaluation
+    assert all(torch.equal(start[k], v) for k, v in visual.state_dict().items())
+    before = trainer.evaluate("test")
+    with torch.no_grad():
+        for p in visual.parameters():
+            p.add_(torch.randn_like(p))
+    assert trainer.evaluate("test")["test/acc"] == before["test/acc"]

@@ -12,7 +12,7 @@ import numpy as np
 from .audio import AudioRecipe, check_wave
 from .errors import DataError, SkipReport, check_on_error
 from .layouts import DatasetIndex
-from .video import FrameRecipe, frame_files, probe_video
+from .video import FrameRecipe, probe_frames, probe_video
 
 log = logging.getLogger("mmfast.data")
 
@@ -57,6 +57,7 @@ class ProbedClip:
     num_frames: dict  # video/frames modality -> frames available
     frame_files: dict  # frames modality -> sorted list of frame files
     codecs: dict  # video modality -> codec name
+    frame_sizes: dict  # video/frames modality -> (width, height)
 
 
 def probe(index: DatasetIndex, clips, cfg: DataConfig, report: SkipReport) -> list:
@@ -65,7 +66,7 @@ def probe(index: DatasetIndex, clips, cfg: DataConfig, report: SkipReport) -> li
     probed = []
     for clip in clips:
         try:
-            seconds, counts, listed, codecs = {}, {}, {}, {}
+            seconds, counts, listed, codecs, sizes = {}, {}, {}, {}, {}
             for modality, kind in index.kinds.items():
                 path = Path(clip.files[modality])
                 if kind == "audio":
@@ -82,31 +83,50 @@ def probe(index: DatasetIndex, clips, cfg: DataConfig, report: SkipReport) -> li
                     check_wave(path, wave.mean(axis=1), rate, cfg.audio.min_duration)
                     seconds[modality] = len(wave) / rate
                 elif kind == "video":
-                    counts[modality], codecs[modality] = probe_video(path)
+                    counts[modality], codecs[modality], sizes[modality] = probe_video(path)
                 else:
-                    listed[modality] = frame_files(path)
+                    listed[modality], sizes[modality] = probe_frames(path)
                     counts[modality] = len(listed[modality])
-            probed.append(ProbedClip(clip.clip_id, clip.label, dict(clip.files), seconds, counts, listed, codecs))
+            probed.append(ProbedClip(clip.clip_id, clip.label, dict(clip.files), seconds, counts, listed, codecs,
+                                     sizes))
         except DataError as err:
             if cfg.on_error == "raise":
                 raise
+            err.clip = clip.clip_id
             report.add(err)
     return probed
 
 
 class ClipLoader:
-    """Base of both backends: the probed clips of one split and the epoch bookkeeping."""
+    """Base of both backends: the probed clips of one split, the epoch's batch plan, and the
+    skip bookkeeping.
+
+    A pass is ``for batch in loader`` (or ``loader.batches(start=k)``, which begins at batch k of
+    the epoch, as a resumed run does); every pass starts from a clean state, also after an
+    interrupted one. ``loader.epoch`` picks the order (training: a permutation drawn from
+    (seed, epoch)); a completed pass moves it on. ``loader.position`` counts the batches of the
+    plan consumed so far in the current pass (a batch whose every clip failed is consumed but
+    not yielded).
+
+    Skips: ``skipped_at_build`` holds this split's clips left out when the list was read and
+    probed (logged once, when the loader is built); ``skipped`` the clips that failed to decode
+    during the current pass; ``last_epoch_skipped`` those of the last completed pass (logged at
+    its end).
+    """
 
     def __init__(self, cfg: DataConfig, index: DatasetIndex, split: str, train: bool):
         self.cfg, self.index, self.split, self.train = cfg, index, split, train
-        # Skipped while reading the layout and probing; `skipped` adds the current epoch's
-        # decode-time skips (naive loader) and starts again from this every epoch.
-        self.skipped_at_build = index.skipped.copy()
+        self.skipped_at_build = index.skipped_in(split)
         self.clips = probe(index, index.split(split), cfg, self.skipped_at_build)
         if not self.clips:
             raise DataError(index.root, f"split {split!r} has no usable clips ({self.skipped_at_build.summary()})")
-        self.skipped = self.skipped_at_build.copy()
+        if self.skipped_at_build.total:
+            log.warning("%s split %r: %s", index.name, split, self.skipped_at_build.summary())
+        self.skipped = SkipReport()
+        self.last_epoch_skipped = SkipReport()
         self.epoch = 0
+        self.position = 0
+        self._pass = 0  # passes started: the generator of an older pass refuses to go on
 
     @property
     def modalities(self):
@@ -115,16 +135,49 @@ class ClipLoader:
     def __len__(self) -> int:
         return -(-len(self.clips) // self.cfg.batch_size)
 
+    def __iter__(self):
+        return self.batches()
+
+    def batches(self, start: int = 0):
+        """A pass over the current epoch from batch `start` on (a generator of batch dicts)."""
+        raise NotImplementedError
+
     def order(self, epoch: int) -> np.ndarray:
         n = len(self.clips)
         return np.random.default_rng([self.cfg.seed, epoch]).permutation(n) if self.train else np.arange(n)
 
+    def plan(self, start: int) -> list:
+        """The current epoch's batches from batch `start` on, as arrays of clip positions; batch
+        boundaries do not depend on `start`."""
+        if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start <= len(self):
+            raise ValueError(f"start must be a batch number in [0, {len(self)}], got {start!r}")
+        order, size = self.order(self.epoch), self.cfg.batch_size
+        return [order[b * size:(b + 1) * size] for b in range(start, len(self))]
+
+    def _begin_pass(self, start: int) -> tuple:
+        """(the plan from batch `start`, this pass's number); resets the pass's bookkeeping."""
+        plan = self.plan(start)
+        self._pass += 1
+        self.skipped = SkipReport()
+        self.position = start
+        return plan, self._pass
+
+    def _check_current(self, this_pass: int) -> None:
+        if this_pass != self._pass:
+            raise RuntimeError(f"{self.split!r} loader: a newer pass has started; this iterator is stale")
+
     def sample_rng(self, epoch: int, position: int) -> np.random.Generator:
         return np.random.default_rng([self.cfg.seed, epoch, position, 1])
+
+    def _fault(self, err: DataError) -> None:
+        """A clip that failed to decode during the pass: raise, or count it (on_error="skip")."""
+        if self.cfg.on_error == "raise":
+            raise err
+        self.skipped.add(err)
 
     def end_epoch(self) -> None:
         if self.skipped.total:
             log.warning("%s split %r, epoch %d: %s", self.index.name, self.split, self.epoch, self.skipped.summary())
         self.last_epoch_skipped = self.skipped
-        self.skipped = self.skipped_at_build.copy()
+        self.skipped = SkipReport()
         self.epoch += 1

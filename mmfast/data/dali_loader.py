@@ -7,18 +7,28 @@ pipeline, on the CPU or, with device="cuda", on the GPU where DALI has GPU opera
             bank with batched torch ops on the same device (DALI's spectrogram has no per-frame
             DC removal, which Kaldi's definition needs)
     video   decoders.video at the chosen frame indices (CPU: VP8/VP9/MJPEG; GPU "mixed": also
-            H.264/HEVC/AV1/MPEG-4) -> resize / random_resized_crop -> crop_mirror_normalize.
+            H.264/HEVC/AV1/MPEG-4) -> resize (training: of the crop box) -> crop_mirror_normalize.
             On the CPU, a video modality holding any other codec is decoded with PyAV in the
             source instead (the chosen frames only) and fed to the same transforms
     frames  decoders.image per frame -> stack -> the same transforms
 
-Per-sample choices (window starts, frame indices) are drawn in Python from the same
-(seed, epoch, clip) generators as the naive loader, so evaluation batches agree exactly with it.
-Random crops and flips in training come from DALI's own generator (seeded from cfg.seed).
+Every per-sample choice (window start, frame indices, training crop box and flip) is drawn in
+Python from the same (seed, epoch, clip) generator as the naive loader, in the same order, so
+both loaders pick the same samples, and the pipeline holds no random state: rebuilding it (after
+a fault, an interrupted pass, a resume) changes nothing.
+
+Faults: the source feeds the plan's batches as pieces and remembers which are in flight, so a
+DALI failure is pinned on its batch; that batch is then decoded again clip by clip on a rebuilt
+pipeline, which names the broken clip (on_error="raise") or leaves it out and counts it
+(on_error="skip") while the rest of the batch and the epoch go on. Batches are yielded in plan
+order either way.
 """
 from __future__ import annotations
 
 import math
+import re
+from collections import deque
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -26,59 +36,73 @@ import torch
 from .audio import kaldi_fbank_features
 from .base import ClipLoader, log
 from .errors import DataError
+from .transforms import random_resized_crop_box
 from .video import decode_video_frames, segment_indices
 
 _CPU_VIDEO_CODECS = ("vp8", "vp9", "mjpeg")
+_DECODER_KINDS = {"decoders.audio": "audio", "decoders.video": "video", "decoders.image": "frames"}
 
 
-class _BatchSource:
-    """External source: one batch of encoded files and per-sample choices per call; raises
-    StopIteration at the end of an epoch and then starts the next one."""
+@dataclass
+class _Piece:
+    """Clips fed to the pipeline as one batch; `group` is the plan batch they belong to (a batch
+    that failed comes back as single-clip pieces of the same group)."""
+
+    group: int
+    clips: list
+
+
+class _Feeder:
+    """The pipeline's external source: feeds the pass's pieces in order and keeps what is in
+    flight (DALI returns, or fails, batches in the order they were fed)."""
 
     def __init__(self, loader: "DaliLoader"):
         self.loader = loader
-        self.epoch = 0
-        self.order = loader.order(0)
-        self.pos = 0
-        self.last_clips = []
+        self.reset(0, [])
+
+    def reset(self, epoch: int, pieces: list) -> None:
+        self.epoch = epoch
+        self.plan = deque(pieces)
+        self.in_flight: deque = deque()
+        self.outstanding = {p.group: 1 for p in pieces}  # group -> pieces not yet resolved
+        self.faults: dict = {}  # group -> [DataError] of clips that could not be fed
+        self.crashed: BaseException | None = None  # a bug in the source, re-raised by the loop
 
     def __call__(self):
-        ld = self.loader
-        if self.pos >= len(self.order):
-            self.epoch += 1
-            self.order, self.pos = ld.order(self.epoch), 0
-            raise StopIteration
-        ids = self.order[self.pos:self.pos + ld.cfg.batch_size]
-        self.pos += len(ids)
-        outputs = [[] for _ in range(ld.num_source_outputs)]
-        self.last_clips = [ld.clips[i].clip_id for i in ids]
-        for i in ids:
-            clip = ld.clips[i]
-            rng = ld.sample_rng(self.epoch, int(i))
-            k = 0
-            for modality, kind in ld.modalities.items():
-                if kind == "audio":
-                    recipe = ld.cfg.audio
-                    outputs[k].append(_read_bytes(clip.files[modality]))
-                    start = recipe.window_start(recipe.offset_fraction(ld.train, rng))
-                    outputs[k + 1].append(np.array([start], dtype=np.int32))
-                    k += 2
-                    continue
-                idx = segment_indices(clip.num_frames[modality], ld.cfg.frames.num_frames, ld.train, rng)
-                if kind == "video" and modality in ld.pyav_modalities:
-                    outputs[k].append(decode_video_frames(clip.files[modality], idx))
-                    k += 1
-                elif kind == "video":
-                    outputs[k].append(_read_bytes(clip.files[modality]))
-                    outputs[k + 1].append(np.asarray(idx, dtype=np.int32))
-                    k += 2
-                else:
-                    for t, j in enumerate(idx):
-                        outputs[k + t].append(_read_bytes(clip.frame_files[modality][j]))
-                    k += ld.cfg.frames.num_frames
-            outputs[k].append(np.array(clip.label, dtype=np.int64))
-            outputs[k + 1].append(np.array(i, dtype=np.int64))
-        return tuple(outputs)
+        while self.plan:
+            piece = self.plan.popleft()
+            samples, kept = [], []
+            for i in piece.clips:
+                try:
+                    samples.append(self.loader.encode(i, self.epoch))
+                    kept.append(i)
+                except DataError as err:
+                    err.clip = self.loader.clips[i].clip_id
+                    self.faults.setdefault(piece.group, []).append(err)
+                except BaseException as exc:  # not a data fault: end the pass and re-raise it there
+                    self.crashed = exc
+                    raise StopIteration from None
+            if not kept:  # every clip of the piece failed before decoding
+                self.outstanding[piece.group] -= 1
+                continue
+            self.in_flight.append(_Piece(piece.group, kept))
+            return tuple([sample[k] for sample in samples] for k in range(len(samples[0])))
+        raise StopIteration
+
+    def split_failed(self) -> _Piece:
+        """The piece DALI failed on goes back to the front of the plan clip by clip (unless it
+        is one clip already), followed by the pieces that were in flight behind it."""
+        failed = self.in_flight.popleft()
+        behind = list(self.in_flight)
+        self.in_flight.clear()
+        if len(failed.clips) > 1:
+            singles = [_Piece(failed.group, [i]) for i in failed.clips]
+            self.outstanding[failed.group] += len(singles) - 1
+            self.plan.extendleft(reversed(singles + behind))
+        else:
+            self.outstanding[failed.group] -= 1
+            self.plan.extendleft(reversed(behind))
+        return failed
 
 
 def _read_bytes(path) -> np.ndarray:
@@ -86,6 +110,16 @@ def _read_bytes(path) -> np.ndarray:
         return np.fromfile(str(path), dtype=np.uint8)
     except OSError as exc:
         raise DataError(path, f"missing file: {exc}") from None
+
+
+def _dali_reason(exc: BaseException) -> tuple:
+    """(decoder kind or None, the reason DALI gives) from a pipeline error's message."""
+    text = str(exc)
+    op = re.search(r"operator `nvidia\.dali\.fn\.([\w.]+)`", text)
+    why = re.search(r"encountered:\s*(.*?)\s*(?:Current pipeline object|$)", text, re.S)
+    reason = " ".join((why.group(1) if why else text).split())[:300]
+    name = op.group(1) if op else None
+    return _DECODER_KINDS.get(name), f"{name or 'DALI'}: {reason}"
 
 
 class DaliLoader(ClipLoader):
@@ -104,16 +138,61 @@ class DaliLoader(ClipLoader):
                     self.pyav_modalities.add(modality)
                     log.info("%s: codecs other than %s: decoding %r with PyAV, transforms in DALI",
                              index.name, "/".join(_CPU_VIDEO_CODECS), modality)
-        self.num_source_outputs = sum(self._source_outputs(m, k) for m, k in self.modalities.items()) + 2
-        self.source = _BatchSource(self)
+        self.fields = self._source_fields()
+        self.feeder = _Feeder(self)
+        self._dirty = False  # a pass ended early or failed: rebuild before the next one
         self.pipe = self._build()
 
-    def _source_outputs(self, modality, kind) -> int:
-        """Source outputs per modality: audio bytes + window start; video bytes + frame indices
-        (decoded frames only, for PyAV-decoded modalities); one JPEG per frame."""
-        if kind == "frames":
-            return self.cfg.frames.num_frames
-        return 1 if modality in self.pyav_modalities else 2
+    def _source_fields(self) -> list:
+        """The external source's outputs, (modality, field) in order: audio bytes + window
+        start; video bytes + frame indices (or decoded frames, for PyAV-decoded modalities);
+        one JPEG per frame; in training the crop box and flip of each visual modality; then
+        the label and the clip's position."""
+        fields = []
+        for modality, kind in self.modalities.items():
+            if kind == "audio":
+                fields += [(modality, "bytes"), (modality, "start")]
+                continue
+            if kind == "frames":
+                fields += [(modality, f"jpeg{t}") for t in range(self.cfg.frames.num_frames)]
+            elif modality in self.pyav_modalities:
+                fields += [(modality, "decoded")]
+            else:
+                fields += [(modality, "bytes"), (modality, "frames")]
+            if self.train:
+                fields += [(modality, "roi_start"), (modality, "roi_end"), (modality, "mirror")]
+        return fields + [("label", ""), ("index", "")]
+
+    def encode(self, i: int, epoch: int) -> list:
+        """The source outputs of clip i (its position in self.clips), field by field; the draws
+        from its generator come in the naive loader's order (transforms.transform_frames)."""
+        clip, recipe, frames = self.clips[i], self.cfg.audio, self.cfg.frames
+        rng = self.sample_rng(epoch, i)
+        out = {}
+        for modality, kind in self.modalities.items():
+            if kind == "audio":
+                out[modality, "bytes"] = _read_bytes(clip.files[modality])
+                start = recipe.window_start(recipe.offset_fraction(self.train, rng))
+                out[modality, "start"] = np.array([start], dtype=np.int32)
+                continue
+            idx = segment_indices(clip.num_frames[modality], frames.num_frames, self.train, rng)
+            if kind == "frames":
+                for t, j in enumerate(idx):
+                    out[modality, f"jpeg{t}"] = _read_bytes(clip.frame_files[modality][j])
+            elif modality in self.pyav_modalities:
+                out[modality, "decoded"] = decode_video_frames(clip.files[modality], idx)
+            else:
+                out[modality, "bytes"] = _read_bytes(clip.files[modality])
+                out[modality, "frames"] = np.asarray(idx, dtype=np.int32)
+            if self.train:
+                left, top, w, h = random_resized_crop_box(*clip.frame_sizes[modality], frames, rng)
+                flip = frames.flip and rng.random() < 0.5
+                out[modality, "roi_start"] = np.array([top, left], dtype=np.float32)  # (y, x), as the layout
+                out[modality, "roi_end"] = np.array([top + h, left + w], dtype=np.float32)
+                out[modality, "mirror"] = np.array(int(flip), dtype=np.int32)
+        out["label", ""] = np.array(clip.label, dtype=np.int64)
+        out["index", ""] = np.array(i, dtype=np.int64)
+        return [out[f] for f in self.fields]
 
     def _audio_copies(self, modality) -> int:
         """How many copies of the shortest clip cover loop_to seconds (DALI has no wrap-around)."""
@@ -138,38 +217,41 @@ class DaliLoader(ClipLoader):
         frames_recipe = cfg.frames
         mean = [255 * m for m in frames_recipe.mean]
         std = [255 * s for s in frames_recipe.std]
+        size = [frames_recipe.size] * 2
 
-        def transform(x):
-            if train:
-                x = fn.random_resized_crop(x, size=[frames_recipe.size] * 2, random_area=list(frames_recipe.crop_scale),
-                                           random_aspect_ratio=list(frames_recipe.crop_ratio))
-                mirror = fn.random.coin_flip(probability=0.5) if frames_recipe.flip else 0
+        def transform(x, src):
+            if train:  # the crop box and flip drawn in the source (naive loader's draws)
+                x = fn.resize(x, size=size, roi_start=src["roi_start"], roi_end=src["roi_end"],
+                              roi_relative=False)
+                mirror = src["mirror"]
             else:
-                x = fn.resize(x, resize_x=frames_recipe.size, resize_y=frames_recipe.size)
+                x = fn.resize(x, size=size)
                 mirror = 0
             return fn.crop_mirror_normalize(x, dtype=types.FLOAT, output_layout="FCHW", mean=mean, std=std,
                                             mirror=mirror)
 
         @pipeline_def
         def pipeline():
-            src = list(fn.external_source(source=self.source, num_outputs=self.num_source_outputs, batch=True,
-                                          no_copy=False))
-            outs, k = [], 0
+            nodes = fn.external_source(source=self.feeder, num_outputs=len(self.fields), batch=True, no_copy=False)
+            src = {}
+            for (modality, name), node in zip(self.fields, nodes):
+                src.setdefault(modality, {})[name] = node
+            outs = []
             for modality, kind in self.modalities.items():
+                s = src[modality]
                 if kind == "audio":
                     recipe = cfg.audio
-                    wave, _ = fn.decoders.audio(src[k], dtype=types.FLOAT, downmix=True,
+                    wave, _ = fn.decoders.audio(s["bytes"], dtype=types.FLOAT, downmix=True,
                                                 sample_rate=float(recipe.sample_rate))
                     copies = self._audio_copies(modality)
                     looped = fn.cat(*([wave] * copies), axis=0) if copies > 1 else wave
-                    window = fn.slice(looped, start=src[k + 1], shape=[recipe.window_samples], axes=[0])
+                    window = fn.slice(looped, start=s["start"], shape=[recipe.window_samples], axes=[0])
                     if recipe.clip is not None:
                         window = dmath.clamp(window, -recipe.clip, recipe.clip)
                     if gpu:
                         window = window.gpu()
                     if recipe.features == "fbank":  # computed on the batch after the pipeline
                         outs.append(window)
-                        k += 2
                         continue
                     power = fn.spectrogram(window, nfft=recipe.n_fft, window_length=recipe.n_fft,
                                            window_step=recipe.hop_length, window_fn=recipe.hann_window().tolist(),
@@ -177,41 +259,93 @@ class DaliLoader(ClipLoader):
                                            power=2, layout="ft")
                     # |X| = sqrt(|X|^2): DALI's power-2 spectrogram plus a sqrt is faster than power=1.
                     outs.append(dmath.log(dmath.sqrt(power) + recipe.log_eps))
-                    k += 2
                 elif kind == "video":
                     if modality in self.pyav_modalities:  # already decoded frames [T, H, W, 3]
-                        frames = fn.reshape(src[k], layout="FHWC")
+                        frames = fn.reshape(s["decoded"], layout="FHWC")
                     else:
-                        frames = fn.decoders.video(src[k], device="mixed" if gpu else "cpu", frames=src[k + 1])
-                    outs.append(transform(frames))
-                    k += self._source_outputs(modality, kind)
+                        frames = fn.decoders.video(s["bytes"], device="mixed" if gpu else "cpu", frames=s["frames"])
+                    outs.append(transform(frames, s))
                 else:
-                    images = [fn.decoders.image(src[k + t], device="mixed" if gpu else "cpu", output_type=types.RGB)
-                              for t in range(frames_recipe.num_frames)]
-                    outs.append(transform(fn.stack(*images, axis_name="F")))
-                    k += frames_recipe.num_frames
-            return (*outs, src[k], src[k + 1])
+                    images = [fn.decoders.image(s[f"jpeg{t}"], device="mixed" if gpu else "cpu",
+                                                output_type=types.RGB) for t in range(frames_recipe.num_frames)]
+                    outs.append(transform(fn.stack(*images, axis_name="F"), s))
+            return (*outs, src["label"][""], src["index"][""])
 
         return pipeline(batch_size=cfg.batch_size, num_threads=max(1, cfg.num_workers),
                         device_id=0 if gpu else None, seed=cfg.seed, prefetch_queue_depth=2)
 
-    def __iter__(self):
-        names = list(self.modalities) + ["label", "index"]
-        while True:
+    def batches(self, start: int = 0):
+        """A pass over the current epoch from plan batch `start` on."""
+        plan, this_pass = self._begin_pass(start)
+        if self._dirty:  # an earlier pass stopped early or failed: pieces may still be in flight
+            self.pipe = self._build()
+        self._dirty = True
+        self.feeder.reset(self.epoch, [_Piece(start + b, list(map(int, ids))) for b, ids in enumerate(plan)])
+        return self._run_pass(this_pass, start, start + len(plan))
+
+    def _run_pass(self, this_pass: int, group: int, end: int):
+        feeder, names = self.feeder, list(self.modalities) + ["label", "index"]
+        done: dict = {}  # group -> decoded batches of its pieces
+        while group < end:
+            while group < end and feeder.outstanding[group] == 0:  # in plan order
+                for err in feeder.faults.pop(group, []):
+                    self._fault(err)
+                parts = done.pop(group, [])
+                group += 1
+                self.position = group
+                if parts:
+                    yield self._finish(parts)
+                    self._check_current(this_pass)
+            if group >= end:
+                break
             try:
                 outputs = self.pipe.run()
             except StopIteration:
-                self.pipe.reset()
-                break
+                if feeder.crashed is not None:
+                    raise feeder.crashed
+                if not feeder.plan:
+                    raise RuntimeError(f"internal error: the DALI pass ended with batch {group} unresolved")
+                self.pipe.reset()  # the plan ran out while a failed piece was in flight: feed its retry
+                continue
             except Exception as exc:
-                raise DataError(", ".join(self.source.last_clips[:4]) + ", ...",
-                                f"DALI failed on one of the clips fed last: {exc}") from exc
-            batch = {name: _to_torch(out) for name, out in zip(names, outputs)}
-            for modality, kind in self.modalities.items():
-                if kind == "audio" and self.cfg.audio.features == "fbank":
-                    batch[modality] = kaldi_fbank_features(batch[modality], self.cfg.audio)
-            yield batch
+                failed = feeder.split_failed()
+                self.pipe = self._build()  # DALI may leave the pipeline invalid after an error
+                if len(failed.clips) == 1:
+                    feeder.faults.setdefault(failed.group, []).append(self._clip_error(failed.clips[0], exc, feeder.epoch))
+                continue
+            piece = feeder.in_flight.popleft()
+            done.setdefault(piece.group, []).append({n: _to_torch(o) for n, o in zip(names, outputs)})
+            feeder.outstanding[piece.group] -= 1
+        try:  # the source is exhausted: let DALI say so, then rewind it for the next pass
+            self.pipe.run()
+            raise RuntimeError("internal error: the DALI pipeline returned a batch past the end of the plan")
+        except StopIteration:
+            self.pipe.reset()
+        self._dirty = False
         self.end_epoch()
+
+    def _clip_error(self, i: int, exc: BaseException, epoch: int) -> DataError:
+        """The DataError of clip i, which DALI failed to decode on its own. The reference decoders
+        (naive.decode_sample) read the clip again to name the broken file and say what is wrong
+        with it; when they read it fine, the error names the clip and gives DALI's reason."""
+        from .naive import decode_sample
+
+        clip = self.clips[i]
+        kind, reason = _dali_reason(exc)
+        try:
+            decode_sample(clip, self.modalities, self.cfg, self.train, self.sample_rng(epoch, i))
+        except DataError as err:
+            return DataError(err.path, f"{err.reason} (DALI: {reason})", clip=clip.clip_id)
+        candidates = [m for m, k in self.modalities.items() if k == kind and m not in self.pyav_modalities]
+        path = clip.files[candidates[0]] if len(candidates) == 1 else clip.clip_id
+        return DataError(path, f"decode failed: {reason}", clip=clip.clip_id)
+
+    def _finish(self, parts: list) -> dict:
+        batch = parts[0] if len(parts) == 1 else {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        for modality, kind in self.modalities.items():
+            if kind == "audio" and self.cfg.audio.features == "fbank":
+                batch[modality] = kaldi_fbank_features(batch[modality], self.cfg.audio)
+        return batch
 
 
 def _to_torch(batch) -> torch.Tensor:

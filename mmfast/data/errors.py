@@ -9,12 +9,17 @@ ON_ERROR = ("raise", "skip")
 
 
 class DataError(ValueError):
-    """A clip that cannot be read: ``path`` is the file (or clip), ``reason`` says why."""
+    """A clip that cannot be read: ``path`` is the file (or clip), ``reason`` says why; ``clip``
+    is the clip's id when known."""
 
-    def __init__(self, path, reason: str):
+    def __init__(self, path, reason: str, clip: str | None = None):
         super().__init__(f"{path}: {reason}")
         self.path = str(path)
         self.reason = reason
+        self.clip = clip
+
+    def __reduce__(self):  # crosses process boundaries (DataLoader workers) whole
+        return DataError, (self.path, self.reason, self.clip)
 
 
 def check_on_error(on_error: str) -> str:
@@ -25,22 +30,26 @@ def check_on_error(on_error: str) -> str:
 
 @dataclass
 class SkipReport:
-    """What on_error="skip" left out: counts by reason and the first few files."""
+    """What on_error="skip" left out: counts by reason, the first few errors in full and the
+    name (clip id, else file) of every skipped sample."""
 
     counts: Counter = field(default_factory=Counter)
     examples: list = field(default_factory=list)
+    names: list = field(default_factory=list)
 
     def add(self, err: DataError) -> None:
         self.counts[err.reason.split(":")[0]] += 1
         if len(self.examples) < 10:
             self.examples.append(str(err))
+        self.names.append(err.clip or err.path)
 
     def copy(self) -> "SkipReport":
-        return SkipReport(Counter(self.counts), list(self.examples))
+        return SkipReport(Counter(self.counts), list(self.examples), list(self.names))
 
     def extend(self, other: "SkipReport") -> None:
         self.counts.update(other.counts)
         self.examples.extend(other.examples[: max(0, 10 - len(self.examples))])
+        self.names.extend(other.names)
 
     @property
     def total(self) -> int:

@@ -61,7 +61,17 @@ class DatasetIndex:
     classes: list
     kinds: dict  # modality name -> "audio" | "video" | "frames"
     splits: dict = field(default_factory=dict)  # split -> list[Clip]
-    skipped: SkipReport = field(default_factory=SkipReport)
+    skipped: SkipReport = field(default_factory=SkipReport)  # every split's (on_error="skip")
+    skipped_by_split: dict = field(default_factory=dict)  # split -> SkipReport of that split's lines
+
+    def record_skip(self, err: DataError, split: str | None) -> None:
+        """Count a skipped list line or clip; `split` None: a line whose split is unknown."""
+        self.skipped.add(err)
+        if split is not None:
+            self.skipped_by_split.setdefault(split, SkipReport()).add(err)
+
+    def skipped_in(self, split: str) -> SkipReport:
+        return self.skipped_by_split.get(split, SkipReport()).copy()
 
     @property
     def modalities(self) -> list:
@@ -117,7 +127,7 @@ def _resolve(clip_dir: Path, clip_id: str, kind: str):
     return None
 
 
-def _make_clip(index: DatasetIndex, dirs: dict, clip_id: str, label: str, where: str, on_error: str):
+def _make_clip(index: DatasetIndex, split: str, dirs: dict, clip_id: str, label: str, where: str, on_error: str):
     """A Clip, or None (counted) when on_error="skip". dirs[modality] is the folder holding the
     clip's file, or a function clip_id -> folder."""
     try:
@@ -134,7 +144,8 @@ def _make_clip(index: DatasetIndex, dirs: dict, clip_id: str, label: str, where:
     except DataError as err:
         if on_error == "raise":
             raise
-        index.skipped.add(err)
+        err.clip = clip_id
+        index.record_skip(err, split)
         return None
 
 
@@ -147,11 +158,11 @@ def _read_crema_d(root: Path, on_error: str) -> DatasetIndex:
     for modality, d in dirs.items():
         if not d.is_dir():
             raise DataError(d, f"missing folder for the {modality} modality")
-    _fill_splits(index, lambda split: dirs, _split_lists(root, on_error, index.skipped), on_error)
+    _fill_splits(index, lambda split: dirs, _split_lists(root, on_error, index), on_error)
     return index
 
 
-def _split_lists(root: Path, on_error: str, report: SkipReport) -> dict:
+def _split_lists(root: Path, on_error: str, index: DatasetIndex) -> dict:
     """split -> [(clip id, label, where)] from ROOT/{train,val,test}.csv ("<clip>,<label>" lines,
     no header; val optional). Malformed lines raise or, with on_error="skip", are counted."""
     entries = {}
@@ -167,7 +178,7 @@ def _split_lists(root: Path, on_error: str, report: SkipReport) -> dict:
                 err = DataError(f"{path}:{lineno}", "expected '<clip>,<label>'")
                 if on_error == "raise":
                     raise err
-                report.add(err)
+                index.record_skip(err, split)
                 continue
             entries[split].append((row[0], row[1], f"{path}:{lineno}"))
     return entries
@@ -194,7 +205,7 @@ def _read_generic(root: Path, modalities, on_error: str) -> DatasetIndex:
             raise DataError(d, f"missing folder for the {name} modality")
     for lineno, row in enumerate(rows, start=2):
         split = (row.get("split") or "train").strip()
-        clip = _make_clip(index, dirs, row["clip"].strip(), row["label"].strip(), f"{path}:{lineno}", on_error)
+        clip = _make_clip(index, split, dirs, row["clip"].strip(), row["label"].strip(), f"{path}:{lineno}", on_error)
         index.splits.setdefault(split, [])
         if clip is not None:
             index.splits[split].append(clip)
@@ -213,25 +224,28 @@ def _fill_splits(index: DatasetIndex, dirs_for_split, entries, on_error: str):
     """entries: split -> list of (clip id, label, where)."""
     for split, rows in entries.items():
         dirs = dirs_for_split(split)
-        clips = [_make_clip(index, dirs, clip_id, label, where, on_error) for clip_id, label, where in rows]
+        clips = [_make_clip(index, split, dirs, clip_id, label, where, on_error) for clip_id, label, where in rows]
         index.splits[split] = [c for c in clips if c is not None]
 
 
 def _read_sample_folders(root: Path, layout: str, on_error: str) -> DatasetIndex:
-    entries, report = {}, SkipReport()
+    entries = {}
+    index = DatasetIndex(layout, root, [], {"audio": "audio", "visual": "frames"})
     if layout == "vggsound":
         path = root / "vggsound.csv"
         if not path.exists():
             raise DataError(path, "missing list (the VGGSound release's vggsound.csv)")
         for lineno, row in _read_rows(path):
             if len(row) < 4 or not row[1].isdigit():
-                raise DataError(f"{path}:{lineno}", "expected '<youtube id>,<start>,<label>,<split>'")
+                err = DataError(f"{path}:{lineno}", "expected '<youtube id>,<start>,<label>,<split>'")
+                if on_error == "raise":
+                    raise err
+                index.record_skip(err, row[3] if len(row) >= 4 else None)
+                continue
             entries.setdefault(row[3], []).append((f"{row[0]}_{int(row[1]):06d}", row[2], f"{path}:{lineno}"))
     else:
-        entries = _split_lists(root, on_error, report)
-    labels = sorted({label for rows in entries.values() for _, label, _ in rows})
-    index = DatasetIndex(layout, root, _read_classes(root, labels), {"audio": "audio", "visual": "frames"},
-                         skipped=report)
+        entries = _split_lists(root, on_error, index)
+    index.classes = _read_classes(root, sorted({label for rows in entries.values() for _, label, _ in rows}))
 
     def dirs_for_split(split):
         base = root / split

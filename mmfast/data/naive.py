@@ -31,29 +31,36 @@ class ClipDataset(torch.utils.data.Dataset):
     def __getitem__(self, key):
         epoch, number = key
         clip = self.clips[number]
-        rng = self.sample_rng(epoch, number)
         try:
-            sample = {}
-            for modality, kind in self.kinds.items():
-                if kind == "audio":
-                    recipe = self.cfg.audio
-                    wave = load_wave(clip.files[modality], recipe)
-                    window = cut_window(wave, recipe, recipe.offset_fraction(self.train, rng))
-                    sample[modality] = audio_features(window, recipe)
-                else:
-                    idx = segment_indices(clip.num_frames[modality], self.cfg.frames.num_frames, self.train, rng)
-                    if kind == "video":
-                        frames = decode_video_frames(clip.files[modality], idx)
-                    else:
-                        frames = np.stack([_read_image(clip.frame_files[modality][i]) for i in idx])
-                    sample[modality] = torch.from_numpy(transform_frames(frames, self.cfg.frames, self.train, rng))
+            sample = decode_sample(clip, self.kinds, self.cfg, self.train, self.sample_rng(epoch, number))
         except DataError as err:
-            if self.cfg.on_error == "raise":
-                raise
-            return {"_skipped": err.path, "_reason": err.reason}  # as data: a path may hold ": "
+            # Returned as data, also under on_error="raise": the main process raises it in batch
+            # order (an exception raised in a worker process would come back as a bare RuntimeError).
+            return {"_error": (err.path, err.reason, clip.clip_id)}
         sample["label"] = torch.tensor(clip.label, dtype=torch.int64)
         sample["index"] = torch.tensor(number, dtype=torch.int64)
         return sample
+
+
+def decode_sample(clip, kinds: dict, cfg, train: bool, rng: np.random.Generator) -> dict:
+    """Every modality of one probed clip, decoded and transformed the reference way; a DataError
+    names the file that failed. (The DALI loader also calls it to find which file of a clip DALI
+    could not decode.)"""
+    sample = {}
+    for modality, kind in kinds.items():
+        if kind == "audio":
+            recipe = cfg.audio
+            wave = load_wave(clip.files[modality], recipe)
+            window = cut_window(wave, recipe, recipe.offset_fraction(train, rng))
+            sample[modality] = audio_features(window, recipe)
+        else:
+            idx = segment_indices(clip.num_frames[modality], cfg.frames.num_frames, train, rng)
+            if kind == "video":
+                frames = decode_video_frames(clip.files[modality], idx)
+            else:
+                frames = np.stack([_read_image(clip.frame_files[modality][i]) for i in idx])
+            sample[modality] = torch.from_numpy(transform_frames(frames, cfg.frames, train, rng))
+    return sample
 
 
 def _read_image(path) -> np.ndarray:
@@ -65,22 +72,24 @@ def _read_image(path) -> np.ndarray:
 
 
 def _collate(samples):
-    good = [s for s in samples if "_skipped" not in s]
-    skipped = [(s["_skipped"], s["_reason"]) for s in samples if "_skipped" in s]
+    good = [s for s in samples if "_error" not in s]
+    errors = [DataError(*s["_error"]) for s in samples if "_error" in s]
     batch = torch.utils.data.default_collate(good) if good else {}
-    return batch, skipped
+    return batch, errors
 
 
-class _EpochSampler(torch.utils.data.Sampler):
+class _PlanSampler(torch.utils.data.Sampler):
+    """Batches of (epoch, clip position) items: the current pass's plan (ClipLoader.plan)."""
+
     def __init__(self, loader: "NaiveLoader"):
         self.loader = loader
 
     def __len__(self):
-        return len(self.loader.clips)
+        return len(self.loader.pass_plan)
 
     def __iter__(self):
         epoch = self.loader.epoch
-        return iter([(epoch, int(i)) for i in self.loader.order(epoch)])
+        return iter([[(epoch, int(i)) for i in ids] for ids in self.loader.pass_plan])
 
 
 def _worker_start_method():
@@ -91,20 +100,29 @@ def _worker_start_method():
 
 
 class NaiveLoader(ClipLoader):
-    """Worker processes are started once per loader (persistent across epochs)."""
+    """Worker processes are started once per loader (persistent across epochs); each pass asks
+    the DataLoader for a fresh iterator, which starts from a clean state."""
 
     def __init__(self, cfg, index, split, train):
         super().__init__(cfg, index, split, train)
         workers = cfg.num_workers
+        self.pass_plan: list = []
         self.loader = torch.utils.data.DataLoader(
-            ClipDataset(self), batch_size=cfg.batch_size, sampler=_EpochSampler(self), num_workers=workers,
+            ClipDataset(self), batch_sampler=_PlanSampler(self), num_workers=workers,
             collate_fn=_collate, persistent_workers=workers > 0,
             multiprocessing_context=_worker_start_method() if workers > 0 else None)
 
-    def __iter__(self):
-        for batch, skipped in self.loader:
-            for path, reason in skipped:
-                self.skipped.add(DataError(path, reason))
+    def batches(self, start: int = 0):
+        self.pass_plan, this_pass = self._begin_pass(start)
+        return self._run_pass(iter(self.loader), this_pass)
+
+    def _run_pass(self, batches, this_pass: int):
+        for batch, errors in batches:
+            self._check_current(this_pass)
+            for err in errors:
+                self._fault(err)
+            self.position += 1
             if batch:
                 yield batch
+        self._check_current(this_pass)  # (persistent workers: a newer pass reuses the iterator)
         self.end_epoch()

@@ -52,9 +52,35 @@ def frame_files(folder: Path) -> list:
     return files
 
 
+def probe_frames(folder: Path) -> tuple:
+    """(sorted frame files, (width, height)) of a frame folder. Every frame's header is read (no
+    decoding): a file that is not an image, a JPEG cut before its size, or frames of different
+    sizes raise a DataError naming the frame."""
+    from PIL import Image
+
+    files = frame_files(folder)
+    size = None
+    for path in files:
+        try:
+            with Image.open(path) as img:
+                this = img.size
+                if img.format not in ("JPEG", "PNG") or this[0] < 1 or this[1] < 1:
+                    raise DataError(path, f"corrupt image: a {img.format} of size {this}")
+        except DataError:
+            raise
+        except Exception as exc:
+            raise DataError(path, f"corrupt image: {type(exc).__name__}: {exc}") from None
+        if size is not None and this != size:
+            raise DataError(path, f"frame size {this[0]}x{this[1]} differs from the folder's first frame "
+                                  f"({size[0]}x{size[1]})")
+        size = this
+    return files, size
+
+
 def probe_video(path) -> tuple:
-    """(frames, codec name) of the first video stream: frames from the container header or by
-    counting packets (no decoding). Raises DataError for missing, unreadable or frameless files."""
+    """(frames, codec name, (width, height)) of the first video stream: frames from the container
+    header or by counting packets (no decoding). Raises DataError for missing, unreadable or
+    frameless files."""
     import av
 
     path = Path(path)
@@ -66,6 +92,7 @@ def probe_video(path) -> tuple:
                 raise DataError(path, "no video stream")
             stream = container.streams.video[0]
             codec = stream.codec_context.name
+            size = (stream.codec_context.width, stream.codec_context.height)
             n = stream.frames
             if n <= 0:
                 n = sum(1 for packet in container.demux(stream) if packet.size > 0)
@@ -75,7 +102,9 @@ def probe_video(path) -> tuple:
         raise DataError(path, f"corrupt video: {type(exc).__name__}: {exc}") from None
     if n <= 0:
         raise DataError(path, "corrupt video: no frames")
-    return n, codec
+    if size[0] < 1 or size[1] < 1:
+        raise DataError(path, f"corrupt video: frame size {size[0]}x{size[1]}")
+    return n, codec, size
 
 
 def decode_video_frames(path, indices) -> np.ndarray:

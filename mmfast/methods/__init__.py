@@ -12,54 +12,16 @@
 | opm | drop the dominant modality's features with adaptive probability | feature_dropping.py |
 | moddrop | drop features with fixed per-modality probabilities | feature_dropping.py |
 | opm_ogm | opm and ogm_ge together | (opm + ogm_ge) |
+
+``Balancer`` (balancer.py) drives the methods through a step: the trainer uses it, and so can a
+user's own training loop.
 """
 from __future__ import annotations
 
-import dataclasses
-from typing import Any
-
+from .balancer import Balancer
 from .base import EVENTS, Method, StepState, merge_balance_params
-from .feature_dropping import OPM, ModDrop
-from .joint import Joint
-from .ogm import OGM, OGMGE, OGMStar, select_encoder_params
-from .unimodal import Unimodal
+from .ogm import select_encoder_params
+from .registry import COMBINATIONS, METHODS, NAMES, create, hyper_parameters
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (Joint, Unimodal, OGM, OGMGE, OGMStar, OPM, ModDrop)}
-# Names standing for several methods at once; a hyper-parameter goes to every part that has it.
-COMBINATIONS: dict[str, tuple[str, ...]] = {"opm_ogm": ("opm", "ogm_ge")}
-NAMES = tuple(METHODS) + tuple(COMBINATIONS)
-
-
-def hyper_parameters(name: str) -> dict[str, Any]:
-    """The hyper-parameters of a method name with their defaults."""
-    parts = COMBINATIONS.get(name, (name,))
-    if any(p not in METHODS for p in parts):
-        raise ValueError(f"unknown method {name!r}; known: {NAMES}")
-    out = {}
-    for part in parts:
-        for f in dataclasses.fields(METHODS[part].Params):
-            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            out.setdefault(f.name, default)
-    return out
-
-
-def create(name: str, **hparams) -> list[Method]:
-    """The method objects `name` stands for, built from keyword hyper-parameters (errors name
-    the method and the key)."""
-    if name not in NAMES:
-        raise ValueError(f"unknown method {name!r}; known: {NAMES}")
-    parts = COMBINATIONS.get(name, (name,))
-    known = hyper_parameters(name)
-    unknown = sorted(set(hparams) - set(known))
-    if unknown:
-        raise ValueError(f"method {name!r}: unknown hyper-parameter(s) {unknown}; known: {sorted(known)}")
-    methods = []
-    for part in parts:
-        fields = {f.name for f in dataclasses.fields(METHODS[part].Params)}
-        methods.append(METHODS[part](**{k: v for k, v in hparams.items() if k in fields}))
-    merge_balance_params(methods)  # conflicts are configuration errors, found now
-    return methods
-
-
-__all__ = ["COMBINATIONS", "EVENTS", "METHODS", "NAMES", "Method", "StepState", "create", "hyper_parameters",
-           "merge_balance_params", "select_encoder_params"]
+__all__ = ["Balancer", "COMBINATIONS", "EVENTS", "METHODS", "NAMES", "Method", "StepState", "create",
+           "hyper_parameters", "merge_balance_params", "select_encoder_params"]

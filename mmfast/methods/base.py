@@ -105,6 +105,11 @@ class Method:
         """The balance_stats parameters this method relies on (merged across methods)."""
         return {}
 
+    def unused_modalities(self, state: "StepState") -> set[str]:
+        """Modalities whose features this method replaces by zeros in every step, in training and
+        evaluation alike (the loop need not run their encoders). Asked after fit_start."""
+        return set()
+
     def fit_start(self, state: StepState) -> None: ...
     def epoch_start(self, state: StepState) -> None: ...
     def before_fusion(self, state: StepState) -> None: ...

@@ -2,7 +2,8 @@
 
 Every other modality's features are replaced by zeros before fusion, so the fused head sees that
 modality only (with a concat head: a linear classifier on it) and the other encoders receive no
-gradient."""
+gradient. The loop need not run those encoders (``unused_modalities``), and evaluation zeroes
+them too, so the head is tested as it was trained."""
 from __future__ import annotations
 
 import dataclasses
@@ -28,6 +29,9 @@ class Unimodal(Method):
             raise ValueError(f"unimodal.modality={self.params.modality!r} is not a modality of the data "
                              f"{state.modalities}")
         self.index = state.modalities.index(self.params.modality)
+
+    def unused_modalities(self, state: StepState) -> set[str]:
+        return {m for m in state.modalities if m != self.params.modality}
 
     def before_fusion(self, state: StepState) -> None:
         state.features = [f if m == self.index else torch.zeros_like(f) for m, f in enumerate(state.features)]

@@ -32,13 +32,18 @@ class MultimodalModel(nn.Module):
         self.encoders = nn.ModuleDict(encoders)
         self.fusion = fusion
 
-    def encode(self, batch: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
-        """One feature tensor [B, d_m] per modality. A spectrogram [B, F, T] gets its channel axis."""
+    def encode(self, batch: Mapping[str, torch.Tensor], skip=()) -> list[torch.Tensor]:
+        """One feature tensor [B, d_m] per modality. A spectrogram [B, F, T] gets its channel axis.
+        Modalities in `skip` are not encoded: their features are zeros (a method that trains
+        without them, such as unimodal, spares their encoders' work)."""
         features = []
         for name in self.modalities:
             if name not in batch:
                 raise KeyError(f"MultimodalModel.encode: the batch has no {name!r} (has {sorted(batch)})")
             x = batch[name]
+            if name in skip:
+                features.append(x.new_zeros(x.shape[0], self.encoders[name].out_dim))
+                continue
             f = self.encoders[name](x.unsqueeze(1) if x.dim() == 3 else x)
             if f.dim() != 2 or f.shape[0] != x.shape[0]:
                 raise ValueError(f"MultimodalModel.encode: encoder {name!r} must return pooled features [B, d], "

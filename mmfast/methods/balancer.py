@@ -1,7 +1,6 @@
-"""``Balancer``: the balancing methods for users who keep their own training loop.
-
-The same method objects as mmfast's trainer (mmfast/methods), driven from three calls in the
-user's step::
+"""``Balancer``: drives the balancing methods through a training step. mmfast's trainer runs
+its steps through it, and users who keep their own training loop call the same object from
+three places in their step::
 
     bal = mmfast.Balancer("ogm_ge", encoders={"audio": net.audio, "visual": net.visual}, alpha=0.8)
     for epoch in range(epochs):
@@ -25,8 +24,9 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from . import methods as _methods
-from .ops import BalanceStats, weighted_mean
+from ..ops import BalanceStats, weighted_mean
+from .base import StepState, merge_balance_params
+from .registry import create
 
 
 class Balancer:
@@ -47,12 +47,14 @@ class Balancer:
         if device is None:
             first = next((p for m in encoders.values() for p in m.parameters()), None)
             device = first.device if first is not None else torch.device("cpu")
-        self.methods = _methods.create(method, **hparams)
-        self.state = _methods.StepState(list(encoders), seed=seed, device=torch.device(device), encoders=encoders,
-                                        balance_params=_methods.merge_balance_params(self.methods))
+        self.methods = create(method, **hparams)
+        self.state = StepState(list(encoders), seed=seed, device=torch.device(device), encoders=encoders,
+                                        balance_params=merge_balance_params(self.methods))
         self.metrics: dict[str, torch.Tensor] = {}
         self.measure = bool(measure)
         self._emit("fit_start")
+        # Features the methods replace by zeros in every step: no need to encode them.
+        self.unused_modalities = frozenset().union(*(m.unused_modalities(self.state) for m in self.methods))
 
     def _emit(self, event: str) -> None:
         for method in self.methods:

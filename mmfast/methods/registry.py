@@ -1,0 +1,47 @@
+"""The registry: method names, their classes and typed hyper-parameters."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from .base import Method, merge_balance_params
+from .feature_dropping import OPM, ModDrop
+from .joint import Joint
+from .ogm import OGM, OGMGE, OGMStar
+from .unimodal import Unimodal
+
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (Joint, Unimodal, OGM, OGMGE, OGMStar, OPM, ModDrop)}
+# Names standing for several methods at once; a hyper-parameter goes to every part that has it.
+COMBINATIONS: dict[str, tuple[str, ...]] = {"opm_ogm": ("opm", "ogm_ge")}
+NAMES = tuple(METHODS) + tuple(COMBINATIONS)
+
+
+def hyper_parameters(name: str) -> dict[str, Any]:
+    """The hyper-parameters of a method name with their defaults."""
+    parts = COMBINATIONS.get(name, (name,))
+    if any(p not in METHODS for p in parts):
+        raise ValueError(f"unknown method {name!r}; known: {NAMES}")
+    out = {}
+    for part in parts:
+        for f in dataclasses.fields(METHODS[part].Params):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            out.setdefault(f.name, default)
+    return out
+
+
+def create(name: str, **hparams) -> list[Method]:
+    """The method objects `name` stands for, built from keyword hyper-parameters (errors name
+    the method and the key)."""
+    if name not in NAMES:
+        raise ValueError(f"unknown method {name!r}; known: {NAMES}")
+    parts = COMBINATIONS.get(name, (name,))
+    known = hyper_parameters(name)
+    unknown = sorted(set(hparams) - set(known))
+    if unknown:
+        raise ValueError(f"method {name!r}: unknown hyper-parameter(s) {unknown}; known: {sorted(known)}")
+    methods = []
+    for part in parts:
+        fields = {f.name for f in dataclasses.fields(METHODS[part].Params)}
+        methods.append(METHODS[part](**{k: v for k, v in hparams.items() if k in fields}))
+    merge_balance_params(methods)  # conflicts are configuration errors, found now
+    return methods
