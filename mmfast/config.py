@@ -26,6 +26,7 @@ class DataSection:
     batch_size: int = 64
     num_workers: int = 2
     on_error: str = "raise"  # "raise" | "skip"
+    allow_overlap: bool = False  # accept a clip listed in two splits
     synth: dict | None = None  # generate the embedded dataset at root if absent (mmfast.data.generate options)
 
 

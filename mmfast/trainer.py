@@ -75,7 +75,8 @@ def data_config(cfg: config_mod.Config, device: torch.device):
     d = cfg.data
     return DataConfig(root=d.root, layout=d.layout, modalities=d.modalities, audio=getattr(audio_recipes, d.audio)(),
                       frames=FrameRecipe(num_frames=d.num_frames, size=d.size), batch_size=d.batch_size,
-                      num_workers=d.num_workers, seed=cfg.seed, on_error=d.on_error, device=device.type)
+                      num_workers=d.num_workers, seed=cfg.seed, on_error=d.on_error, allow_overlap=d.allow_overlap,
+                      device=device.type)
 
 
 class Trainer:
@@ -91,7 +92,8 @@ class Trainer:
         if cfg.data.synth is not None and not (root.exists() and any(root.iterdir())):
             generate(root, **cfg.data.synth)
         dcfg = data_config(cfg, self.device)
-        index = read_layout(dcfg.root, dcfg.layout, modalities=dcfg.modalities, on_error=dcfg.on_error)
+        index = read_layout(dcfg.root, dcfg.layout, modalities=dcfg.modalities, on_error=dcfg.on_error,
+                            allow_overlap=dcfg.allow_overlap)
         self.modalities = dict(index.kinds)
         self.classes = list(index.classes)
         self.loaders = {"train": build_loader(dcfg, "train", cfg.data.backend)}

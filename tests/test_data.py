@@ -243,25 +243,50 @@ def test_label_not_in_class_list_and_empty_split(synth, tmp_path):
         build_loader(config(root, on_error="skip"), "test", backend="naive")
 
 
-def test_codecs_cpu_dali_cannot_decode_fall_back_to_pyav(synth, tmp_path):
+def _reencode(synth, tmp_path, codec, pix_fmt, container="matroska", suffix=".webm", colour=False):
+    """A copy of the embedded dataset with every video re-encoded (`colour`: blended with a colour
+    gradient, so chroma varies across the frame as in real footage)."""
     import av
 
     root, _ = broken_copy(synth, tmp_path, lambda r, c: c.files["visual"])
-    # Re-encode every clip with MPEG-4 Part 2, which DALI decodes only on a GPU.
     index = read_layout(root, "crema_d")
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE]
+    gradient = np.stack([xx * 255 // SIZE, yy * 255 // SIZE, 255 - (xx + yy) * 127 // SIZE], -1)
     for clip in [c for clips in index.splits.values() for c in clips]:
         src = clip.files["visual"]
         with av.open(str(src)) as c:
             frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
-        with av.open(str(src), "w", format="matroska") as out:
-            stream = out.add_stream("mpeg4", rate=FPS)
+        src.unlink()
+        with av.open(str(src.with_suffix(suffix)), "w", format=container) as out:
+            stream = out.add_stream(codec, rate=FPS)
             stream.width = stream.height = SIZE
-            stream.pix_fmt = "yuv420p"
+            stream.pix_fmt = pix_fmt
             for frame in frames:
+                frame = ((frame.astype(np.int32) + gradient) // 2).astype(np.uint8) if colour else frame
                 for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                     out.mux(packet)
             for packet in stream.encode():
                 out.mux(packet)
+    return root
+
+
+@pytest.mark.parametrize("pix_fmt", ["yuvj420p", "yuvj422p"])
+def test_mjpeg_frames_agree_within_one_level(synth, tmp_path, pix_fmt):
+    """MJPEG is full-range YUV with subsampled chroma; the naive loader converts it the way DALI's
+    JPEG decoder does (it used to go through swscale: up to 29 levels apart)."""
+    root = _reencode(synth, tmp_path, "mjpeg", pix_fmt, container="avi", suffix=".avi", colour=True)
+    cfg = config(root, device="cpu")
+    loader = build_loader(cfg, "test", backend="dali")
+    assert loader.pyav_modalities == set()  # CPU DALI decodes MJPEG itself
+    dali, naive = collect(loader), collect(build_loader(cfg, "test", backend="naive"))
+    std = torch.tensor(FRAMES.std).view(1, 1, 3, 1, 1) * 255
+    pixel_diff = (dali["visual"] - naive["visual"]).abs() * std
+    assert pixel_diff.max() <= 1.01 and pixel_diff.mean() < 0.05
+
+
+def test_codecs_cpu_dali_cannot_decode_fall_back_to_pyav(synth, tmp_path):
+    # Every clip re-encoded with MPEG-4 Part 2, which DALI decodes only on a GPU.
+    root = _reencode(synth, tmp_path, "mpeg4", "yuv420p")
     cfg = config(root, device="cpu")
     loader = build_loader(cfg, "test", backend="dali")
     assert loader.pyav_modalities == {"visual"}
@@ -335,6 +360,189 @@ def test_research_layouts(synth, tmp_path, layout):
              else "trainSet.txt")).unlink()
     with pytest.raises(DataError, match="missing"):
         read_layout(root, layout)
+
+
+# --- resampling and audio formats -------------------------------------------------------------------
+
+def _retone(synth, tmp_path, rate, fmt, make):
+    """A copy of the embedded dataset whose audio files hold make(native samples, native rate) at
+    `rate`, written as `fmt` (WAV, FLAC or MP3)."""
+    import librosa
+
+    root = tmp_path / f"audio_{rate}_{fmt}"
+    shutil.copytree(synth, root, ignore=shutil.ignore_patterns("Image-01-FPS"))
+    for path in sorted((root / "AudioWAV").glob("*.wav")):
+        wave, native = sf.read(path, dtype="float32")
+        path.unlink()
+        out = make(librosa.resample(wave, orig_sr=native, target_sr=rate), rate).astype(np.float32)
+        sf.write(path.with_suffix({"WAV": ".wav", "FLAC": ".flac", "MP3": ".mp3"}[fmt]), out, rate, format=fmt)
+    return root
+
+
+def _tone_db(spectrogram, recipe, freq, amplitude):
+    """Power at `freq` (the three nearest bins) relative to a full tone of `amplitude`, in dB: a
+    periodic Hann window puts amplitude * n_fft / 4 in a tone's bin and a quarter of that power in
+    each neighbour (1.5x in all three)."""
+    magnitude = spectrogram.exp().double()  # log(|X| + eps): eps is far below what is measured
+    k = int(round(freq * recipe.n_fft / recipe.sample_rate))
+    power = (magnitude[:, k - 1:k + 2, 2:-2] ** 2).sum(dim=1).mean() / 1.5
+    return float(10 * torch.log10(power / (amplitude * recipe.n_fft / 4) ** 2))
+
+
+@pytest.mark.parametrize("rate,tone,recipe", [(48000, 10000, kinetics_sounds()), (44100, 12000, vggsound()),
+                                             (48000, 15000, crema_d())])
+@pytest.mark.parametrize("backend", ["dali", "naive"])
+def test_downsampling_does_not_alias(synth, tmp_path, rate, tone, recipe, backend):
+    """A tone above the recipe's Nyquist frequency in a file at a higher rate must not fold back
+    into the band: its alias stays 60 dB down (DALI's resampler alone gave it at full level)."""
+    root = _retone(synth, tmp_path, rate, "WAV",
+                   lambda wave, r: 0.5 * np.sin(2 * np.pi * tone * np.arange(len(wave)) / r))
+    batch = collect(build_loader(config(root, audio=recipe, num_workers=1), "test", backend=backend))
+    alias = recipe.sample_rate - tone
+    assert _tone_db(batch["audio"], recipe, alias, 0.5) < -60
+
+
+@pytest.mark.parametrize("backend", ["dali", "naive"])
+def test_upsampling_leaves_no_image(synth, tmp_path, backend):
+    root = _retone(synth, tmp_path, 8000, "WAV", lambda wave, r: 0.5 * np.sin(2 * np.pi * 3000 * np.arange(len(wave)) / r))
+    recipe = kinetics_sounds()
+    batch = collect(build_loader(config(root, audio=recipe, num_workers=1), "test", backend=backend))
+    assert abs(_tone_db(batch["audio"], recipe, 3000, 0.5)) < 1  # the tone, at its level
+    assert _tone_db(batch["audio"], recipe, 5000, 0.5) < -60  # its image about the source's Nyquist
+
+
+@pytest.mark.parametrize("rate,fmt", [(48000, "WAV"), (44100, "FLAC"), (44100, "MP3"), (8000, "WAV")])
+def test_dali_and_naive_agree_on_resampled_and_mp3_audio(synth, tmp_path, rate, fmt):
+    """Real datasets hold 44.1/48 kHz audio, FLAC and MP3 (which CPU DALI cannot decode: read
+    with soundfile in the source). Below 0.85 x the lower Nyquist frequency both loaders' spectrograms
+    agree closely; above it the two anti-aliasing filters differ by design."""
+    root = _retone(synth, tmp_path, rate, fmt, lambda wave, r: wave)
+    recipe = kinetics_sounds()
+    cfg = config(root, audio=recipe, num_workers=1)
+    dali, naive = (collect(build_loader(cfg, "test", backend=b)) for b in ("dali", "naive"))
+    band = int(0.85 * min(rate, recipe.sample_rate) / 2 * recipe.n_fft / recipe.sample_rate)
+    d, n = dali["audio"][:, :band], naive["audio"][:, :band]
+    assert (d - n).norm() / n.norm() < 2e-2
+    assert (d.exp() - n.exp()).norm() / n.exp().norm() < 2e-3
+    loader = build_loader(cfg, "test", backend="dali")
+    assert loader.pcm_modalities == ({"audio"} if fmt == "MP3" else set())
+    from nvidia.dali.pipeline import Pipeline
+
+    assert isinstance(loader._define(gpu=True), Pipeline)  # the GPU graph with the low-pass is well-formed
+
+
+# --- clip lists -------------------------------------------------------------------------------------
+
+@pytest.fixture
+def lists_copy(synth, tmp_path):
+    """A copy of the embedded dataset's lists and audio (layouts are read, nothing decoded)."""
+    root = tmp_path / "lists"
+    shutil.copytree(synth, root, ignore=shutil.ignore_patterns("Image-01-FPS", "*.webm"))
+    (root / "VideoFlash").mkdir(exist_ok=True)
+    for clip_id, _ in _rows(root / "train.csv") + _rows(root / "test.csv") + _rows(root / "val.csv"):
+        (root / "VideoFlash" / f"{clip_id}.webm").write_bytes(b"")
+    return root
+
+
+def _rows(path):
+    return [tuple(line.split(",")) for line in path.read_text().splitlines() if line] if path.exists() else []
+
+
+def _generic_copy(root):
+    index = read_layout(root, "crema_d")
+    rows = [(c.clip_id, index.classes[c.label], split) for split, clips in index.splits.items() for c in clips]
+    for folder in ("AudioWAV", "VideoFlash"):
+        (root / folder).rename(root / folder.lower())
+    return rows
+
+
+def _write_generic(root, lines):
+    (root / "clips.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+GENERIC = {"audiowav": "audio", "videoflash": "video"}
+
+
+def test_lists_with_a_byte_order_mark_crlf_and_upper_case_extensions_read_as_plain_ones(lists_copy):
+    plain = read_layout(lists_copy, "crema_d")
+    for name in ("train.csv", "test.csv", "val.csv"):
+        path = lists_copy / name
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes().replace(b"\n", b"\r\n"))
+    (lists_copy / "classes.txt").write_text("\ufeff" + "\r\n".join(plain.classes) + "\r\n", encoding="utf-8")
+    first = plain.splits["train"][0]
+    upper = first.files["audio"].with_suffix(".WAV")
+    first.files["audio"].rename(upper)
+    index = read_layout(lists_copy, "crema_d")
+    assert index.classes == plain.classes and index.skipped.total == 0
+    for split in plain.splits:
+        assert [(c.clip_id, c.label) for c in index.splits[split]] == [(c.clip_id, c.label) for c in plain.splits[split]]
+    assert index.splits["train"][0].files["audio"] == upper
+
+
+@pytest.mark.parametrize("line,reason", [
+    ("no_comma_here", "expected '<clip>,<label>"), ("{clip},", "empty label"), (",{label}", "empty clip id"),
+    ("{clip},{label}", "duplicate clip"), ("{clip},{other}", "conflicting labels"),
+])
+@pytest.mark.parametrize("layout", ["crema_d", "generic"])
+def test_malformed_list_lines_are_named_or_skipped_per_split(lists_copy, line, reason, layout):
+    plain = read_layout(lists_copy, "crema_d")
+    victim = plain.splits["train"][3]
+    label, other = plain.classes[victim.label], plain.classes[(victim.label + 1) % len(plain.classes)]
+    bad = line.format(clip=victim.clip_id, label=label, other=other)
+    if layout == "generic":
+        rows = _generic_copy(lists_copy)
+        _write_generic(lists_copy, ["clip,label,split"] + [",".join(r) for r in rows] + [bad])
+        lineno, kw = len(rows) + 2, {"modalities": GENERIC}
+        list_file = lists_copy / "clips.csv"
+    else:
+        list_file = lists_copy / "train.csv"
+        lineno, kw = len(_rows(list_file)) + 1, {}
+        with list_file.open("a") as f:
+            f.write(bad + "\n")
+    with pytest.raises(DataError, match=reason) as info:
+        read_layout(lists_copy, layout, **kw)
+    assert info.value.path == f"{list_file}:{lineno}"
+    index = read_layout(lists_copy, layout, on_error="skip", **kw)
+    assert "" not in index.classes
+    train_ids = [c.clip_id for c in index.splits["train"]]
+    expected = len(plain.splits["train"]) - (1 if reason == "conflicting labels" else 0)
+    assert len(train_ids) == len(set(train_ids)) == expected
+    both = 2 if reason == "conflicting labels" else 1  # both listings of a clip with two labels
+    assert index.skipped_in("train").total == both and index.skipped_in("test").total == 0
+
+
+def test_a_clip_in_two_splits_is_refused_unless_allowed(lists_copy):
+    clip_id, label = _rows(lists_copy / "train.csv")[0]
+    with (lists_copy / "test.csv").open("a") as f:
+        f.write(f"{clip_id},{label}\n")
+    for on_error in ("raise", "skip"):
+        with pytest.raises(DataError, match="in split 'test' and in split 'train'.*allow_overlap"):
+            read_layout(lists_copy, "crema_d", on_error=on_error)
+    index = read_layout(lists_copy, "crema_d", allow_overlap=True)
+    assert clip_id in [c.clip_id for c in index.splits["test"]]
+
+
+def test_extra_columns_are_ignored_with_one_warning(lists_copy, caplog):
+    path = lists_copy / "train.csv"
+    path.write_text("".join(f"{c},{lab},extra,more\n" for c, lab in _rows(path)))
+    with caplog.at_level("WARNING", logger="mmfast.data"):
+        index = read_layout(lists_copy, "crema_d")
+    warnings = [r for r in caplog.records if "columns" in r.getMessage()]
+    assert len(warnings) == 1 and "train.csv" in warnings[0].getMessage()
+    assert len(index.splits["train"]) == len(_rows(path))
+
+
+def test_vggsound_malformed_line_is_skipped_under_skip(synth, tmp_path):
+    root = tmp_path / "vggsound"
+    root.mkdir()
+    _research_tree(synth, root, "vggsound")
+    with (root / "vggsound.csv").open("a") as f:
+        f.write("abc,notanumber,label,test\n")
+    with pytest.raises(DataError, match="expected '<youtube id>"):
+        read_layout(root, "vggsound")
+    index = read_layout(root, "vggsound", on_error="skip")
+    assert index.skipped_in("test").total == 1 and index.skipped_in("train").total == 0
 
 
 # --- Kaldi filter bank -----------------------------------------------------------------------------
@@ -436,13 +644,19 @@ def _break_frames(clip):
     return clip.frame_files["visual"][first]  # the first one decoded (evaluation: segment centres)
 
 
+def _cut_video(clip):
+    path = clip.files["visual"]
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])  # the later frames' packets are gone
+    return path
+
+
 def _remove_audio_file(clip):
     clip.files["audio"].unlink()
     return clip.files["audio"]
 
 
 @pytest.mark.parametrize("break_fn,reason", [(_break_audio, "too short"), (_break_frames, "corrupt image"),
-                                             (_remove_audio_file, "missing file")])
+                                             (_cut_video, "truncated video"), (_remove_audio_file, "missing file")])
 @pytest.mark.parametrize("backend,workers", [("dali", 2), ("naive", 0), ("naive", 1)])
 def test_clip_that_breaks_during_an_epoch_is_named_or_skipped(synth, tmp_path, break_fn, reason, backend, workers):
     """A clip that probed fine but fails while the epoch runs: on_error="raise" names the clip's

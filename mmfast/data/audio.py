@@ -138,6 +138,29 @@ def vggsound(**changes) -> AudioRecipe:
 # ------------------------------------------------------------------------------------------------
 # The reference implementation (NumPy + librosa), used by the naive loader and the parity tests.
 
+# Formats DALI's audio decoder reads (libsndfile inside DALI); others (MP3, ...) are decoded with
+# soundfile in the DALI loader's source and fed to the pipeline as samples.
+DALI_AUDIO_FORMATS = ("WAV", "WAVEX", "FLAC", "OGG", "AIFF")
+ANTIALIAS_DB = 80.0  # stopband attenuation of the anti-aliasing low-pass
+
+
+def antialias_kernel(rate: float, target: float) -> np.ndarray:
+    """Low-pass FIR (odd length, unit DC gain) applied at `rate` before resampling down to
+    `target`: passband to 0.9 x the target Nyquist frequency, stopband (ANTIALIAS_DB down) from
+    the target Nyquist frequency on, so nothing above it folds back (a Kaiser-windowed sinc, the
+    textbook design: Oppenheim & Schafer, 7.6). [1.0] when `rate` <= `target` (nothing to fold)."""
+    if rate <= target:
+        return np.ones(1, np.float32)
+    nyquist = target / 2
+    width = 2 * np.pi * 0.1 * nyquist / rate  # transition band, radians per sample
+    taps = int(np.ceil((ANTIALIAS_DB - 8) / (2.285 * width))) | 1
+    beta = 0.1102 * (ANTIALIAS_DB - 8.7)
+    cutoff = 0.95 * nyquist / rate  # cycles per sample, centre of the transition band
+    n = np.arange(taps) - (taps - 1) / 2
+    kernel = 2 * cutoff * np.sinc(2 * cutoff * n) * np.kaiser(taps, beta)
+    return (kernel / kernel.sum()).astype(np.float32)
+
+
 def check_wave(path, wave: np.ndarray, sample_rate: float, min_duration: float) -> None:
     """Bad audio: too short, non-finite, or silent (every sample zero)."""
     if wave.size < min_duration * sample_rate:

@@ -28,6 +28,7 @@ class DataConfig:
     num_workers: int = 2  # DataLoader workers (naive) = DALI CPU threads (dali)
     seed: int = 0
     on_error: str = "raise"
+    allow_overlap: bool = False  # accept a clip listed in two splits (refused by default)
     device: str = "auto"  # DALI: "cuda" decodes and transforms on the GPU; "auto": cuda if present
 
     def check(self):
@@ -58,6 +59,8 @@ class ProbedClip:
     frame_files: dict  # frames modality -> sorted list of frame files
     codecs: dict  # video modality -> codec name
     frame_sizes: dict  # video/frames modality -> (width, height)
+    audio_rates: dict  # audio modality -> the file's sample rate
+    audio_formats: dict  # audio modality -> container format as soundfile names it (WAV, FLAC, MP3, ...)
 
 
 def probe(index: DatasetIndex, clips, cfg: DataConfig, report: SkipReport) -> list:
@@ -66,14 +69,15 @@ def probe(index: DatasetIndex, clips, cfg: DataConfig, report: SkipReport) -> li
     probed = []
     for clip in clips:
         try:
-            seconds, counts, listed, codecs, sizes = {}, {}, {}, {}, {}
+            seconds, counts, listed, codecs, sizes, rates, formats = {}, {}, {}, {}, {}, {}, {}
             for modality, kind in index.kinds.items():
                 path = Path(clip.files[modality])
                 if kind == "audio":
                     if not path.exists():
                         raise DataError(path, "missing file")
                     try:
-                        declared = sf.info(str(path)).frames
+                        info = sf.info(str(path))
+                        declared, rates[modality], formats[modality] = info.frames, info.samplerate, info.format
                         wave, rate = sf.read(str(path), dtype="float32", always_2d=True)
                     except Exception as exc:
                         raise DataError(path, f"corrupt audio: {type(exc).__name__}: {exc}") from None
@@ -88,7 +92,7 @@ def probe(index: DatasetIndex, clips, cfg: DataConfig, report: SkipReport) -> li
                     listed[modality], sizes[modality] = probe_frames(path)
                     counts[modality] = len(listed[modality])
             probed.append(ProbedClip(clip.clip_id, clip.label, dict(clip.files), seconds, counts, listed, codecs,
-                                     sizes))
+                                     sizes, rates, formats))
         except DataError as err:
             if cfg.on_error == "raise":
                 raise

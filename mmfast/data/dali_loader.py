@@ -1,7 +1,11 @@
 """The DALI loader: files are read in Python (bytes only) and everything else runs in a DALI
 pipeline, on the CPU or, with device="cuda", on the GPU where DALI has GPU operators.
 
-    audio   decoders.audio (resample, downmix) -> loop (cat) -> window (slice) -> clip ->
+    audio   decoders.audio (downmix; formats DALI cannot read, such as MP3: soundfile in the source)
+            -> when a file is not at the recipe's rate: anti-aliasing low-pass (filter, a
+            Kaiser-windowed sinc per source rate) and audio_resample (DALI's resampler alone
+            does not low-pass when it downsamples: a 10 kHz tone at 48 kHz came out as a
+            full-amplitude 6 kHz tone at 16 kHz) -> loop (cat) -> window (slice) -> clip ->
             spectrogram (periodic Hann, centred, pad mode of the recipe) -> log(|X| + eps);
             the Kaldi fbank recipe takes the window out of the pipeline and computes the filter
             bank with batched torch ops on the same device (DALI's spectrogram has no per-frame
@@ -33,7 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .audio import kaldi_fbank_features
+from .audio import DALI_AUDIO_FORMATS, antialias_kernel, kaldi_fbank_features
 from .base import ClipLoader, log
 from .errors import DataError
 from .transforms import random_resized_crop_box
@@ -105,6 +109,19 @@ class _Feeder:
         return failed
 
 
+def _read_pcm(path) -> np.ndarray:
+    """Mono float32 samples at the file's own rate (soundfile: MP3 and the rest libsndfile reads)."""
+    import soundfile as sf
+
+    try:
+        wave, _ = sf.read(str(path), dtype="float32", always_2d=True)
+    except FileNotFoundError:
+        raise DataError(path, "missing file") from None
+    except Exception as exc:
+        raise DataError(path, f"corrupt audio: {type(exc).__name__}: {exc}") from None
+    return wave.mean(axis=1)
+
+
 def _read_bytes(path) -> np.ndarray:
     try:
         return np.fromfile(str(path), dtype=np.uint8)
@@ -138,6 +155,19 @@ class DaliLoader(ClipLoader):
                     self.pyav_modalities.add(modality)
                     log.info("%s: codecs other than %s: decoding %r with PyAV, transforms in DALI",
                              index.name, "/".join(_CPU_VIDEO_CODECS), modality)
+        # Audio modalities holding a format DALI cannot decode: decoded with soundfile in the source.
+        self.pcm_modalities = {m for m, k in self.modalities.items() if k == "audio" and any(
+            c.audio_formats[m] not in DALI_AUDIO_FORMATS for c in self.clips)}
+        # Audio modalities holding a file not at the recipe's rate: low-pass + resample in DALI,
+        # with one kernel per source rate, zero-padded to one length (centred: same delay).
+        target = cfg.audio.sample_rate
+        self.lowpass = {}
+        for m, k in self.modalities.items():
+            rates = sorted({c.audio_rates[m] for c in self.clips}) if k == "audio" else []
+            if rates and rates != [target]:
+                kernels = {r: antialias_kernel(r, target) for r in rates}
+                width = max(len(v) for v in kernels.values())
+                self.lowpass[m] = {r: np.pad(v, (width - len(v)) // 2)[None, :] for r, v in kernels.items()}
         self.fields = self._source_fields()
         self.feeder = _Feeder(self)
         self._dirty = False  # a pass ended early or failed: rebuild before the next one
@@ -151,7 +181,9 @@ class DaliLoader(ClipLoader):
         fields = []
         for modality, kind in self.modalities.items():
             if kind == "audio":
-                fields += [(modality, "bytes"), (modality, "start")]
+                fields += [(modality, "pcm"), (modality, "rate")] if modality in self.pcm_modalities else \
+                    [(modality, "bytes")]
+                fields += [(modality, "start")] + ([(modality, "lowpass")] if modality in self.lowpass else [])
                 continue
             if kind == "frames":
                 fields += [(modality, f"jpeg{t}") for t in range(self.cfg.frames.num_frames)]
@@ -171,9 +203,15 @@ class DaliLoader(ClipLoader):
         out = {}
         for modality, kind in self.modalities.items():
             if kind == "audio":
-                out[modality, "bytes"] = _read_bytes(clip.files[modality])
+                if modality in self.pcm_modalities:
+                    out[modality, "pcm"] = _read_pcm(clip.files[modality])
+                    out[modality, "rate"] = np.array(clip.audio_rates[modality], dtype=np.float32)
+                else:
+                    out[modality, "bytes"] = _read_bytes(clip.files[modality])
                 start = recipe.window_start(recipe.offset_fraction(self.train, rng))
                 out[modality, "start"] = np.array([start], dtype=np.int32)
+                if modality in self.lowpass:
+                    out[modality, "lowpass"] = self.lowpass[modality][clip.audio_rates[modality]]
                 continue
             idx = segment_indices(clip.num_frames[modality], frames.num_frames, self.train, rng)
             if kind == "frames":
@@ -241,8 +279,17 @@ class DaliLoader(ClipLoader):
                 s = src[modality]
                 if kind == "audio":
                     recipe = cfg.audio
-                    wave, _ = fn.decoders.audio(s["bytes"], dtype=types.FLOAT, downmix=True,
-                                                sample_rate=float(recipe.sample_rate))
+                    target = float(recipe.sample_rate)
+                    if modality in self.pcm_modalities:
+                        wave, rate = s["pcm"], s["rate"]
+                    elif modality in self.lowpass:
+                        wave, rate = fn.decoders.audio(s["bytes"], dtype=types.FLOAT, downmix=True)
+                    else:  # every file at the recipe's rate: nothing to resample
+                        wave, rate = fn.decoders.audio(s["bytes"], dtype=types.FLOAT, downmix=True, sample_rate=target)
+                    if modality in self.lowpass:
+                        image = fn.reshape(wave, shape=[1, -1, 1], layout="HWC")
+                        wave = fn.reshape(fn.filter(image, s["lowpass"], border="constant"), shape=[-1])
+                        wave = fn.audio_resample(wave, in_rate=rate, out_rate=target, dtype=types.FLOAT)
                     copies = self._audio_copies(modality)
                     looped = fn.cat(*([wave] * copies), axis=0) if copies > 1 else wave
                     window = fn.slice(looped, start=s["start"], shape=[recipe.window_samples], axes=[0])
@@ -263,7 +310,8 @@ class DaliLoader(ClipLoader):
                     if modality in self.pyav_modalities:  # already decoded frames [T, H, W, 3]
                         frames = fn.reshape(s["decoded"], layout="FHWC")
                     else:
-                        frames = fn.decoders.video(s["bytes"], device="mixed" if gpu else "cpu", frames=s["frames"])
+                        frames = fn.decoders.video(s["bytes"], device="mixed" if gpu else "cpu", frames=s["frames"],
+                                                   pad_mode="none")  # a missing frame is an error, not zeros
                     outs.append(transform(frames, s))
                 else:
                     images = [fn.decoders.image(s[f"jpeg{t}"], device="mixed" if gpu else "cpu",

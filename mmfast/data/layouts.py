@@ -30,10 +30,18 @@ Generic (any number of modalities)::
     ROOT/<modality>/<clip>.<ext>         a file per clip (audio or video) ...
     ROOT/<modality>/<clip>/              ... or a folder of frames (jpg/png), sorted by name
     ROOT/classes.txt                     optional; default: the sorted labels of clips.csv
+
+Every list is read as UTF-8 with or without a byte-order mark, with any line endings; file
+extensions match in any case (.wav, .WAV). A malformed line, an empty label, a clip listed twice
+in a split or under two labels raise a DataError naming the line (with on_error="skip": left out
+and counted; a clip with two labels is left out entirely). A clip listed in two splits (train and
+test: how benchmark numbers go wrong) is refused whatever on_error says, unless the caller passes
+allow_overlap=True. Columns past the expected ones are ignored, with one warning per file.
 """
 from __future__ import annotations
 
 import csv
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,6 +53,7 @@ VIDEO_EXTS = (".webm", ".mkv", ".mp4", ".avi", ".mov", ".flv")
 FRAME_EXTS = (".jpg", ".jpeg", ".png")
 KINDS = ("audio", "video", "frames")
 LAYOUTS = ("crema_d", "kinetics_sounds", "vggsound", "ave", "generic")
+log = logging.getLogger("mmfast.data")
 
 
 @dataclass(frozen=True)
@@ -52,6 +61,7 @@ class Clip:
     clip_id: str
     label: int
     files: dict  # modality name -> Path (a file, or a folder of frames)
+    where: str = ""  # the list line it came from, "<file>:<line>"
 
 
 @dataclass
@@ -86,30 +96,86 @@ class DatasetIndex:
         return clips
 
 
-def read_layout(root, layout: str = "crema_d", *, modalities=None, on_error: str = "raise") -> DatasetIndex:
+def read_layout(root, layout: str = "crema_d", *, modalities=None, on_error: str = "raise",
+                allow_overlap: bool = False) -> DatasetIndex:
     """Index the dataset at `root` stored in `layout` (one of LAYOUTS). `modalities`
-    (generic layout) maps modality names to kinds, e.g. {"audio": "audio", "rgb": "frames"}."""
+    (generic layout) maps modality names to kinds, e.g. {"audio": "audio", "rgb": "frames"}.
+    allow_overlap: accept a clip listed in more than one split (refused by default)."""
     check_on_error(on_error)
     root = Path(root)
     if not root.is_dir():
         raise DataError(root, "dataset root is not a directory")
     if layout == "crema_d":
-        return _read_crema_d(root, on_error)
-    if layout == "generic":
-        return _read_generic(root, modalities, on_error)
-    if layout in ("kinetics_sounds", "vggsound"):
-        return _read_sample_folders(root, layout, on_error)
-    if layout == "ave":
-        return _read_ave(root, on_error)
-    raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        index = _read_crema_d(root, on_error)
+    elif layout == "generic":
+        index = _read_generic(root, modalities, on_error)
+    elif layout in ("kinetics_sounds", "vggsound"):
+        index = _read_sample_folders(root, layout, on_error)
+    elif layout == "ave":
+        index = _read_ave(root, on_error)
+    else:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    _check_clip_lists(index, on_error, allow_overlap)
+    return index
+
+
+def _check_clip_lists(index: DatasetIndex, on_error: str, allow_overlap: bool) -> None:
+    """Within a split: a clip listed twice (the repeats are left out under skip) or under two
+    labels (left out entirely under skip). Across splits: a clip in two splits is refused."""
+    for split, clips in index.splits.items():
+        first, labels = {}, {}
+        for clip in clips:
+            first.setdefault(clip.clip_id, clip)
+            labels.setdefault(clip.clip_id, set()).add(clip.label)
+        kept = []
+        for clip in clips:
+            seen = first[clip.clip_id]
+            if len(labels[clip.clip_id]) > 1:
+                if seen is clip and on_error == "raise":
+                    continue  # raised at the later listing, which names both
+                names = sorted(index.classes[k] for k in labels[clip.clip_id])
+                err = DataError(clip.where, f"conflicting labels: clip {clip.clip_id!r} is listed with labels {names} "
+                                            f"(first at {seen.where})")
+            elif seen is not clip:
+                err = DataError(clip.where, f"duplicate clip: {clip.clip_id!r} is listed already at {seen.where}")
+            else:
+                kept.append(clip)
+                continue
+            if on_error == "raise":
+                raise err
+            err.clip = clip.clip_id
+            index.record_skip(err, split)
+        index.splits[split] = kept
+    if allow_overlap:
+        return
+    home = {}
+    for split, clips in index.splits.items():
+        for clip in clips:
+            if clip.clip_id in home and home[clip.clip_id][0] != split:
+                other_split, other = home[clip.clip_id]
+                raise DataError(clip.where, f"clip {clip.clip_id!r} is in split {split!r} and in split {other_split!r} "
+                                            f"({other.where}): a clip in two splits leaks between training and "
+                                            f"evaluation; pass allow_overlap=True (data.allow_overlap) if intended")
+            home.setdefault(clip.clip_id, (split, clip))
+
+
+def _read_text_lines(path: Path) -> list:
+    """The file's lines: UTF-8 with or without a byte-order mark, any line endings."""
+    try:
+        return path.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError as exc:
+        raise DataError(path, f"not UTF-8 text: {exc}") from None
 
 
 def _read_classes(root: Path, default):
     path = root / "classes.txt"
     if path.exists():
-        classes = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        classes = [line.strip() for line in _read_text_lines(path) if line.strip()]
         if not classes:
             raise DataError(path, "class list is empty")
+        if len(set(classes)) != len(classes):
+            twice = sorted({c for c in classes if classes.count(c) > 1})
+            raise DataError(path, f"class list names {twice} more than once")
         return classes
     return list(default)
 
@@ -121,9 +187,14 @@ def _resolve(clip_dir: Path, clip_id: str, kind: str):
         return folder if folder.is_dir() else None
     exts = AUDIO_EXTS if kind == "audio" else VIDEO_EXTS
     for ext in exts:
-        path = clip_dir / f"{clip_id}{ext}"
-        if path.exists():
-            return path
+        for variant in (ext, ext.upper()):
+            path = clip_dir / f"{clip_id}{variant}"
+            if path.exists():
+                return path
+    if clip_dir.is_dir():  # any other spelling of the extension (.Wav)
+        for path in clip_dir.glob(f"{clip_id}.*"):
+            if path.suffix.lower() in exts and path.stem == clip_id:
+                return path
     return None
 
 
@@ -131,6 +202,10 @@ def _make_clip(index: DatasetIndex, split: str, dirs: dict, clip_id: str, label:
     """A Clip, or None (counted) when on_error="skip". dirs[modality] is the folder holding the
     clip's file, or a function clip_id -> folder."""
     try:
+        if not clip_id:
+            raise DataError(where, "empty clip id")
+        if not label:
+            raise DataError(where, f"empty label for clip {clip_id!r}")
         if label not in index.classes:
             raise DataError(where, f"label {label!r} of clip {clip_id!r} is not in the class list {index.classes}")
         files = {}
@@ -140,7 +215,7 @@ def _make_clip(index: DatasetIndex, split: str, dirs: dict, clip_id: str, label:
             if path is None:
                 raise DataError(folder / clip_id, f"missing file: no {kind} for clip {clip_id!r}")
             files[modality] = path
-        return Clip(clip_id, index.classes.index(label), files)
+        return Clip(clip_id, index.classes.index(label), files, where)
     except DataError as err:
         if on_error == "raise":
             raise
@@ -173,7 +248,7 @@ def _split_lists(root: Path, on_error: str, index: DatasetIndex) -> dict:
                 continue
             raise DataError(path, "missing split file")
         entries[split] = []
-        for lineno, row in _read_rows(path):
+        for lineno, row in _read_rows(path, columns=2):
             if len(row) < 2:
                 err = DataError(f"{path}:{lineno}", "expected '<clip>,<label>'")
                 if on_error == "raise":
@@ -193,31 +268,58 @@ def _read_generic(root: Path, modalities, on_error: str) -> DatasetIndex:
     path = root / "clips.csv"
     if not path.exists():
         raise DataError(path, "missing clip list")
-    with path.open(newline="") as f:
-        rows = list(csv.DictReader(f))
-    if rows and not {"clip", "label"} <= set(rows[0]):
-        raise DataError(path, "header must start with 'clip,label' (optionally ',split')")
-    labels = sorted({r["label"].strip() for r in rows})
+    index_skips = []  # (split, DataError) of malformed lines, recorded once the index exists
+    with path.open(newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+        header = [h.strip() for h in (reader.fieldnames or [])]
+    if header[:2] != ["clip", "label"]:
+        raise DataError(path, f"header must start with 'clip,label' (optionally ',split'), got {header}")
+    extra = [h for h in header if h not in ("clip", "label", "split")]
+    if extra or any(None in r for r in rows):
+        log.warning("%s: columns past clip,label,split are ignored (%s)", path, extra or "unnamed values")
+    good = []
+    for lineno, row in enumerate(rows, start=2):
+        if row.get("label") is None:  # a line without a comma
+            err = DataError(f"{path}:{lineno}", "expected '<clip>,<label>[,<split>]'")
+            if on_error == "raise":
+                raise err
+            index_skips.append(((row.get("split") or "train").strip(), err))
+            continue
+        good.append((lineno, {k.strip(): (v or "").strip() for k, v in row.items() if k is not None}))
+    labels = sorted({r["label"] for _, r in good if r["label"]})
     index = DatasetIndex("generic", root, _read_classes(root, labels), dict(modalities))
+    for split, err in index_skips:
+        index.record_skip(err, split)
     dirs = {name: root / name for name in modalities}
     for name, d in dirs.items():
         if not d.is_dir():
             raise DataError(d, f"missing folder for the {name} modality")
-    for lineno, row in enumerate(rows, start=2):
-        split = (row.get("split") or "train").strip()
-        clip = _make_clip(index, split, dirs, row["clip"].strip(), row["label"].strip(), f"{path}:{lineno}", on_error)
+    for lineno, row in good:
+        split = row.get("split") or "train"
+        clip = _make_clip(index, split, dirs, row["clip"], row["label"], f"{path}:{lineno}", on_error)
         index.splits.setdefault(split, [])
         if clip is not None:
             index.splits[split].append(clip)
     return index
 
 
-def _read_rows(path: Path, delimiter: str = ","):
-    """(line number, fields) of a headerless list file, blank lines skipped."""
-    with path.open(newline="") as f:
-        for lineno, row in enumerate(csv.reader(f, delimiter=delimiter), start=1):
-            if row and row[0].strip():
+def _read_rows(path: Path, delimiter: str = ",", columns: int | None = None):
+    """(line number, fields) of a headerless list file (UTF-8, byte-order mark or not), blank
+    lines skipped; lines with more than `columns` fields are warned about once."""
+    warned = False
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            for lineno, row in enumerate(csv.reader(f, delimiter=delimiter), start=1):
+                if not row or not any(field.strip() for field in row):
+                    continue
+                if columns is not None and len(row) > columns and not warned:
+                    log.warning("%s:%d: %d columns, only the first %d are read (the rest is ignored in this file)",
+                                path, lineno, len(row), columns)
+                    warned = True
                 yield lineno, [field.strip() for field in row]
+    except UnicodeDecodeError as exc:
+        raise DataError(path, f"not UTF-8 text: {exc}") from None
 
 
 def _fill_splits(index: DatasetIndex, dirs_for_split, entries, on_error: str):
@@ -235,7 +337,7 @@ def _read_sample_folders(root: Path, layout: str, on_error: str) -> DatasetIndex
         path = root / "vggsound.csv"
         if not path.exists():
             raise DataError(path, "missing list (the VGGSound release's vggsound.csv)")
-        for lineno, row in _read_rows(path):
+        for lineno, row in _read_rows(path, columns=4):
             if len(row) < 4 or not row[1].isdigit():
                 err = DataError(f"{path}:{lineno}", "expected '<youtube id>,<start>,<label>,<split>'")
                 if on_error == "raise":
@@ -265,7 +367,7 @@ def _read_ave(root: Path, on_error: str) -> DatasetIndex:
         if not path.exists():
             raise DataError(path, "missing split file")
         entries[split] = []
-        for lineno, row in _read_rows(path, delimiter="&"):
+        for lineno, row in _read_rows(path, delimiter="&", columns=5):
             if len(row) < 2 or row[0] == "Category":  # header line
                 continue
             entries[split].append((row[1], row[0], f"{path}:{lineno}"))

@@ -5,12 +5,14 @@ Both yield the same batches, dicts of tensors:
     <video/frames>    float32 [B, T, 3, size, size]         normalised frames
     "label"           int64   [B]
     "index"           int64   [B]   position of the clip in the split (after skips)
-An epoch is one ``for batch in loader`` pass; training splits are reshuffled every epoch from
-(seed, epoch). Every clip is probed once when the loader is built (files exist and decode, audio
-is long enough and not silent, videos have frames): bad clips raise a DataError naming the file,
-or with on_error="skip" are left out and counted in ``loader.skipped`` (with the naive loader,
-also clips that fail to decode during the epoch), whose summary is logged at the end of every
-epoch (``loader.last_epoch_skipped`` keeps it). Evaluation splits never drop samples.
+An epoch is one ``for batch in loader`` pass (or ``loader.batches(start=k)``, from batch k of the
+epoch's plan); training splits are reshuffled every epoch from (seed, epoch). Every clip is probed
+once when the loader is built (files exist and decode, audio is long enough and not silent,
+videos have frames, every frame of a frame folder has a readable header): bad clips raise a
+DataError naming the file, or with on_error="skip" are left out and counted in
+``loader.skipped_at_build`` (this split's only). A clip that fails to decode during a pass raises
+a DataError naming it and its file, or is left out alone and counted in ``loader.skipped``
+(``loader.last_epoch_skipped`` after the pass). Evaluation splits never drop a readable sample.
 """
 from __future__ import annotations
 
@@ -26,7 +28,8 @@ def build_loader(cfg: DataConfig, split: str, backend: str = "dali", *, train: b
     cfg.check()
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    index = read_layout(cfg.root, cfg.layout, modalities=cfg.modalities, on_error=cfg.on_error)
+    index = read_layout(cfg.root, cfg.layout, modalities=cfg.modalities, on_error=cfg.on_error,
+                        allow_overlap=cfg.allow_overlap)
     train = (split == "train") if train is None else train
     if backend == "naive":
         from .naive import NaiveLoader

@@ -131,30 +131,40 @@ def decode_video_frames(path, indices) -> np.ndarray:
     return np.stack([got[i] for i in indices])
 
 
-def _upsample_chroma(plane: np.ndarray, height: int, width: int) -> np.ndarray:
-    """2x centre-aligned bilinear upsampling with edge clamping, cropped to (height, width)."""
-    h, w = plane.shape
-    padded = np.pad(plane.astype(np.float32), 1, mode="edge")
-    ys = (np.arange(2 * h) + 0.5) / 2 + 0.5
-    xs = (np.arange(2 * w) + 0.5) / 2 + 0.5
-    y0, x0 = np.floor(ys).astype(int), np.floor(xs).astype(int)
-    wy, wx = (ys - y0)[:, None].astype(np.float32), (xs - x0).astype(np.float32)
-    top = padded[y0][:, x0] * (1 - wx) + padded[y0][:, x0 + 1] * wx
-    bottom = padded[y0 + 1][:, x0] * (1 - wx) + padded[y0 + 1][:, x0 + 1] * wx
-    return (top * (1 - wy) + bottom * wy)[:height, :width]
+def _upsample_2x(plane: np.ndarray, axis: int, length: int) -> np.ndarray:
+    """2x centre-aligned linear upsampling along `axis` (weights 3/4 and 1/4, edges clamped:
+    libjpeg's "fancy" upsampling), cut to `length`."""
+    plane = np.moveaxis(plane.astype(np.float32), axis, 0)
+    padded = np.concatenate([plane[:1], plane, plane[-1:]])
+    near = np.repeat(plane, 2, axis=0)
+    far = np.empty_like(near)
+    far[0::2], far[1::2] = padded[:-2], padded[2:]
+    return np.moveaxis(0.75 * near + 0.25 * far, 0, axis)[:length] if axis == 0 else \
+        np.moveaxis(0.75 * near + 0.25 * far, 0, axis)[:, :length]
 
 
 def frame_to_rgb(frame) -> np.ndarray:
-    """RGB uint8 [H, W, 3] of a decoded PyAV frame. Limited-range YUV 4:2:0 is converted the way
-    DALI's video decoder does it (centre-aligned bilinear chroma, BT.601 limited range, rounded),
-    so both loaders agree within rounding; other formats go through swscale."""
-    if frame.format.name != "yuv420p" or int(frame.color_range) == 2:  # 2: full (JPEG) range
+    """RGB uint8 [H, W, 3] of a decoded PyAV frame. YUV 4:2:0 and 4:2:2 are converted the way
+    DALI's decoders do it (centre-aligned linear chroma upsampling, BT.601 coefficients, rounded):
+    limited range (most video) as its video decoder, full range (MJPEG's yuvj formats) as its
+    JPEG decoder, so both loaders agree within rounding; other formats go through swscale."""
+    name = frame.format.name
+    full = name.startswith("yuvj") or int(frame.color_range) == 2  # 2: full (JPEG) range
+    layout = name.replace("yuvj", "yuv")
+    if layout not in ("yuv420p", "yuv422p"):
         return frame.to_ndarray(format="rgb24")
     height, width = frame.height, frame.width
     planes = [np.frombuffer(p, np.uint8).reshape(-1, p.line_size) for p in frame.planes]
-    y = (planes[0][:height, :width].astype(np.float32) - 16) * (255 / 219)
-    u = _upsample_chroma(planes[1][: (height + 1) // 2, : (width + 1) // 2], height, width) - 128
-    v = _upsample_chroma(planes[2][: (height + 1) // 2, : (width + 1) // 2], height, width) - 128
-    s = 255 / 224
+    chroma_h = (height + 1) // 2 if layout == "yuv420p" else height
+    chroma = []
+    for plane in planes[1:3]:
+        c = _upsample_2x(plane[:chroma_h, : (width + 1) // 2], 1, width)
+        chroma.append((_upsample_2x(c, 0, height) if layout == "yuv420p" else c) - 128)
+    u, v = chroma
+    y = planes[0][:height, :width].astype(np.float32)
+    if full:
+        s = 1.0
+    else:
+        y, s = (y - 16) * (255 / 219), 255 / 224
     rgb = np.stack([y + 1.402 * s * v, y - 0.344136 * s * u - 0.714136 * s * v, y + 1.772 * s * u], axis=-1)
     return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
