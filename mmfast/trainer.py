@@ -269,6 +269,7 @@ class Trainer:
         bar.close()
         self._check_finite()
         metrics = self._epoch_metrics(time.perf_counter() - start)
+        metrics["train/skipped"] = loader.last_epoch_skipped.total  # clips that failed to decode this epoch
         if self.scaler is not None:
             metrics["train/skipped_steps"] = skipped = int(self._skipped_steps)  # the epoch's one read
             self._skipped_steps.zero_()

@@ -242,6 +242,8 @@ def test_clips_failing_during_training_are_skipped_and_evaluation_names_them(dat
         clip.files["audio"].write_bytes(b"RIFF" + b"\x00" * 40)
     summary = trainer.fit()
     assert trainer.loaders["train"].last_epoch_skipped.names == [broken["train"].clip_id]
+    line = json.loads((tmp_path / "faults" / "metrics.jsonl").read_text().splitlines()[0])
+    assert line["train/skipped"] == 1 and line["val/skipped"] == 0
     assert summary["test/skipped"] == 1 and summary["test/skipped_clips"] == [broken["test"].clip_id]
     assert summary["test/samples"] == len(trainer.loaders["test"].clips) - 1
 
