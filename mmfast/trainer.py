@@ -186,9 +186,9 @@ class Trainer:
             features = bal.drop(self.model.encode(inputs, skip=bal.unused_modalities))
             fused, unimodal = self.model.head(features)
             unimodal = self._unimodal(features, unimodal)
-            per_sample = F.cross_entropy(fused.float(), labels, reduction="none")
+        bal.after_forward(unimodal.float(), labels)  # (before the loss: methods may add loss terms)
+        per_sample = F.cross_entropy(fused.float(), labels, reduction="none")
         loss = bal.loss(per_sample)
-        bal.after_forward(unimodal.float(), labels)
         weight = bal.sample_weight
         scale = self.scaler.scale if self.scaler is not None else (lambda t: t)
         scale(loss / self.cfg.grad_accum).backward()
@@ -221,6 +221,7 @@ class Trainer:
             if finite is not None:
                 self._bad_step = torch.where((self._bad_step < 0) & ~finite, step, self._bad_step)
             self.optimizer.step()
+        bal.after_step()
         self.optimizer.zero_grad(set_to_none=True)
         self.global_step += 1
 

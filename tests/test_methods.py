@@ -299,3 +299,40 @@ def test_readme_balancer_example_runs(capsys):
     assert int(bal.state.step) == 6
     printed = capsys.readouterr().out
     assert "ratio/audio" in printed and "coeff/visual" in printed and "drop_prob/audio" in printed
+
+
+def test_loss_terms_of_a_method_count_and_every_event_is_emitted(gen, monkeypatch):
+    """A method that adds a loss term in after_forward: its term is in the loss when after_forward
+    comes first (the trainer's order), and loss() refuses to run before it. Every event of
+    EVENTS reaches the method, in order."""
+    from mmfast.methods import EVENTS, METHODS, Method
+
+    seen = []
+
+    class Penalty(Method):
+        name = "penalty"
+        adds_loss_terms = True
+
+        def after_forward(self, state):
+            state.extra_losses["penalty"] = state.unimodal_logits.square().mean() * 0 + 2.5
+
+    for event in EVENTS:
+        if event != "after_forward":
+            setattr(Penalty, event, lambda self, state, event=event: seen.append(event))
+    monkeypatch.setitem(METHODS, "penalty", Penalty)
+    monkeypatch.setattr("mmfast.methods.registry.NAMES", tuple(METHODS))
+    net = Net(0)
+    bal = mmfast.Balancer("penalty", encoders={"audio": net.audio, "visual": net.visual})
+    xa, xv, y = random_batch(gen)
+    bal.start_epoch(0)
+    fused, unimodal = net.head(bal.drop([net.audio(xa), net.visual(xv)]))
+    per_sample = F.cross_entropy(fused, y, reduction="none")
+    with pytest.raises(ValueError, match="call after_forward"):
+        bal.loss(per_sample)
+    bal.after_forward(unimodal, y)
+    assert torch.allclose(bal.loss(per_sample), per_sample.mean() + 2.5)
+    bal.loss(per_sample).backward()
+    bal.after_backward()
+    bal.after_step()
+    bal.end_epoch()
+    assert seen == ["fit_start", "epoch_start", "before_fusion", "after_backward", "after_step", "epoch_end"]

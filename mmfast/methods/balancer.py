@@ -1,6 +1,6 @@
 """``Balancer``: drives the balancing methods through a training step. mmfast's trainer runs
 its steps through it, and users who keep their own training loop call the same object from
-three places in their step::
+four places in their step::
 
     bal = mmfast.Balancer("ogm_ge", encoders={"audio": net.audio, "visual": net.visual}, alpha=0.8)
     for epoch in range(epochs):
@@ -12,7 +12,12 @@ three places in their step::
             opt.zero_grad(); loss.backward()
             bal.after_backward(unimodal, y)                # measures once, modulates the gradients
             opt.step()
+            bal.after_step()
         bal.end_epoch()
+
+A method that adds terms to the loss (``Method.adds_loss_terms``) needs the step's uni-modal
+logits before the loss: call ``bal.after_forward(unimodal, y)`` before ``bal.loss(...)`` (the
+trainer always does), then ``bal.after_backward()`` without arguments.
 
 Nothing here reads a tensor on the host: the step counter, drop probabilities and coefficients
 stay on the device (``bal.metrics`` holds the last step's, for logging when you choose).
@@ -87,7 +92,11 @@ class Balancer:
 
     def loss(self, per_sample_loss: torch.Tensor) -> torch.Tensor:
         """Mean of the per-sample task loss over the samples that stay in the loss, plus any loss
-        term a method added."""
+        term a method added (in after_forward, which must then come first)."""
+        adders = [m.name for m in self.methods if m.adds_loss_terms]
+        if adders and self.state.labels is None:
+            raise ValueError(f"Balancer.loss: method(s) {adders} add loss terms from the step's logits: call "
+                             f"after_forward(unimodal_logits, labels) before loss()")
         total = weighted_mean(per_sample_loss, self.state.sample_weight)
         for term in self.state.extra_losses.values():
             total = total + term
@@ -132,6 +141,10 @@ class Balancer:
         state.step.add_(1)
         state.begin_step()
         return stats
+
+    def after_step(self) -> None:
+        """After optimizer.step() (the step counter has moved on already)."""
+        self._emit("after_step")
 
     def state_dict(self) -> dict:
         return {"step": self.state.step.clone(), "epoch": self.state.epoch,

@@ -93,6 +93,7 @@ class Method:
     of their typed hyper-parameters) and override the hooks they need."""
 
     name: ClassVar[str] = ""
+    adds_loss_terms: ClassVar[bool] = False  # puts terms into state.extra_losses in after_forward
 
     @dataclasses.dataclass
     class Params:
