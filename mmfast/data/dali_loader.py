@@ -359,7 +359,8 @@ class DaliLoader(ClipLoader):
                 failed = feeder.split_failed()
                 self.pipe = self._build()  # DALI may leave the pipeline invalid after an error
                 if len(failed.clips) == 1:
-                    feeder.faults.setdefault(failed.group, []).append(self._clip_error(failed.clips[0], exc, feeder.epoch))
+                    err = self._clip_error(failed.clips[0], exc, feeder.epoch)
+                    feeder.faults.setdefault(failed.group, []).append(err)
                 continue
             piece = feeder.in_flight.popleft()
             done.setdefault(piece.group, []).append({n: _to_torch(o) for n, o in zip(names, outputs)})
