@@ -203,27 +203,32 @@ class Trainer:
         self._accumulate("samples", kept.sum())
         if not last_micro_batch:
             return
-        step = bal.state.step.clone()
-        bal.after_backward(scaler=self.scaler, optimizer=self.optimizer)  # (unscales the gradients first)
+        # A non-finite gradient stops the run (checked before modulation, on the gradients backward
+        # made); under a GradScaler the scaler skips the step instead (it finds the same non-finite
+        # gradients once unscaled, which after_backward does first), and the skips are counted.
+        # One foreach reduction over all gradients: a NaN or Inf anywhere makes the norm non-finite.
+        if self.scaler is None:
+            finite = self._grads_finite()
+            if finite is not None:
+                self._bad_step = torch.where((self._bad_step < 0) & ~finite, bal.state.step, self._bad_step)
+        bal.after_backward(scaler=self.scaler, optimizer=self.optimizer)
         for name, value in bal.metrics.items():
             self._accumulate(name, value)
-        # A non-finite gradient stops the run; under a GradScaler the scaler skips the step instead
-        # (it finds the same non-finite unscaled gradients), and the skips are counted. One foreach
-        # reduction over all gradients: a NaN or Inf anywhere makes the norm non-finite.
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        finite = torch.isfinite(torch.nn.utils.get_total_norm(grads, foreach=True)) if grads else None
         if self.scaler is not None:
+            finite = self._grads_finite()
             if finite is not None:
                 self._skipped_steps += ~finite
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
-            if finite is not None:
-                self._bad_step = torch.where((self._bad_step < 0) & ~finite, step, self._bad_step)
             self.optimizer.step()
         bal.after_step()
         self.optimizer.zero_grad(set_to_none=True)
         self.global_step += 1
+
+    def _grads_finite(self) -> torch.Tensor | None:
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        return torch.isfinite(torch.nn.utils.get_total_norm(grads, foreach=True)) if grads else None
 
     def _check_finite(self) -> None:
         """A logging point: read the device flag once."""
