@@ -46,11 +46,6 @@ class SkipReport:
     def copy(self) -> "SkipReport":
         return SkipReport(Counter(self.counts), list(self.examples), list(self.names))
 
-    def extend(self, other: "SkipReport") -> None:
-        self.counts.update(other.counts)
-        self.examples.extend(other.examples[: max(0, 10 - len(self.examples))])
-        self.names.extend(other.names)
-
     @property
     def total(self) -> int:
         return sum(self.counts.values())
