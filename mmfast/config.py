@@ -33,8 +33,9 @@ class DataSection:
 @dataclasses.dataclass
 class ModelSection:
     encoder: str = "small"  # "small" | "resnet18"
-    fusion: str = "concat"  # concat | sum | film | gated | mlp
+    fusion: str = "auto"  # auto (the method's default) | concat | sum | film | gated | mlp | late | irfb | boost
     width: int = 16  # small encoder width
+    irfb: dict | None = None  # fusion=irfb: IRFBEncoder options (dim, depth, heads, bottleneck_tokens, patch)
     weights: dict | None = None  # modality -> local ResNet-18 weights file
     estimator: str = "auto"  # "auto" | "split" (concat/sum only) | "zero_out"
 
@@ -73,7 +74,8 @@ class Config:
 
 CHOICES = {
     "data.backend": ("dali", "naive"), "data.audio": AUDIO_PRESETS, "data.on_error": ("raise", "skip"),
-    "model.encoder": ("small", "resnet18"), "model.fusion": ("concat", "sum", "film", "gated", "mlp"),
+    "model.encoder": ("small", "resnet18"),
+    "model.fusion": ("auto", "concat", "sum", "film", "gated", "mlp", "late", "irfb", "boost"),
     "model.estimator": ("auto", "split", "zero_out"), "optim.name": ("sgd", "adamw"),
     "optim.scheduler": ("step", "cosine", "none"), "device": ("auto", "cpu", "cuda"),
     "precision": ("fp32", "bf16", "fp16"),
@@ -136,7 +138,7 @@ def _build(cls, raw: dict, prefix: str):
         hint = hints[name]
         if dataclasses.is_dataclass(hint):
             values[name] = _build(hint, value or {}, f"{prefix}{name}.")
-        elif name == "hparams" or name in ("synth", "modalities", "weights"):
+        elif name == "hparams" or name in ("synth", "modalities", "weights", "irfb"):
             if value is not None and not isinstance(value, dict):
                 raise ValueError(f"config key {prefix + name!r} must be a mapping, got {value!r}")
             values[name] = dict(value) if value is not None else (None if name != "hparams" else {})
@@ -189,11 +191,27 @@ def check_config(cfg: Config) -> None:
         methods.create(cfg.method, **cfg.hparams)
     except ValueError as err:
         raise ValueError(f"config key 'hparams': {err}") from None
-    if cfg.model.estimator == "split" and cfg.model.fusion not in ("concat", "sum"):
+    fusion = resolved_fusion(cfg)
+    if fusion not in methods.fusions(cfg.method):
+        raise ValueError(f"config key 'model.fusion': method {cfg.method!r} works with fusion "
+                         f"{' or '.join(methods.fusions(cfg.method))}, got {fusion!r}")
+    if cfg.model.estimator == "split" and fusion not in ("concat", "sum"):
         raise ValueError(f"config key 'model.estimator': 'split' needs fusion concat or sum (fusion "
-                         f"{cfg.model.fusion!r} cannot be split by modality; use estimator=zero_out or auto)")
+                         f"{fusion!r} cannot be split by modality; use estimator=zero_out or auto)")
+    if cfg.model.estimator == "zero_out" and fusion in ("late", "irfb", "boost"):
+        raise ValueError(f"config key 'model.estimator': fusion {fusion!r} has a classifier per modality; "
+                         f"use estimator=auto")
+    if cfg.model.irfb and fusion != "irfb":
+        raise ValueError(f"config key 'model.irfb' sets IRFB options but the fusion is {fusion!r}")
     if not cfg.data.root:
         raise ValueError("config key 'data.root' is empty: set the dataset folder, e.g. data.root=data/cremad")
+
+
+def resolved_fusion(cfg: Config) -> str:
+    """model.fusion, with "auto" resolved to the method's default (concat; late for olm; boost)."""
+    from . import methods
+
+    return methods.fusions(cfg.method)[0] if cfg.model.fusion == "auto" else cfg.model.fusion
 
 
 def dump_config(cfg: Config, path: Path) -> None:

@@ -4,11 +4,15 @@ the object users with their own loop call too. Per step:
 
     features = model.encode(batch)                 # [B, d_m] per modality (unused ones: zeros)
     features = balancer.drop(features)             # before_fusion (OPM, ModDrop, unimodal)
-    fused, unimodal = model.head(features)
-    loss = weighted CE over the kept samples (+ method loss terms)
-    balancer.after_forward(unimodal, labels)       # measure once, update device state
+    fused, unimodal, *extra = model.head(features)
+    balancer.after_forward(unimodal, labels, ...)  # measure once, update device state, loss terms
+    loss = weighted CE over the kept samples (+ method loss terms), or the method's task loss
     loss.backward(); balancer.after_backward()     # modulate unscaled gradients (OGM family)
-    optimizer.step()
+    optimizer.step(); balancer.after_step()
+
+(A method that updates the modalities in turn, boost's alternating update, makes one such
+sub-step per modality: ``balancer.update_parts()``.) Heads with a classifier per modality
+(late, irfb) train those too: the task loss is the sum of every head's cross-entropy.
 
 Nothing in a step reads a tensor on the host: losses, accuracies, ratios and coefficients are
 summed on the device and read once per logging interval (the progress bar) and at epoch ends.
@@ -30,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from . import config as config_mod
-from .methods import Balancer
+from .methods import Balancer, join_optimizer
 from .estimators import zero_out_logits
 from .evaluation import classification_metrics, linear_probe_accuracy
 from .models import build_model
@@ -100,8 +104,10 @@ class Trainer:
         for split in ("val", "test"):
             if index.splits.get(split):
                 self.loaders[split] = build_loader(dcfg, split, cfg.data.backend, train=False)
-        self.model = build_model(self.modalities, len(self.classes), encoder=cfg.model.encoder,
-                                 fusion=cfg.model.fusion, width=cfg.model.width, weights=cfg.model.weights)
+        self.fusion = config_mod.resolved_fusion(cfg)
+        self.model = build_model(self.modalities, len(self.classes), encoder=cfg.model.encoder, fusion=self.fusion,
+                                 width=cfg.model.width, weights=cfg.model.weights, in_dims=self._sequence_dims(dcfg),
+                                 irfb=cfg.model.irfb)
         self.model.to(self.device)
         if cfg.channels_last:
             self.model.to(memory_format=torch.channels_last)
@@ -109,9 +115,16 @@ class Trainer:
         self.scheduler = self._make_scheduler()
         try:
             self.balancer = Balancer(cfg.method, dict(self.model.encoders.items()), seed=cfg.seed, device=self.device,
-                                     measure=True, **cfg.hparams)
+                                     measure=True, head=self.model.fusion, optimizer=self.optimizer,
+                                     scheduler=self.scheduler, **cfg.hparams)
         except ValueError as err:
             raise ValueError(f"config key 'hparams' (method {cfg.method!r}): {err}") from None
+        if self.balancer.wants_head_losses(None) and "val" not in self.loaders:
+            raise ValueError(f"method {cfg.method!r} (hparams {cfg.hparams}) measures validation losses: the dataset "
+                             f"has no val split")
+        if len(self.balancer.update_parts()) > 1 and cfg.grad_accum > 1:
+            raise ValueError("config key 'grad_accum': an update in turns per modality (boost.update=alternating) "
+                             "takes one batch per step; set grad_accum=1")
         amp_device = self.device.type
         self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
         self.scaler = torch.amp.GradScaler(amp_device) if cfg.precision == "fp16" else None
@@ -137,6 +150,13 @@ class Trainer:
         random.seed(seed)
         np.random.seed(seed % 2**32)
         torch.manual_seed(seed)
+
+    def _sequence_dims(self, dcfg) -> dict[str, int]:
+        """Input sizes IRFB's token stems need: frequency bins of spectrograms (or the mel bins
+        of [T, mel] filter banks, whose stem reads them as feature sequences)."""
+        recipe = dcfg.audio
+        return {name: recipe.shape[1] if recipe.features == "fbank" else recipe.shape[0]
+                for name, kind in self.modalities.items() if kind == "audio"}
 
     def _make_optimizer(self):
         o = self.cfg.optim
@@ -170,9 +190,20 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def _unimodal(self, features, fused_unimodal):
-        if self.cfg.model.estimator == "zero_out" and self.cfg.model.fusion in ("concat", "sum"):
+        if self.cfg.model.estimator == "zero_out" and self.fusion in ("concat", "sum"):
             return zero_out_logits(lambda fs: self.model.head(fs)[0], features)
         return fused_unimodal
+
+    def _forward(self, inputs, skip=(), drop=None):
+        """Encode, drop the modalities' features (`drop`: features -> features), fuse. Returns
+        (fused, unimodal, the head's extras)."""
+        M = len(self.modalities)
+        encoded = self.model.encode(inputs, skip=skip)
+        features, fused_repr = encoded[:M], encoded[M:]  # (IRFB: the fused representation follows)
+        if drop is not None:
+            features = drop(features)
+        fused, unimodal, *extra = self.model.head(features + fused_repr)
+        return fused, self._unimodal(features, unimodal), (extra[0] if extra else {})
 
     def _accumulate(self, name: str, value: torch.Tensor) -> None:
         value = value.detach().float()
@@ -181,14 +212,29 @@ class Trainer:
 
     def train_step(self, batch, *, last_micro_batch: bool = True) -> None:
         inputs, labels = self._inputs(batch)
+        for part in self.balancer.update_parts():
+            self._train_part(inputs, labels, part, last_micro_batch)
+        if last_micro_batch:
+            self.global_step += 1  # training steps (one optimizer step per part)
+
+    def _train_part(self, inputs, labels, part, last_micro_batch: bool) -> None:
+        """One (sub-)step: every modality (part None), or the modalities of `part` (the others
+        are not encoded and their losses are left out)."""
         bal = self.balancer
+        skip = set(bal.unused_modalities) | ({m for m in self.modalities if m not in part} if part else set())
         with self._autocast():
-            features = bal.drop(self.model.encode(inputs, skip=bal.unused_modalities))
-            fused, unimodal = self.model.head(features)
-            unimodal = self._unimodal(features, unimodal)
-        bal.after_forward(unimodal.float(), labels)  # (before the loss: methods may add loss terms)
+            fused, unimodal, extra = self._forward(inputs, skip=skip, drop=lambda f: bal.drop(f, part=part))
+        # (before the loss: methods may add loss terms or compute the task loss)
+        bal.after_forward(unimodal.float(), labels, fused=fused, extras=extra)
         per_sample = F.cross_entropy(fused.float(), labels, reduction="none")
-        loss = bal.loss(per_sample)
+        if bal.computes_task_loss:
+            loss = bal.loss()
+        elif getattr(self.model.fusion, "trains_unimodal", False):  # late heads: every head's cross-entropy
+            M, B, C = unimodal.shape
+            per_head = F.cross_entropy(unimodal.float().reshape(M * B, C), labels.repeat(M), reduction="none")
+            loss = bal.loss(per_sample + per_head.view(M, B).sum(dim=0))
+        else:
+            loss = bal.loss(per_sample)
         weight = bal.sample_weight
         scale = self.scaler.scale if self.scaler is not None else (lambda t: t)
         scale(loss / self.cfg.grad_accum).backward()
@@ -198,7 +244,7 @@ class Trainer:
             self._bad_step = torch.where((self._bad_step < 0) & ~torch.isfinite(loss), bal.state.step, self._bad_step)
         correct = (fused.argmax(dim=1) == labels).float()
         kept = weight if weight is not None else torch.ones_like(correct)
-        self._accumulate("loss", per_sample.detach() @ kept)
+        self._accumulate("loss", per_sample.detach() @ kept)  # the fused head's cross-entropy, for every method
         self._accumulate("correct", correct @ kept)
         self._accumulate("samples", kept.sum())
         if not last_micro_batch:
@@ -224,7 +270,6 @@ class Trainer:
             self.optimizer.step()
         bal.after_step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.global_step += 1
 
     def _grads_finite(self) -> torch.Tensor | None:
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
@@ -317,21 +362,21 @@ class Trainer:
         loader = self.loaders[split]
         self.model.eval()
         fused_all, uni_all, labels_all = [], [], []
-        probs = None
+        drop = None
         if missing:
+            if self.model.fused_representation:
+                raise ValueError(f"missing-modality evaluation drops pooled features; fusion {self.fusion!r} fuses "
+                                 f"inside the encoders")
             unknown = sorted(set(missing) - set(self.modalities))
             if unknown:
                 raise ValueError(f"missing-modality evaluation names {unknown}, not modalities {list(self.modalities)}")
             probs = torch.tensor([float(missing.get(m, 0.0)) for m in self.modalities], device=self.device)
             gen = torch.Generator(device=self.device).manual_seed(seed)
+            drop = lambda features: feature_drop(features, probs, generator=gen).features  # noqa: E731
         for batch in loader:
             inputs, labels = self._inputs(batch)
             with self._autocast():
-                features = self.model.encode(inputs, skip=self.balancer.unused_modalities)
-                if probs is not None:
-                    features = feature_drop(features, probs, generator=gen).features
-                fused, unimodal = self.model.head(features)
-                unimodal = self._unimodal(features, unimodal)
+                fused, unimodal, _ = self._forward(inputs, skip=self.balancer.unused_modalities, drop=drop)
             fused_all.append(fused.float())
             uni_all.append(unimodal.float())
             labels_all.append(labels)
@@ -340,9 +385,11 @@ class Trainer:
         labels = torch.cat(labels_all).cpu()
         C = len(self.classes)
         out = {f"{split}/{k}": v for k, v in classification_metrics(fused, labels, C).items()}
+        out[f"{split}/loss"] = float(F.cross_entropy(fused, labels))
         for m, name in enumerate(self.modalities):
             for k, v in classification_metrics(unimodal[m], labels, C).items():
                 out[f"{split}/{k}/{name}"] = v
+            out[f"{split}/loss/{name}"] = float(F.cross_entropy(unimodal[m], labels))
         out[f"{split}/samples"] = len(labels)
         skipped = loader.skipped_at_build.names + loader.last_epoch_skipped.names
         out[f"{split}/skipped"] = len(skipped)
@@ -365,12 +412,7 @@ class Trainer:
 
     def linear_probe(self, train_split: str = "train", test_split: str = "test") -> dict[str, float]:
         """The papers' linear probe of each encoder (frozen features, fresh linear classifier)."""
-        from .data import build_loader
-
-        if f"{train_split}_eval" not in self.loaders:  # training clips through evaluation transforms
-            self.loaders[f"{train_split}_eval"] = build_loader(data_config(self.cfg, self.device), train_split,
-                                                              self.cfg.data.backend, train=False)
-        train_x, train_y = self.encoder_features(f"{train_split}_eval")
+        train_x, train_y = self.encoder_features(self._eval_split(train_split))
         test_x, test_y = self.encoder_features(test_split)
         return {f"probe/acc/{name}": linear_probe_accuracy(train_x[name], train_y, test_x[name], test_y, seed=self.cfg.seed)
                 for name in self.modalities}
@@ -382,12 +424,16 @@ class Trainer:
         max_steps stops early (as if killed) once the run has made that many optimizer steps in
         all: for resume tests."""
         started = time.perf_counter()
+        if self.global_step == 0 and self.balancer.wants_head_losses(None):
+            self._observe_head_losses(None, self.evaluate("val"))  # the initial losses, once
         while self.epoch < self.cfg.epochs:
             metrics = self.train_epoch(max_steps=max_steps)
             if metrics is None:
                 return None
             if "val" in self.loaders:
                 metrics.update(self.evaluate("val"))
+            if self.balancer.wants_head_losses(self.epoch):
+                self._observe_head_losses(self.epoch, metrics)
             metrics = {"epoch": self.epoch, **metrics}
             self._log(metrics)
             improved = "val" not in self.loaders or metrics["val/acc"] > self.best["val/acc"]
@@ -407,6 +453,25 @@ class Trainer:
 
         plot_run(self.out)
         return summary
+
+    def _observe_head_losses(self, epoch: int | None, val_metrics: dict) -> None:
+        """Per-head losses [modalities..., fused] on val and on the training split (evaluation
+        transforms, like val) for the methods that rebalance from them (OLM's gc)."""
+        train_metrics = self.evaluate(self._eval_split("train"))
+        order = [f"/loss/{m}" for m in self.modalities] + ["/loss"]
+        val = torch.tensor([val_metrics["val" + key] for key in order])
+        train = torch.tensor([train_metrics["train_eval" + key] for key in order])
+        self.balancer.observe_head_losses(val, train, epoch=epoch)
+
+    def _eval_split(self, split: str) -> str:
+        """`split`'s clips through evaluation transforms, as a loader named "{split}_eval"."""
+        from .data import build_loader
+
+        name = f"{split}_eval"
+        if name not in self.loaders:
+            self.loaders[name] = build_loader(data_config(self.cfg, self.device), split, self.cfg.data.backend,
+                                              train=False)
+        return name
 
     def _log(self, metrics: dict) -> None:
         with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
@@ -453,9 +518,13 @@ class Trainer:
         if not path.exists():
             raise FileNotFoundError(f"no checkpoint at {path} to resume from")
         state = torch.load(path, map_location=self.device, weights_only=False)
-        self.model.load_state_dict(state["model"])
+        self.model.load_state_dict(state["model"])  # (a head whose classifier count changed resizes first)
         if weights_only:
             return
+        # Classifiers added during training (boost) joined the optimizer as groups, in order.
+        added = getattr(self.model.fusion, "added_parameter_groups", lambda: [])()
+        for params in added[len(self.optimizer.param_groups) - 1:]:
+            join_optimizer(self.balancer.state, params)
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state["scheduler"] is not None:
             self.scheduler.load_state_dict(state["scheduler"])

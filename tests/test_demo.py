@@ -15,7 +15,8 @@ def test_demo_trains_every_method_and_writes_the_table(tmp_path):
     results = run_demo(tmp_path / "runs", tmp_path / "data", epochs=1, clips=30, progress=False, echo=printed.append)
     labels = [label for label, _, _ in demo_runs("audio")]
     assert list(results["audio"]) == labels
-    assert {"joint", "unimodal audio", "unimodal visual", "ogm", "ogm_ge", "opm", "opm_ogm", "moddrop"} == set(labels)
+    assert {"joint", "unimodal audio", "unimodal visual", "ogm", "ogm_ge", "opm", "opm_ogm", "moddrop", "olm",
+            "boost"} == set(labels)
     for label, rows in results["audio"].items():
         row = rows[0]
         assert 0 <= row["fused"] <= 1 and 0 <= row["audio"] <= 1 and 0 <= row["visual"] <= 1, label

@@ -131,12 +131,15 @@ def test_under_a_grad_scaler_a_non_finite_step_is_skipped_and_counted(dataset, t
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
 
 
-@pytest.mark.parametrize("method", ["joint", "unimodal", "ogm_ge", "opm", "opm_ogm", "moddrop"])
+@pytest.mark.parametrize("method", ["joint", "unimodal", "ogm_ge", "opm", "opm_ogm", "moddrop", "olm", "olm_irfb",
+                                    "boost", "boost_alternating"])
 def test_training_steps_read_nothing_on_the_host(dataset, tmp_path, monkeypatch, method):
     from test_methods import count_host_reads
 
-    hp = {"moddrop": ["hparams.probs={audio: 0.3}"], "unimodal": ["hparams.modality=audio"]}.get(method, [])
-    trainer = Trainer(make_config(dataset, tmp_path / method, f"method={method}", "epochs=1", *hp))
+    hp = {"moddrop": ["hparams.probs={audio: 0.3}"], "unimodal": ["hparams.modality=audio"],
+          "olm_irfb": ["model.fusion=irfb", "model.irfb={dim: 16, depth: 1}"],
+          "boost_alternating": ["hparams.update=alternating"]}.get(method, [])
+    trainer = Trainer(make_config(dataset, tmp_path / method, f"method={method.split('_')[0]}", "epochs=1", *hp))
     original = trainer.train_step
     reads = []
 
@@ -168,6 +171,12 @@ def test_missing_modality_evaluation_and_linear_probe(dataset, tmp_path):
     (["method=ogm_ge", "hparams.alpha=-1"], "hparams"),
     (["method=unimodal", "hparams.modality=depth"], "unimodal.modality='depth'"),
     (["method=moddrop", "hparams.probs={depth: 0.5}"], "moddrop.probs names"),
+    (["method=boost", "model.fusion=concat"], "method 'boost' works with fusion boost"),
+    (["method=opm", "model.fusion=irfb"], "method 'opm' works with fusion concat or sum"),
+    (["method=olm", "model.estimator=zero_out"], "has a classifier per modality"),
+    (["model.irfb={dim: 16}"], "model.irfb"),
+    (["method=boost", "hparams.update=alternating", "grad_accum=2"], "grad_accum"),
+    (["method=boost", "hparams.update=both"], "boost.update must be one of"),
 ])
 def test_configuration_errors_fail_at_start_up_naming_the_key(dataset, tmp_path, overrides, needle):
     with pytest.raises(ValueError, match=needle):
@@ -220,6 +229,7 @@ def test_tensorboard_events_when_tensorboard_is_installed(dataset, tmp_path, mon
     ["precision=bf16", "method=ogm_ge"], ["precision=fp16", "method=opm"], ["channels_last=true", "method=ogm_ge"],
     ["grad_accum=2", "method=opm_ogm"], ["optim.name=adamw", "optim.scheduler=cosine"],
     ["data.backend=naive", "data.num_workers=0"], ["model.fusion=mlp", "method=ogm"],
+    ["model.fusion=late", "method=ogm_ge"], ["model.fusion=irfb", "model.irfb={dim: 16, depth: 1}", "method=ogm"],
 ])
 def test_engine_options_train(dataset, tmp_path, overrides):
     trainer = Trainer(make_config(dataset, tmp_path / "opt", "epochs=1", *overrides))

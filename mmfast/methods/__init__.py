@@ -12,6 +12,8 @@
 | opm | drop the dominant modality's features with adaptive probability | feature_dropping.py |
 | moddrop | drop features with fixed per-modality probabilities | feature_dropping.py |
 | opm_ogm | opm and ogm_ge together | (opm + ogm_ge) |
+| olm | learned logit coefficients towards rebalanced target norms (late or irfb heads) | olm.py |
+| boost | sustained boosting: growing per-modality classifiers, adaptive assignment (boost head) | boost.py |
 
 ``Balancer`` (balancer.py) drives the methods through a step: the trainer uses it, and so can a
 user's own training loop.
@@ -19,9 +21,9 @@ user's own training loop.
 from __future__ import annotations
 
 from .balancer import Balancer
-from .base import EVENTS, Method, StepState, merge_balance_params
+from .base import EVENTS, Method, StepState, join_optimizer, merge_balance_params
 from .ogm import select_encoder_params
-from .registry import COMBINATIONS, METHODS, NAMES, create, hyper_parameters
+from .registry import COMBINATIONS, METHODS, NAMES, create, fusions, hyper_parameters
 
-__all__ = ["Balancer", "COMBINATIONS", "EVENTS", "METHODS", "NAMES", "Method", "StepState", "create",
-           "hyper_parameters", "merge_balance_params", "select_encoder_params"]
+__all__ = ["Balancer", "COMBINATIONS", "EVENTS", "METHODS", "NAMES", "Method", "StepState", "create", "fusions",
+           "hyper_parameters", "join_optimizer", "merge_balance_params", "select_encoder_params"]

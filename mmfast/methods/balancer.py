@@ -19,6 +19,16 @@ A method that adds terms to the loss (``Method.adds_loss_terms``) needs the step
 logits before the loss: call ``bal.after_forward(unimodal, y)`` before ``bal.loss(...)`` (the
 trainer always does), then ``bal.after_backward()`` without arguments.
 
+Methods that train classifiers of their own (olm, boost: ``bal.computes_task_loss``) compute the
+task loss from the head's trainable logits: pass them with ``after_forward(unimodal, y,
+fused=fused, extras=extra)`` and call ``bal.loss()`` without a per-sample loss. Give the
+Balancer the head (``head=``), and the optimizer and scheduler when a method adds parameters
+during training (boost's classifiers join the optimizer). OLM's rebalancing factors need per-head
+validation and training losses: call ``bal.observe_head_losses(val, train, epoch=...)`` before
+training (epoch None) and after the epochs ``bal.wants_head_losses(epoch)`` names. Boost's
+alternating update trains one modality per sub-step: run a step for every part of
+``bal.update_parts()``, passing it to ``bal.drop(features, part=part)``.
+
 Nothing here reads a tensor on the host: the step counter, drop probabilities and coefficients
 stay on the device (``bal.metrics`` holds the last step's, for logging when you choose).
 """
@@ -36,12 +46,14 @@ from .registry import create
 
 class Balancer:
     def __init__(self, method: str, encoders: Mapping[str, nn.Module], *, seed: int = 0,
-                 device: torch.device | str | None = None, measure: bool = False, **hparams):
+                 device: torch.device | str | None = None, measure: bool = False, head: nn.Module | None = None,
+                 optimizer: torch.optim.Optimizer | None = None, scheduler=None, **hparams):
         """method: a name of mmfast.methods.NAMES; encoders: modality name -> encoder module, in
         the order of the features and uni-modal logits you pass; seed: the noise key and drop
         generator seed; measure: compute the balance statistics every step even when no method
         needs them (to monitor plain joint training); hparams: the method's hyper-parameters
-        (mmfast.methods.hyper_parameters)."""
+        (mmfast.methods.hyper_parameters); head: the model's head module (the methods that train
+        classifiers of their own need it); optimizer, scheduler: the loop's (see the module doc)."""
         if not isinstance(encoders, Mapping) or len(encoders) < 2:
             raise ValueError("Balancer: encoders must map at least two modality names to their encoder modules")
         for name, module in encoders.items():
@@ -54,7 +66,9 @@ class Balancer:
             device = first.device if first is not None else torch.device("cpu")
         self.methods = create(method, **hparams)
         self.state = StepState(list(encoders), seed=seed, device=torch.device(device), encoders=encoders,
-                                        balance_params=merge_balance_params(self.methods))
+                               balance_params=merge_balance_params(self.methods), head=head)
+        self.state.optimizer, self.state.scheduler = optimizer, scheduler
+        self.computes_task_loss = any(m.computes_task_loss for m in self.methods)
         self.metrics: dict[str, torch.Tensor] = {}
         self.measure = bool(measure)
         self._emit("fit_start")
@@ -74,13 +88,40 @@ class Balancer:
     def end_epoch(self) -> None:
         self._emit("epoch_end")
 
-    def drop(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    def update_parts(self) -> list[tuple[str, ...] | None]:
+        """The sub-steps of a training step: [None] (one step, every modality) unless a method
+        updates modalities in turn (boost's alternating update: one part per modality)."""
+        parts = [p for m in self.methods if (p := m.update_parts(self.state)) != [None]]
+        return parts[0] if parts else [None]
+
+    def wants_head_losses(self, epoch: int | None) -> bool:
+        """Whether a method needs per-head losses before training (epoch None) or after `epoch`."""
+        return any(m.wants_head_losses(epoch) for m in self.methods)
+
+    def observe_head_losses(self, val: torch.Tensor, train: torch.Tensor, *, epoch: int | None) -> None:
+        """Per-head mean cross-entropies [M + 1] (the modalities' classifiers, then the fused one)
+        on the validation and training splits, measured before training (epoch None) or after
+        epoch `epoch`."""
+        M = len(self.state.modalities)
+        for name, t in (("val", val), ("train", train)):
+            if not isinstance(t, torch.Tensor) or t.shape != (M + 1,):
+                raise ValueError(f"Balancer.observe_head_losses: {name} must be a tensor [{M + 1}] (one loss per "
+                                 f"modality, then the fused head), got {tuple(getattr(t, 'shape', ())) or t!r}")
+        self.state.head_losses = {"val": val.float().to(self.state.device), "train": train.float().to(self.state.device),
+                                  "initial": epoch is None, "epoch": epoch}
+        self._emit("head_losses")
+
+    def drop(self, features: Sequence[torch.Tensor], *, part: Sequence[str] | None = None) -> list[torch.Tensor]:
         """The features to fuse: dropped and rescaled by OPM/ModDrop, unchanged otherwise. Starts
-        a new (micro-)batch: the previous one's masks and logits are forgotten."""
+        a new (micro-)batch: the previous one's masks and logits are forgotten. `part`: the
+        modalities this sub-step trains (an item of update_parts())."""
         features = list(features)
         if len(features) != len(self.state.modalities):
             raise ValueError(f"Balancer.drop: {len(features)} feature tensors for modalities {self.state.modalities}")
+        if part is not None and not set(part) <= set(self.state.modalities):
+            raise ValueError(f"Balancer.drop: part {part!r} names no modalities of {self.state.modalities}")
         self.state.begin_batch()
+        self.state.part = None if part is None else tuple(part)
         self.state.features = features
         self._emit("before_fusion")
         return self.state.features
@@ -90,31 +131,48 @@ class Balancer:
         """[B]: 0 for samples whose every modality was dropped this step (None: all count)."""
         return self.state.sample_weight
 
-    def loss(self, per_sample_loss: torch.Tensor) -> torch.Tensor:
+    def loss(self, per_sample_loss: torch.Tensor | None = None) -> torch.Tensor:
         """Mean of the per-sample task loss over the samples that stay in the loss, plus any loss
-        term a method added (in after_forward, which must then come first)."""
-        adders = [m.name for m in self.methods if m.adds_loss_terms]
+        term a method added (in after_forward, which must then come first). With a method that
+        computes the task loss itself (computes_task_loss), pass nothing."""
+        adders = [m.name for m in self.methods if m.adds_loss_terms or m.computes_task_loss]
         if adders and self.state.labels is None:
-            raise ValueError(f"Balancer.loss: method(s) {adders} add loss terms from the step's logits: call "
-                             f"after_forward(unimodal_logits, labels) before loss()")
-        total = weighted_mean(per_sample_loss, self.state.sample_weight)
+            raise ValueError(f"Balancer.loss: method(s) {adders} compute loss terms from the step's logits: call "
+                             f"after_forward(unimodal_logits, labels, ...) before loss()")
+        if self.computes_task_loss:
+            if per_sample_loss is not None:
+                raise ValueError(f"Balancer.loss: method(s) {adders} compute the task loss from the heads' logits; "
+                                 f"call loss() without a per-sample loss")
+            total = self.state.task_loss
+        elif per_sample_loss is None:
+            raise ValueError("Balancer.loss: pass the per-sample task loss [B]")
+        else:
+            total = weighted_mean(per_sample_loss, self.state.sample_weight)
         for term in self.state.extra_losses.values():
             total = total + term
         return total
 
-    def after_forward(self, unimodal_logits: torch.Tensor, labels: torch.Tensor) -> None:
+    def after_forward(self, unimodal_logits: torch.Tensor, labels: torch.Tensor, *, fused: torch.Tensor | None = None,
+                      extras: Mapping | None = None) -> None:
         """Hand over this (micro-)batch's uni-modal logits [M, B, C] and labels: the methods measure
         (balance statistics, once) and update their device state (OPM's next probabilities).
         Optional: after_backward does it when given the logits. With gradient accumulation, call
-        it for every micro-batch and after_backward() once, before the optimizer step."""
+        it for every micro-batch and after_backward() once, before the optimizer step. Methods
+        that compute the task loss need the head's trainable logits: the uni-modal ones (not
+        detached), `fused` and the head's `extras`."""
         if not isinstance(unimodal_logits, torch.Tensor) or unimodal_logits.dim() != 3 \
                 or unimodal_logits.shape[0] != len(self.state.modalities):
             raise ValueError(f"Balancer: unimodal_logits must be [M={len(self.state.modalities)}, B, C], got "
                              f"{tuple(getattr(unimodal_logits, 'shape', ()))}")
+        computers = [m.name for m in self.methods if m.computes_task_loss]
+        if computers and fused is None:
+            raise ValueError(f"Balancer.after_forward: method(s) {computers} compute the task loss from the head's "
+                             f"logits: pass fused= (and extras= when the head returns them)")
+        self.state.head_logits = {"fused": fused, "unimodal": unimodal_logits, **dict(extras or {})}
         self.state.unimodal_logits = unimodal_logits.detach()
         self.state.labels = labels
         self._emit("after_forward")
-        if self.measure:
+        if self.measure and self.state.part is None:  # (a sub-step's other rows come from zeroed features)
             self.state.stats()  # (computed once: a method may have asked already)
 
     def after_backward(self, unimodal_logits: torch.Tensor | None = None, labels: torch.Tensor | None = None, *,

@@ -6,10 +6,13 @@ step:
     fit_start      once, before the first step: a method may allocate device state
     epoch_start    at the start of each epoch
     before_fusion  features of every modality are in ``state.features``: a method may drop them
-    after_forward  fused and uni-modal logits are known: a method may measure and add loss terms
+    after_forward  fused and uni-modal logits are known: a method may measure, add loss terms or
+                   compute the task loss itself
     after_backward gradients are in ``.grad`` (unscaled): a method may modulate them
     after_step     after the optimizer step
     epoch_end      at the end of each epoch
+    head_losses    per-head validation and training losses were measured (``state.head_losses``):
+                   once before training and at the epochs a method asks for (OLM's rebalancing)
 
 Everything a method reads or writes during a step lives on the device: hooks must not read
 tensors on the host (no ``.item()``, no Python branching on tensor values). Epoch numbers are
@@ -24,7 +27,12 @@ import torch
 
 from ..ops import BalanceStats, balance_stats
 
-EVENTS = ("fit_start", "epoch_start", "before_fusion", "after_forward", "after_backward", "after_step", "epoch_end")
+EVENTS = ("fit_start", "epoch_start", "before_fusion", "after_forward", "after_backward", "after_step", "epoch_end",
+          "head_losses")
+# Model fusions (mmfast.models.FUSION_NAMES) a method accepts unless it says otherwise: not
+# "boost", whose classifiers only the boost method trains.
+GENERIC_FUSIONS = ("concat", "sum", "film", "gated", "mlp", "late", "irfb")
+POOLED_FUSIONS = ("concat", "sum", "film", "gated", "mlp", "late")  # fusion after the encoders' pooled features
 
 # The balance_stats parameters a method may ask for, with their defaults (mmfast.ops.balance).
 BALANCE_DEFAULTS = {"kind": "ratio", "alpha": 0.8, "form": "paper", "z": "tanh", "q_base": 0.5, "lam": 0.5}
@@ -41,15 +49,27 @@ class StepState:
     labels [B]; unimodal_logits [M, B, C] (detached measurements);
     keep: [M, B] mask of kept features (set by a dropping method; masks the scores);
     sample_weight: [B] or None, 1 for samples that stay in the loss;
+    head_logits: the head's outputs with autograd: "fused" [B, C], "unimodal" [M, B, C] and any
+        further item the head returned (boost: "classifiers");
+    task_loss: scalar set by a method that computes the task loss itself (``computes_task_loss``);
     extra_losses: name -> scalar tensor added to the task loss;
-    metrics: name -> device tensor, read by the loop only at logging points.
+    part: None, or the modalities this (sub-)step trains when a method updates them in turn;
+    metrics: name -> device tensor, read by the loop only at logging points;
+    head: the model's head module; optimizer, scheduler: the loop's (a method that adds
+        parameters during training, such as boost's classifiers, joins them to it);
+    head_losses: "val" and "train" [M + 1] per-head losses (modalities, then fused), "initial".
     """
 
     def __init__(self, modalities: Sequence[str], *, seed: int, device: torch.device,
                  encoders: Mapping[str, torch.nn.Module] | None = None,
-                 balance_params: dict[str, Any] | None = None):
+                 balance_params: dict[str, Any] | None = None, head: torch.nn.Module | None = None):
         self.modalities = list(modalities)
         self.encoders = dict(encoders or {})  # modality name -> encoder module, in modality order
+        self.head = head
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler = None
+        self.head_losses: dict[str, Any] = {}
+        self.part: tuple[str, ...] | None = None
         self.seed = int(seed)
         self.device = torch.device(device)
         self.step = torch.zeros((), dtype=torch.int64, device=self.device)
@@ -66,6 +86,8 @@ class StepState:
         self.unimodal_logits: torch.Tensor | None = None
         self.keep: torch.Tensor | None = None
         self.sample_weight: torch.Tensor | None = None
+        self.head_logits: dict[str, Any] = {}
+        self.task_loss: torch.Tensor | None = None
         self.extra_losses: dict[str, torch.Tensor] = {}
         self._stats: BalanceStats | None = None
 
@@ -94,6 +116,8 @@ class Method:
 
     name: ClassVar[str] = ""
     adds_loss_terms: ClassVar[bool] = False  # puts terms into state.extra_losses in after_forward
+    computes_task_loss: ClassVar[bool] = False  # sets state.task_loss in after_forward
+    fusions: ClassVar[tuple[str, ...]] = GENERIC_FUSIONS  # model fusions it works with; the first is its default
 
     @dataclasses.dataclass
     class Params:
@@ -111,6 +135,16 @@ class Method:
         evaluation alike (the loop need not run their encoders). Asked after fit_start."""
         return set()
 
+    def update_parts(self, state: "StepState") -> list[tuple[str, ...] | None]:
+        """The (sub-)steps of one training step, each training the named modalities (None: all,
+        one step). A method that updates modalities in turn returns one part per modality."""
+        return [None]
+
+    def wants_head_losses(self, epoch: int | None) -> bool:
+        """Whether the loop should measure per-head validation and training losses (the
+        head_losses event) before training (epoch None) or after epoch `epoch`."""
+        return False
+
     def fit_start(self, state: StepState) -> None: ...
     def epoch_start(self, state: StepState) -> None: ...
     def before_fusion(self, state: StepState) -> None: ...
@@ -118,6 +152,7 @@ class Method:
     def after_backward(self, state: StepState) -> None: ...
     def after_step(self, state: StepState) -> None: ...
     def epoch_end(self, state: StepState) -> None: ...
+    def head_losses(self, state: StepState) -> None: ...
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -187,3 +222,21 @@ def merge_balance_params(methods: Sequence[Method]) -> dict[str, Any]:
                                  f"({merged[key]!r} vs {value!r}) for the shared balance statistics")
             merged[key], owner[key] = value, method.name
     return merged
+
+
+def join_optimizer(state: StepState, params: Sequence[torch.nn.Parameter]) -> None:
+    """Parameters created during training join the loop's optimizer as a new parameter group
+    with the learning rate the scheduler has reached (group 0's) and its initial rate, so that
+    the scheduler drives them like the rest; their momentum/Adam state starts at zero, as for
+    any fresh parameter."""
+    optimizer, scheduler = state.optimizer, state.scheduler
+    if optimizer is None:
+        raise RuntimeError("a method adds parameters during training but the loop gave no optimizer: pass "
+                           "optimizer= (and scheduler=) to Balancer")
+    reference = optimizer.param_groups[0]
+    group = {k: v for k, v in reference.items() if k != "params"}
+    optimizer.add_param_group({**group, "params": list(params)})
+    if scheduler is not None:
+        scheduler.base_lrs.append(reference.get("initial_lr", reference["lr"]))
+        if hasattr(scheduler, "_last_lr"):
+            scheduler._last_lr.append(reference["lr"])

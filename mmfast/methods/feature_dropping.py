@@ -16,7 +16,7 @@ import torch
 
 from ..ops import feature_drop
 from ..ops.balance import KINDS, ZS
-from .base import Method, StepState, WindowParams, check_choice, check_number
+from .base import POOLED_FUSIONS, Method, StepState, WindowParams, check_choice, check_number
 
 
 def apply_drop(state: StepState, probs: torch.Tensor, p_exe: float) -> None:
@@ -29,6 +29,7 @@ def apply_drop(state: StepState, probs: torch.Tensor, p_exe: float) -> None:
 
 class OPM(Method):
     name = "opm"
+    fusions = POOLED_FUSIONS  # they drop pooled features after the encoders: not with IRFB
 
     @dataclasses.dataclass
     class Params(WindowParams):
@@ -72,6 +73,7 @@ class OPM(Method):
 
 class ModDrop(Method):
     name = "moddrop"
+    fusions = POOLED_FUSIONS  # they drop pooled features after the encoders: not with IRFB
 
     @dataclasses.dataclass
     class Params:

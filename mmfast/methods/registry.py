@@ -5,12 +5,15 @@ import dataclasses
 from typing import Any
 
 from .base import Method, merge_balance_params
+from .boost import Boost
 from .feature_dropping import OPM, ModDrop
 from .joint import Joint
 from .ogm import OGM, OGMGE, OGMStar
+from .olm import OLM
 from .unimodal import Unimodal
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (Joint, Unimodal, OGM, OGMGE, OGMStar, OPM, ModDrop)}
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (Joint, Unimodal, OGM, OGMGE, OGMStar, OPM, ModDrop, OLM,
+                                                              Boost)}
 # Names standing for several methods at once; a hyper-parameter goes to every part that has it.
 COMBINATIONS: dict[str, tuple[str, ...]] = {"opm_ogm": ("opm", "ogm_ge")}
 NAMES = tuple(METHODS) + tuple(COMBINATIONS)
@@ -45,3 +48,9 @@ def create(name: str, **hparams) -> list[Method]:
         methods.append(METHODS[part](**{k: v for k, v in hparams.items() if k in fields}))
     merge_balance_params(methods)  # conflicts are configuration errors, found now
     return methods
+
+
+def fusions(name: str) -> tuple[str, ...]:
+    """The model fusions every method `name` stands for works with; the first is the default."""
+    parts = [METHODS[p] for p in COMBINATIONS.get(name, (name,))]
+    return tuple(f for f in parts[0].fusions if all(f in p.fusions for p in parts))

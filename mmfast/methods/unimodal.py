@@ -10,11 +10,12 @@ import dataclasses
 
 import torch
 
-from .base import Method, StepState
+from .base import POOLED_FUSIONS, Method, StepState
 
 
 class Unimodal(Method):
     name = "unimodal"
+    fusions = POOLED_FUSIONS  # it zeroes pooled features after the encoders: not with IRFB
 
     @dataclasses.dataclass
     class Params:

@@ -135,8 +135,27 @@ class FusionLayer(nn.Module):
         return bottleneck + (weights * z_g).sum(dim=1, keepdim=True)
 
 
+class Stream(nn.Module):
+    """One modality's uni-modal Transformer: stem, [CLS] token, `depth` blocks and a final norm
+    (what gradient modulation treats as that modality's encoder)."""
+
+    def __init__(self, kind: str, dim: int, depth: int, heads: int, *, in_dim: int | None, patch: int):
+        super().__init__()
+        self.stem = TokenStem(kind, dim, in_dim=in_dim, patch=patch)
+        self.cls = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """[CLS] followed by the stem's tokens with position codes: [B, 1 + L, dim]."""
+        tokens = self.stem(x)
+        B, L, d = tokens.shape
+        tokens = tokens + sinusoidal_positions(L, d, tokens.device, tokens.dtype)
+        return torch.cat([self.cls.expand(B, 1, d), tokens], dim=1)
+
+
 class IRFBEncoder(nn.Module):
-    """Per-modality Transformer encoders with IRFB between them.
+    """Per-modality Transformer encoders (``streams``) with IRFB between them.
 
     modalities: name -> kind ("audio", "frames", "video" or "features"); in_dims: name -> input
     size for "audio" (frequency bins) and "features" modalities. forward(inputs, keep=None)
@@ -153,11 +172,8 @@ class IRFBEncoder(nn.Module):
         in_dims = dict(in_dims or {})
         self.modalities = list(modalities)
         self.out_dim = dim
-        self.stems = nn.ModuleDict({m: TokenStem(k, dim, in_dim=in_dims.get(m), patch=patch)
-                                    for m, k in modalities.items()})
-        self.cls = nn.ParameterDict({m: nn.Parameter(torch.randn(1, 1, dim) * 0.02) for m in modalities})
-        self.blocks = nn.ModuleDict({m: nn.ModuleList(Block(dim, heads) for _ in range(depth)) for m in modalities})
-        self.norms = nn.ModuleDict({m: nn.LayerNorm(dim) for m in modalities})
+        self.streams = nn.ModuleDict({m: Stream(k, dim, depth, heads, in_dim=in_dims.get(m), patch=patch)
+                                      for m, k in modalities.items()})
         self.bottleneck = nn.Parameter(torch.randn(1, bottleneck_tokens, dim) * 0.02)
         self.fusion = nn.ModuleList(FusionLayer(len(modalities), dim, heads) for _ in range(depth))
         self.fused_norm = nn.LayerNorm(dim)
@@ -171,21 +187,20 @@ class IRFBEncoder(nn.Module):
         for m in self.modalities:
             if m not in inputs:
                 raise KeyError(f"IRFBEncoder: no input for modality {m!r} (have {sorted(inputs)})")
-            tokens = self.stems[m](inputs[m])
-            B, L, d = tokens.shape
-            tokens = tokens + sinusoidal_positions(L, d, tokens.device, tokens.dtype)
-            streams.append(torch.cat([self.cls[m].expand(B, 1, d), tokens], dim=1))
+            z = self.streams[m].tokens(inputs[m])
+            B, L = z.shape[0], z.shape[1] - 1
             mask = keep.get(m)
             if mask is not None:
                 if mask.shape != (B, L) or mask.dtype != torch.bool:
                     raise ValueError(f"IRFBEncoder: keep[{m!r}] must be bool [B={B}, L={L}] (tokens after the stem), "
                                      f"got {mask.dtype} {tuple(mask.shape)}")
                 mask = torch.cat([mask.new_ones(B, 1), mask], dim=1)  # the [CLS] token always attends
+            streams.append(z)
             keeps.append(mask)
         bottleneck = self.bottleneck.expand(streams[0].shape[0], -1, -1)
         for layer, fusion in enumerate(self.fusion):
-            streams = [self.blocks[m][layer](z, k) for m, z, k in zip(self.modalities, streams, keeps)]
+            streams = [self.streams[m].blocks[layer](z, k) for m, z, k in zip(self.modalities, streams, keeps)]
             # The fusion reads the streams but never writes them back: uni-modal learning stays decoupled.
             bottleneck = fusion(streams, bottleneck, keeps)
-        unimodal = [self.norms[m](z[:, 0]) for m, z in zip(self.modalities, streams)]
+        unimodal = [self.streams[m].norm(z[:, 0]) for m, z in zip(self.modalities, streams)]
         return unimodal, self.fused_norm(bottleneck.mean(dim=1))

@@ -2,7 +2,13 @@
 between encoding and fusion where features can be dropped:
 
     features = model.encode(batch)        # [features of modality m, B x d_m], in modality order
-    fused, unimodal = model.head(features)  # fused [B, C]; unimodal [M, B, C], detached estimates
+    fused, unimodal, *extra = model.head(features)  # fused [B, C]; unimodal [M, B, C]
+
+The uni-modal logits are detached estimates (mmfast.estimators), or, for heads with classifiers
+of their own (``head.trains_unimodal``: late, irfb, boost), trainable logits. A head may return a
+third item, a dict of further logits for the methods (boost: every classifier's). A model with an
+intermediate fusion (IRFB) returns one more feature after the M modalities: the fused
+representation (``model.fused_representation``); the methods see the first M.
 
 ``build_model`` assembles one from the data layer's modality kinds.
 """
@@ -15,6 +21,8 @@ import torch
 from torch import nn
 
 from .fusion import make_fusion
+from .heads import BoostedClassifiers, LateHeads
+from .irfb import IRFBEncoder
 from .resnet import resnet18_encoder
 from .small import SmallConvEncoder
 
@@ -24,6 +32,8 @@ CHANNELS = {"audio": 1, "frames": 3, "video": 3}
 
 
 class MultimodalModel(nn.Module):
+    fused_representation = False
+
     def __init__(self, encoders: Mapping[str, nn.Module], fusion: nn.Module):
         super().__init__()
         if len(encoders) < 2:
@@ -58,11 +68,21 @@ class MultimodalModel(nn.Module):
         return self.head(self.encode(batch))
 
 
+FUSION_NAMES = ("concat", "sum", "film", "gated", "mlp", "late", "irfb", "boost")
+
+
 def build_model(modalities: Mapping[str, str], num_classes: int, *, encoder: str = "small", fusion: str = "concat",
-                width: int = 16, weights: Mapping[str, str | Path] | None = None, **fusion_options) -> MultimodalModel:
-    """modalities: name -> kind ("audio", "frames" or "video"), in order; encoder: "small" (the
-    CPU-scale CNN) or "resnet18" (the papers'); weights: name -> local state-dict file for
-    ResNet-18 encoders (random init otherwise)."""
+                width: int = 16, weights: Mapping[str, str | Path] | None = None, in_dims: Mapping[str, int] | None = None,
+                irfb: Mapping | None = None, **fusion_options) -> nn.Module:
+    """modalities: name -> kind ("audio", "frames" or "video"; "features" with fusion="irfb"), in
+    order; encoder: "small" (the CPU-scale CNN) or "resnet18" (the papers'); weights: name ->
+    local state-dict file for ResNet-18 encoders (random init otherwise). fusion="irfb" builds
+    IRFB's Transformer encoders instead (options `irfb`: IRFBEncoder's; in_dims: frequency bins of
+    audio and sizes of features modalities) with late heads on the [CLS] and bottleneck outputs."""
+    if fusion not in FUSION_NAMES:
+        raise ValueError(f"fusion must be one of {FUSION_NAMES}, got {fusion!r}")
+    if fusion == "irfb":
+        return IRFBModel(modalities, num_classes, in_dims=in_dims, **dict(irfb or {}))
     if encoder not in ENCODERS:
         raise ValueError(f"encoder must be one of {ENCODERS}, got {encoder!r}")
     weights = dict(weights or {})
@@ -79,4 +99,43 @@ def build_model(modalities: Mapping[str, str], num_classes: int, *, encoder: str
         encoders[name] = (resnet18_encoder(channels, weights.get(name)) if encoder == "resnet18"
                           else SmallConvEncoder(channels, width))
     dims = [e.out_dim for e in encoders.values()]
-    return MultimodalModel(encoders, make_fusion(fusion, dims, num_classes, **fusion_options))
+    if fusion == "late":
+        head = LateHeads(dims, num_classes, **fusion_options)
+    elif fusion == "boost":
+        head = BoostedClassifiers(dims, num_classes, **fusion_options)
+    else:
+        head = make_fusion(fusion, dims, num_classes, **fusion_options)
+    return MultimodalModel(encoders, head)
+
+
+class IRFBModel(nn.Module):
+    """OLM-Trans: IRFB's per-modality Transformer encoders and bottleneck (mmfast.models.irfb),
+    with late heads: one classifier per modality on its [CLS] output, one on the bottleneck.
+    encode() returns the M [CLS] features and then the fused representation."""
+
+    fused_representation = True
+
+    def __init__(self, modalities: Mapping[str, str], num_classes: int, *, in_dims: Mapping[str, int] | None = None,
+                 **options):
+        super().__init__()
+        self.modalities = list(modalities)
+        self.irfb = IRFBEncoder(modalities, in_dims=in_dims, **options)
+        self.fusion = LateHeads([self.irfb.out_dim] * len(modalities), num_classes, fused_dim=self.irfb.out_dim)
+
+    @property
+    def encoders(self) -> dict[str, nn.Module]:
+        """Each modality's uni-modal stream (what gradient modulation selects from); the
+        bottleneck and fusion layers belong to no modality."""
+        return dict(self.irfb.streams.items())
+
+    def encode(self, batch: Mapping[str, torch.Tensor], skip=()) -> list[torch.Tensor]:
+        if skip:
+            raise ValueError(f"IRFBModel.encode: cannot skip {sorted(skip)}: IRFB fuses inside the encoders")
+        unimodal, fused = self.irfb(batch)
+        return list(unimodal) + [fused]
+
+    def head(self, features: list[torch.Tensor]):
+        return self.fusion(features)
+
+    def forward(self, batch):
+        return self.head(self.encode(batch))

@@ -1,0 +1,124 @@
+"""Heads with trainable per-modality classifiers, for the methods that train them (OLM, boost).
+Like every head they map the features to ``(fused [B, C], unimodal [M, B, C])``, but here the
+uni-modal logits come from classifiers of their own and carry gradients (``trains_unimodal``):
+the task loss trains them (the trainer adds their cross-entropies; OLM and boost compute their
+own). The training formulas live in the methods' files; these modules hold what inference needs.
+
+| name | heads | fused prediction |
+|---|---|---|
+| late | one linear classifier per modality, and one on the fused representation (the concatenated features, or IRFB's bottleneck) | the fused classifier |
+| boost | per modality a growing list of classifiers Linear(d_m, 256) -> ReLU -> one head Linear(256, C) shared by all | sum_r omega_r sum_t z_t^r |
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+
+class LateHeads(nn.Module):
+    """features: M modality features [B, d_m], optionally followed by a fused representation
+    [B, fused_dim] (IRFB's bottleneck). Returns (fused logits, uni-modal logits [M, B, C]); both
+    train. Without a fused representation the fused classifier sees the concatenated features."""
+
+    trains_unimodal = True
+
+    def __init__(self, in_dims: Sequence[int], num_classes: int, fused_dim: int | None = None):
+        super().__init__()
+        if len(in_dims) < 2:
+            raise ValueError(f"LateHeads needs at least 2 modalities, got {len(in_dims)}")
+        self.num_modalities = len(in_dims)
+        self.has_fused_input = fused_dim is not None
+        self.unimodal = nn.ModuleList(nn.Linear(d, num_classes) for d in in_dims)
+        self.fused = nn.Linear(fused_dim if fused_dim is not None else sum(in_dims), num_classes)
+
+    def forward(self, features):
+        M = self.num_modalities
+        expected = M + 1 if self.has_fused_input else M
+        if len(features) != expected:
+            raise ValueError(f"LateHeads: expected {expected} feature tensors ({M} modalities"
+                             f"{' and the fused representation' if self.has_fused_input else ''}), got {len(features)}")
+        unimodal = torch.stack([fc(f) for fc, f in zip(self.unimodal, features)])
+        fused_input = features[M] if self.has_fused_input else torch.cat(list(features), dim=1)
+        return self.fused(fused_input), unimodal
+
+
+class BoostedClassifiers(nn.Module):
+    """Sustained boosting's classifiers: per modality r a list of n_r configurable classifiers
+    Linear(d_r, hidden) -> ReLU, all feeding one head Linear(hidden, C) shared by every classifier
+    and modality; ``omega`` [M] weights the modalities (learned by the boost method's ACA).
+
+    forward(features) -> (fused, unimodal, {"classifiers": [[n_r, B, C] per modality]}):
+    unimodal[r] = sum_t z_t^r, fused = sum_r omega_r unimodal[r]. ``add_classifier(r)`` grows
+    modality r by one (returns its parameters); a state dict with other classifier counts loads
+    after resizing to them (resuming across an addition, or loading the best epoch's weights)."""
+
+    trains_unimodal = True
+
+    def __init__(self, in_dims: Sequence[int], num_classes: int, hidden: int = 256):
+        super().__init__()
+        if len(in_dims) < 2:
+            raise ValueError(f"BoostedClassifiers needs at least 2 modalities, got {len(in_dims)}")
+        self.in_dims, self.hidden = list(in_dims), hidden
+        self.classifiers = nn.ModuleList(nn.ModuleList([self._classifier(d)]) for d in in_dims)
+        self.head = nn.Linear(hidden, num_classes)
+        self.register_buffer("omega", torch.ones(len(in_dims)))
+        # Modality index of every classifier added after construction, in order: the optimizer
+        # gets one parameter group per addition, and a resumed run rebuilds them in this order.
+        self.added: list[int] = []
+
+    def _classifier(self, d: int) -> nn.Module:
+        return nn.Sequential(nn.Linear(d, self.hidden), nn.ReLU())
+
+    def counts(self) -> list[int]:
+        return [len(c) for c in self.classifiers]
+
+    def add_classifier(self, modality: int) -> list[nn.Parameter]:
+        ref = self.head.weight
+        new = self._classifier(self.in_dims[modality]).to(device=ref.device, dtype=ref.dtype)
+        self.classifiers[modality].append(new)
+        self.added.append(modality)
+        return list(new.parameters())
+
+    def added_parameter_groups(self) -> list[list[nn.Parameter]]:
+        """The parameters of each classifier added after construction, in the order of addition."""
+        seen = [1] * len(self.classifiers)
+        groups = []
+        for r in self.added:
+            groups.append(list(self.classifiers[r][seen[r]].parameters()))
+            seen[r] += 1
+        return groups
+
+    def classifier_logits(self, features) -> list[torch.Tensor]:
+        if len(features) != len(self.classifiers):
+            raise ValueError(f"BoostedClassifiers: expected {len(self.classifiers)} feature tensors, got {len(features)}")
+        return [torch.stack([self.head(c(f)) for c in cs]) for cs, f in zip(self.classifiers, features)]
+
+    def forward(self, features):
+        per_classifier = self.classifier_logits(features)
+        unimodal = torch.stack([z.sum(dim=0) for z in per_classifier])
+        fused = (self.omega.to(unimodal.dtype).view(-1, 1, 1) * unimodal).sum(dim=0)
+        return fused, unimodal, {"classifiers": per_classifier}
+
+    def get_extra_state(self):
+        return {"added": list(self.added)}
+
+    def set_extra_state(self, state):
+        self.added = list(state["added"])
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Resize to the saved classifier counts before the parameters load.
+        extra = state_dict.get(prefix + "_extra_state")
+        if extra is not None:
+            counts = [1] * len(self.classifiers)
+            for r in extra["added"]:
+                counts[r] += 1
+            ref = self.head.weight
+            for r, n in enumerate(counts):
+                while len(self.classifiers[r]) > n:
+                    del self.classifiers[r][-1]
+                while len(self.classifiers[r]) < n:
+                    self.classifiers[r].append(self._classifier(self.in_dims[r]).to(device=ref.device,
+                                                                                     dtype=ref.dtype))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

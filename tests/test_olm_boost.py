@@ -1,0 +1,377 @@
+"""OLM and sustained boosting (mmfast.methods.olm / boost): their step semantics against slow
+references of the formulas, through the Balancer of a user's own loop; classifiers added by ACA
+join the optimizer and train; resuming across an addition; and the trainer's handling of the
+per-head validation losses (initial losses once, whole training epochs, the test split)."""
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import mmfast
+from mmfast.methods.boost import aca_assignment
+from mmfast.methods.olm import gc_factors
+from mmfast.models import BoostedClassifiers, LateHeads
+
+C = 5
+
+
+class Encoder(nn.Module):
+    def __init__(self, d_in, d_out=6):
+        super().__init__()
+        self.fc = nn.Linear(d_in, d_out)
+
+    def forward(self, x):
+        return torch.tanh(self.fc(x))
+
+
+def make_net(head_cls, seed=0):
+    torch.manual_seed(seed)
+    encoders = {"audio": Encoder(7), "visual": Encoder(4)}
+    head = head_cls([6, 6], C)
+    return encoders, head
+
+
+def batch(gen, B=10):
+    return torch.randn(B, 7, generator=gen), torch.randn(B, 4, generator=gen), torch.randint(0, C, (B,), generator=gen)
+
+
+def forward(bal, encoders, head, x, part=None):
+    features = bal.drop([encoders["audio"](x[0]), encoders["visual"](x[1])], part=part)
+    fused, unimodal, *extra = head(features)
+    bal.after_forward(unimodal, x[2], fused=fused, extras=extra[0] if extra else None)
+    return fused, unimodal, (extra[0] if extra else {})
+
+
+# ---- OLM ---------------------------------------------------------------------------------------
+
+
+def reference_olm(z_steps, labels_steps, lr, variant, normalize=True):
+    """Slow OLM over several steps: python loops over heads and samples, Adam written out."""
+    H = z_steps[0].shape[0]
+    w, m, v = [1.0] * H, [0.0] * H, [0.0] * H
+    initial = None
+    losses_out = []
+    for t, (z, y) in enumerate(zip(z_steps, labels_steps), start=1):
+        B = z.shape[1]
+        per_head = []
+        for h in range(H):
+            total = 0.0
+            for i in range(B):
+                row = [w[h] * float(z[h, i, c]) for c in range(C)]
+                mx = max(row)
+                total += -(row[int(y[i])] - mx - math.log(sum(math.exp(r - mx) for r in row)))
+            per_head.append(total / B)
+        losses_out.append(sum(per_head))
+        if variant == "loss_ratio":
+            initial = initial or list(per_head)
+            r = [per_head[h] / initial[h] for h in range(H)]
+            lam = [x / sum(r) for x in r]
+        else:
+            lam = [1.0 / H] * H
+        norms = [sum(math.sqrt(sum(float(z[h, i, c]) ** 2 for c in range(C))) for i in range(B)) / B
+                 for h in range(H)]
+        s_bar = sum(w[h] * norms[h] for h in range(H)) / H
+        scale = H if normalize else 1
+        for h in range(H):
+            g = math.copysign(norms[h], w[h] * norms[h] - scale * lam[h] * s_bar)
+            m[h] = 0.9 * m[h] + 0.1 * g
+            v[h] = 0.999 * v[h] + 0.001 * g * g
+            step = lr * (m[h] / (1 - 0.9 ** t)) / (math.sqrt(v[h] / (1 - 0.999 ** t)) + 1e-8)
+            w[h] = max(w[h] - step, 0.01)
+    return losses_out, w
+
+
+@pytest.mark.parametrize("variant,normalize", [("loss_ratio", True), ("loss_ratio", False), ("gc", True)])
+def test_olm_task_loss_and_coefficients_follow_the_formulas(variant, normalize):
+    gen = torch.Generator().manual_seed(1)
+    encoders, head = make_net(LateHeads)
+    lr = 0.05
+    bal = mmfast.Balancer("olm", encoders, head=head, variant=variant, lr=lr, normalize_lambda=normalize)
+    if variant == "gc":
+        bal.observe_head_losses(torch.tensor([1.6, 1.5, 1.55]), torch.tensor([1.6, 1.6, 1.6]), epoch=None)
+    params = [p for e in encoders.values() for p in e.parameters()] + list(head.parameters())
+    opt = torch.optim.SGD(params, lr=0.1)
+    z_steps, y_steps, losses = [], [], []
+    for _ in range(3):
+        x = batch(gen)
+        fused, unimodal, _ = forward(bal, encoders, head, x)
+        z_steps.append(torch.cat([unimodal, fused[None]]).detach().double())
+        y_steps.append(x[2])
+        loss = bal.loss()
+        losses.append(float(loss.detach()))
+        opt.zero_grad()
+        loss.backward()
+        bal.after_backward()
+        opt.step()
+        bal.after_step()
+    expected_losses, expected_w = reference_olm(z_steps, y_steps, lr, variant, normalize)
+    assert losses == pytest.approx(expected_losses, rel=1e-5)
+    assert bal.methods[0].w.tolist() == pytest.approx(expected_w, rel=1e-5)
+
+
+def test_olm_gc_factors_follow_eq_6_to_8():
+    val0, train0 = torch.tensor([1.7, 1.6, 1.65]), torch.tensor([1.7, 1.7, 1.7])
+    val, train = torch.tensor([1.2, 1.5, 1.1]), torch.tensor([0.5, 1.2, 0.6])
+    got = gc_factors(val0, train0, val, train)
+    ratio = []
+    for h in range(3):
+        G = abs(float(val0[h]) - float(val[h]))
+        Cn = abs(abs(float(val[h]) - float(train[h])) - abs(float(val0[h]) - float(train0[h])))
+        ratio.append(G / Cn)
+    expected = [math.exp(r) / sum(math.exp(x) for x in ratio) for r in ratio]
+    assert got.tolist() == pytest.approx(expected, rel=1e-5)
+    encoders, head = make_net(LateHeads)
+    bal = mmfast.Balancer("olm", encoders, head=head)
+    assert bal.wants_head_losses(None) and bal.wants_head_losses(0)
+    bal.observe_head_losses(val0, train0, epoch=None)
+    bal.observe_head_losses(val, train, epoch=0)
+    assert torch.allclose(bal.methods[0].lam, got)
+    bal.observe_head_losses(val * 0.5, train, epoch=1)  # the initial losses stay those measured first
+    assert torch.allclose(bal.methods[0].lam, gc_factors(val0, train0, val * 0.5, train))
+
+
+def test_olm_needs_its_heads_and_the_initial_losses():
+    encoders, head = make_net(LateHeads)
+    with pytest.raises(ValueError, match="model.fusion=late or irfb"):
+        mmfast.Balancer("olm", encoders)
+    bal = mmfast.Balancer("olm", encoders, head=head)
+    x = batch(torch.Generator().manual_seed(0))
+    with pytest.raises(RuntimeError, match="observe_head_losses"):
+        forward(bal, encoders, head, x)
+    with pytest.raises(ValueError, match=r"val must be a tensor \[3\]"):
+        bal.observe_head_losses(torch.ones(2), torch.ones(3), epoch=None)
+    bal.observe_head_losses(torch.ones(3), torch.ones(3), epoch=None)
+    forward(bal, encoders, head, x)
+    with pytest.raises(ValueError, match="without a per-sample loss"):
+        bal.loss(torch.ones(10))
+
+
+# ---- boost -------------------------------------------------------------------------------------
+
+
+def reference_boost_loss(classifiers, omega, labels, lam, trained):
+    """Per sample, with the residual label written as a vector y - lam sum_j y (.) p_j."""
+    total = 0.0
+    B = labels.shape[0]
+    for r in trained:
+        z = classifiers[r].double() * float(omega[r])
+        n = z.shape[0]
+        loss_r = 0.0
+        for i in range(B):
+            y = torch.zeros(C, dtype=torch.float64)
+            y[int(labels[i])] = 1.0
+            residual = y.clone()
+            for j in range(n - 1):
+                residual -= lam * y * torch.softmax(z[j, i], dim=0)
+            log_p = torch.log_softmax(z[n - 1, i], dim=0)
+            eps = -(residual * log_p).sum()
+            eps_o = -torch.log_softmax(z[:, i].sum(dim=0), dim=0)[int(labels[i])]
+            eps_p = -torch.log_softmax(z[: n - 1, i].sum(dim=0), dim=0)[int(labels[i])] if n > 1 else 0.0
+            loss_r += float(eps + eps_o + eps_p)
+        total += loss_r / B
+    return total
+
+
+@pytest.mark.parametrize("update", ["joint", "alternating"])
+def test_boost_loss_follows_the_formulas(update):
+    gen = torch.Generator().manual_seed(2)
+    encoders, head = make_net(BoostedClassifiers)
+    head.add_classifier(1)
+    head.add_classifier(1)
+    head.omega.copy_(torch.tensor([0.7, 0.4]))
+    bal = mmfast.Balancer("boost", encoders, head=head, lam=0.3, update=update)
+    x = batch(gen)
+    parts = bal.update_parts()
+    assert parts == ([None] if update == "joint" else [("audio",), ("visual",)])
+    for part in parts:
+        _, _, extra = forward(bal, encoders, head, x, part=part)
+        trained = [0, 1] if part is None else [["audio", "visual"].index(part[0])]
+        expected = reference_boost_loss([z.detach() for z in extra["classifiers"]], head.omega, x[2], 0.3, trained)
+        assert float(bal.loss().detach()) == pytest.approx(expected, rel=1e-5)
+        bal.after_backward()
+
+
+def test_boost_inference_is_the_omega_weighted_sum_of_every_classifier():
+    encoders, head = make_net(BoostedClassifiers)
+    head.add_classifier(0)
+    head.omega.copy_(torch.tensor([0.3, 0.9]))
+    features = [torch.randn(4, 6), torch.randn(4, 6)]
+    fused, unimodal, extra = head(features)
+    per = [[head.head(c(f)) for c in cs] for cs, f in zip(head.classifiers, features)]
+    assert len(per[0]) == 2 and len(per[1]) == 1
+    assert torch.allclose(unimodal[0], per[0][0] + per[0][1]) and torch.allclose(unimodal[1], per[1][0])
+    assert torch.allclose(fused, 0.3 * unimodal[0] + 0.9 * unimodal[1], atol=1e-6)
+
+
+@pytest.mark.parametrize("scores,sigma,tau,expected", [
+    ([0.8, 0.5], 1.0, 0.01, 1), ([0.5, 0.8], 1.0, 0.01, 0), ([0.505, 0.5], 1.0, 0.01, None),
+    ([0.8, 0.7], 1.2, 0.01, None), ([0.6, 0.3, 0.5], 1.0, 0.01, 1),
+])
+def test_aca_assigns_to_the_weaker_modality_outside_the_dead_zone(scores, sigma, tau, expected):
+    assert aca_assignment(scores, sigma, tau) == expected
+
+
+def test_an_added_classifier_joins_the_optimizer_and_trains():
+    """ACA at an epoch end adds a classifier to the weaker modality; it joins the optimizer with
+    the scheduler's current learning rate and its parameters change at the next step; omega is
+    refit towards the weaker modality's indicator."""
+    gen = torch.Generator().manual_seed(3)
+    encoders, head = make_net(BoostedClassifiers)
+    params = [p for e in encoders.values() for p in e.parameters()] + list(head.parameters())
+    opt = torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    bal = mmfast.Balancer("boost", encoders, head=head, optimizer=opt, scheduler=sched, interval=1, tau=0.0)
+    x = batch(gen)
+    bal.start_epoch(0)
+    forward(bal, encoders, head, x)
+    # make the visual scores the weaker: the scores the method accumulated
+    bal.methods[0]._score_sum.copy_(torch.tensor([8.0, 3.0]))
+    bal.methods[0]._score_count.copy_(torch.tensor([10.0, 10.0]))
+    opt.zero_grad()
+    bal.loss().backward()
+    bal.after_backward()
+    opt.step()
+    sched.step()  # lr 0.05 now
+    bal.end_epoch()
+    assert head.counts() == [1, 2] and len(opt.param_groups) == 2
+    assert opt.param_groups[1]["lr"] == opt.param_groups[0]["lr"] == 0.05
+    assert opt.param_groups[1]["momentum"] == 0.9 and opt.param_groups[1]["initial_lr"] == 0.1
+    assert float(head.omega[1]) > float(head.omega[0])  # omega leans to the weaker modality
+    new = [p.detach().clone() for p in head.classifiers[1][1].parameters()]
+    bal.start_epoch(1)
+    forward(bal, encoders, head, batch(gen))
+    opt.zero_grad()
+    bal.loss().backward()
+    bal.after_backward()
+    opt.step()
+    sched.step()
+    assert all(not torch.equal(a, b) for a, b in zip(new, head.classifiers[1][1].parameters()))
+    assert sched.get_last_lr() == [0.025, 0.025]
+
+
+def test_alternating_parts_train_one_modality_each():
+    gen = torch.Generator().manual_seed(4)
+    encoders, head = make_net(BoostedClassifiers)
+    params = [p for e in encoders.values() for p in e.parameters()] + list(head.parameters())
+    opt = torch.optim.SGD(params, lr=0.1)
+    bal = mmfast.Balancer("boost", encoders, head=head, update="alternating")
+    x = batch(gen)
+    for part in bal.update_parts():
+        before = {n: p.detach().clone() for n, e in encoders.items() for p in [e.fc.weight]}
+        forward(bal, encoders, head, x, part=part)
+        opt.zero_grad(set_to_none=True)
+        bal.loss().backward()
+        bal.after_backward()
+        opt.step()
+        for name, e in encoders.items():
+            assert torch.equal(before[name], e.fc.weight) == (name not in part), (part, name)
+
+
+def test_boost_steps_read_nothing_on_the_host_and_olm_neither(monkeypatch):
+    from test_methods import count_host_reads
+
+    gen = torch.Generator().manual_seed(5)
+    for name, head_cls, kw in (("olm", LateHeads, {"variant": "loss_ratio"}), ("olm", LateHeads, {}),
+                               ("boost", BoostedClassifiers, {}), ("boost", BoostedClassifiers,
+                                                                   {"update": "alternating"})):
+        encoders, head = make_net(head_cls)
+        params = [p for e in encoders.values() for p in e.parameters()] + list(head.parameters())
+        opt = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+        bal = mmfast.Balancer(name, encoders, head=head, optimizer=opt, **kw)
+        if bal.wants_head_losses(None):
+            bal.observe_head_losses(torch.ones(3), torch.ones(3) * 0.9, epoch=None)
+        for _ in range(2):
+            x = batch(gen)
+            with count_host_reads(monkeypatch) as counts:
+                for part in bal.update_parts():
+                    forward(bal, encoders, head, x, part=part)
+                    opt.zero_grad()
+                    bal.loss().backward()
+                    bal.after_backward()
+                    opt.step()
+                    bal.after_step()
+            assert counts == {}, (name, kw, counts)
+
+
+def test_boost_head_resizes_to_a_state_dict_with_other_classifier_counts():
+    _, grown = make_net(BoostedClassifiers, seed=1)
+    grown.add_classifier(1)
+    grown.add_classifier(0)
+    grown.add_classifier(1)
+    grown.omega.fill_(0.25)
+    _, fresh = make_net(BoostedClassifiers, seed=2)
+    fresh.load_state_dict(grown.state_dict())
+    assert fresh.counts() == [2, 3] and fresh.added == [1, 0, 1]
+    a, b = fresh.state_dict(), grown.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a if not k.endswith("_extra_state"))
+    _, small = make_net(BoostedClassifiers, seed=3)
+    grown.load_state_dict(small.state_dict())  # back to one classifier each (a best epoch before any addition)
+    assert grown.counts() == [1, 1] and grown.added == []
+    groups = fresh.added_parameter_groups()
+    assert [len(g) for g in groups] == [2, 2, 2] and groups[1][0] is fresh.classifiers[0][1][0].weight
+
+
+# ---- through the trainer -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    from mmfast.data import generate
+
+    pytest.importorskip("nvidia.dali")
+    return generate(tmp_path_factory.mktemp("olm_boost") / "cremad", clips=30, seed=4)
+
+
+def make_config(dataset, out, *overrides):
+    from mmfast.config import load_config
+
+    return load_config("embedded", [f"data.root={dataset}", f"out={out}", "epochs=2", "data.batch_size=8",
+                                    "data.size=32", "data.num_workers=1", "progress=false", *overrides])
+
+
+def test_resume_across_a_classifier_addition_gives_the_same_run(dataset, tmp_path):
+    from mmfast.trainer import Trainer, resume
+
+    hp = ["method=boost", "hparams.interval=1", "hparams.tau=0.0", "optim.scheduler=step", "optim.step_size=1"]
+    full = Trainer(make_config(dataset, tmp_path / "full", *hp))
+    full.fit()
+    killed = Trainer(make_config(dataset, tmp_path / "killed", *hp))
+    assert killed.fit(max_steps=4) is None  # 3 steps an epoch: stopped after epoch 0's ACA
+    assert sum(killed.model.fusion.counts()) == 3 and len(killed.optimizer.param_groups) == 2
+    resumed = resume(tmp_path / "killed")
+    assert sum(resumed.model.fusion.counts()) == 3 and len(resumed.optimizer.param_groups) == 2
+    resumed.fit()
+    a = torch.load(tmp_path / "full" / "checkpoints" / "last.pt", weights_only=False)
+    b = torch.load(tmp_path / "killed" / "checkpoints" / "last.pt", weights_only=False)
+    assert a["model"].keys() == b["model"].keys() and len(a["model"]) > len(full.model.state_dict()) - 1
+    for key in a["model"]:
+        if key.endswith("_extra_state"):
+            assert a["model"][key] == b["model"][key]
+        else:
+            assert torch.equal(a["model"][key], b["model"][key]), key
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
+    assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
+    assert a["balancer"]["methods"][0]["assignments"] == b["balancer"]["methods"][0]["assignments"]
+
+
+def test_olm_measures_the_initial_losses_once_trains_whole_epochs_and_tests(dataset, tmp_path, monkeypatch):
+    from mmfast.trainer import Trainer
+
+    trainer = Trainer(make_config(dataset, tmp_path / "olm", "method=olm", "epochs=2"))
+    seen = []
+    original = trainer.balancer.observe_head_losses
+    monkeypatch.setattr(trainer.balancer, "observe_head_losses",
+                        lambda val, train, epoch: seen.append(epoch) or original(val, train, epoch=epoch))
+    summary = trainer.fit()
+    assert seen == [None, 0, 1]  # before training, then after every epoch (interval 1)
+    assert len(trainer.loaders["val"]) < len(trainer.loaders["train"])
+    assert trainer.global_step == 2 * len(trainer.loaders["train"])  # not cut to the val loader's length
+    assert 0 <= summary["test/acc"] <= 1 and summary["test/samples"] == 6
+    lines = [json.loads(line) for line in (tmp_path / "olm" / "metrics.jsonl").read_text().splitlines()]
+    for key in ("train/olm/w/audio", "train/olm/w/fused", "train/olm/lambda/visual", "val/loss/audio", "val/loss"):
+        assert key in lines[0], key
+    assert not torch.allclose(trainer.balancer.methods[0].lam, torch.full((3,), 1 / 3))
