@@ -107,7 +107,8 @@ class Balancer:
             if not isinstance(t, torch.Tensor) or t.shape != (M + 1,):
                 raise ValueError(f"Balancer.observe_head_losses: {name} must be a tensor [{M + 1}] (one loss per "
                                  f"modality, then the fused head), got {tuple(getattr(t, 'shape', ())) or t!r}")
-        self.state.head_losses = {"val": val.float().to(self.state.device), "train": train.float().to(self.state.device),
+        device = self.state.device
+        self.state.head_losses = {"val": val.float().to(device), "train": train.float().to(device),
                                   "initial": epoch is None, "epoch": epoch}
         self._emit("head_losses")
 

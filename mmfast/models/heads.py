@@ -4,10 +4,10 @@ uni-modal logits come from classifiers of their own and carry gradients (``train
 the task loss trains them (the trainer adds their cross-entropies; OLM and boost compute their
 own). The training formulas live in the methods' files; these modules hold what inference needs.
 
-| name | heads | fused prediction |
-|---|---|---|
-| late | one linear classifier per modality, and one on the fused representation (the concatenated features, or IRFB's bottleneck) | the fused classifier |
-| boost | per modality a growing list of classifiers Linear(d_m, 256) -> ReLU -> one head Linear(256, C) shared by all | sum_r omega_r sum_t z_t^r |
+- late: one linear classifier per modality, and one on the fused representation (the
+  concatenated features, or IRFB's bottleneck); the fused prediction is the fused classifier's.
+- boost: per modality a growing list of classifiers Linear(d_m, 256) -> ReLU, into one head
+  Linear(256, C) shared by all; fused prediction sum_r omega_r sum_t z_t^r.
 """
 from __future__ import annotations
 
@@ -92,7 +92,8 @@ class BoostedClassifiers(nn.Module):
 
     def classifier_logits(self, features) -> list[torch.Tensor]:
         if len(features) != len(self.classifiers):
-            raise ValueError(f"BoostedClassifiers: expected {len(self.classifiers)} feature tensors, got {len(features)}")
+            raise ValueError(f"BoostedClassifiers: expected {len(self.classifiers)} feature tensors, "
+                             f"got {len(features)}")
         return [torch.stack([self.head(c(f)) for c in cs]) for cs, f in zip(self.classifiers, features)]
 
     def forward(self, features):

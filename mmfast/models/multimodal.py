@@ -72,8 +72,8 @@ FUSION_NAMES = ("concat", "sum", "film", "gated", "mlp", "late", "irfb", "boost"
 
 
 def build_model(modalities: Mapping[str, str], num_classes: int, *, encoder: str = "small", fusion: str = "concat",
-                width: int = 16, weights: Mapping[str, str | Path] | None = None, in_dims: Mapping[str, int] | None = None,
-                irfb: Mapping | None = None, **fusion_options) -> nn.Module:
+                width: int = 16, weights: Mapping[str, str | Path] | None = None,
+                in_dims: Mapping[str, int] | None = None, irfb: Mapping | None = None, **fusion_options) -> nn.Module:
     """modalities: name -> kind ("audio", "frames" or "video"; "features" with fusion="irfb"), in
     order; encoder: "small" (the CPU-scale CNN) or "resnet18" (the papers'); weights: name ->
     local state-dict file for ResNet-18 encoders (random init otherwise). fusion="irfb" builds
