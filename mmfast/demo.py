@@ -27,7 +27,7 @@ def demo_runs(dominant: str) -> list[tuple[str, str, dict]]:
 
 
 def _run_one(run_dir: Path, data_root: Path, method: str, hparams: dict, seed: int, epochs: int | None,
-             progress: bool) -> dict:
+             progress: bool, overrides: tuple = ()) -> dict:
     from .config import load_config
     from .trainer import Trainer, resume
 
@@ -39,7 +39,8 @@ def _run_one(run_dir: Path, data_root: Path, method: str, hparams: dict, seed: i
         trainer = resume(run_dir)
     else:
         overrides = [f"method={method}", f"seed={seed}", f"out={run_dir}", f"data.root={data_root}",
-                     f"progress={str(progress).lower()}"] + [f"hparams.{k}={json.dumps(v)}" for k, v in hparams.items()]
+                     f"progress={str(progress).lower()}", *overrides]
+        overrides += [f"hparams.{k}={json.dumps(v)}" for k, v in hparams.items()]
         if epochs is not None:
             overrides.append(f"epochs={epochs}")
         trainer = Trainer(load_config("embedded", overrides))

@@ -374,3 +374,38 @@ def test_olm_measures_the_initial_losses_once_trains_whole_epochs_and_tests(data
     for key in ("train/olm/w/audio", "train/olm/w/fused", "train/olm/lambda/visual", "val/loss/audio", "val/loss"):
         assert key in lines[0], key
     assert not torch.allclose(trainer.balancer.methods[0].lam, torch.full((3,), 1 / 3))
+
+
+def test_three_modalities_and_the_classifier_bound():
+    """M = 3 (the paper's NVGesture setting): OLM over four heads and boost's ACA both run; a
+    modality at max_classifiers gets no more."""
+    gen = torch.Generator().manual_seed(6)
+    torch.manual_seed(6)
+    encoders = {"audio": Encoder(7), "visual": Encoder(4), "depth": Encoder(3)}
+    xs = lambda B=8: [torch.randn(B, 7, generator=gen), torch.randn(B, 4, generator=gen),  # noqa: E731
+                      torch.randn(B, 3, generator=gen)]
+    y = torch.randint(0, C, (8,), generator=gen)
+    for name, head in (("olm", LateHeads([6, 6, 6], C)), ("boost", BoostedClassifiers([6, 6, 6], C))):
+        params = [p for e in encoders.values() for p in e.parameters()] + list(head.parameters())
+        opt = torch.optim.SGD(params, lr=0.1)
+        kw = {"variant": "loss_ratio"} if name == "olm" else {"tau": 0.0, "max_classifiers": 2}
+        bal = mmfast.Balancer(name, encoders, head=head, optimizer=opt, **kw)
+        for epoch in range(3):
+            bal.start_epoch(epoch)
+            features = bal.drop([e(x) for e, x in zip(encoders.values(), xs())])
+            fused, unimodal, *extra = head(features)
+            bal.after_forward(unimodal, y, fused=fused, extras=extra[0] if extra else None)
+            opt.zero_grad()
+            bal.loss().backward()
+            bal.after_backward()
+            opt.step()
+            bal.after_step()
+            if name == "boost":  # make the depth scores the weakest
+                bal.methods[0]._score_sum.copy_(torch.tensor([6.0, 5.0, 1.0]))
+                bal.methods[0]._score_count.fill_(8.0)
+            bal.end_epoch()
+        if name == "olm":
+            assert bal.methods[0].w.shape == (4,) and not torch.equal(bal.methods[0].w, torch.ones(4))
+        else:
+            assert head.counts() == [1, 1, 2] and len(opt.param_groups) == 2  # bound reached after one addition
+            assert [m for _, m in bal.methods[0].assignments] == ["depth", None, None]
