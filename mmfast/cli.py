@@ -39,8 +39,18 @@ def _train(args) -> int:
     except (ValueError, FileExistsError, FileNotFoundError, NonFiniteError) as exc:
         print(f"mmfast train: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps(summary, indent=2))
+    finally:
+        _leave_process_group()
+    if trainer.dist.is_main:  # (under torchrun: one summary, from rank 0)
+        print(json.dumps(summary, indent=2))
     return 0
+
+
+def _leave_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _parse_missing(text: str) -> dict:

@@ -62,6 +62,7 @@ class Config:
     precision: str = "fp32"  # "fp32" | "bf16" | "fp16" (autocast; fp16 with a GradScaler)
     channels_last: bool = False
     grad_accum: int = 1
+    sync_bn: bool = True  # distributed runs: batch norm over the global batch (mmfast.distributed)
     checkpoint_every: int = 0  # steps between mid-epoch checkpoints (0: epoch ends only)
     progress: bool = True  # tqdm progress bar
     data: DataSection = dataclasses.field(default_factory=DataSection)

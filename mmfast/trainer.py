@@ -37,6 +37,7 @@ from . import config as config_mod
 from .methods import Balancer, join_optimizer
 from .estimators import zero_out_logits
 from .evaluation import classification_metrics, linear_probe_accuracy
+from .distributed import init_from_env, sync_batch_norm
 from .models import build_model
 from .ops import feature_drop
 
@@ -83,13 +84,44 @@ def data_config(cfg: config_mod.Config, device: torch.device):
                       device=device.type)
 
 
+def step_forward(model, unimodal_estimate, inputs, skip=(), drop=None):
+    """A training step's forward: encode, drop features (`drop`: features -> features), fuse.
+    Returns (fused, unimodal, the head's extras); unimodal_estimate(features, head's unimodal)
+    picks the uni-modal logits."""
+    M = len(model.modalities)
+    encoded = model.encode(inputs, skip=skip)
+    features, fused_repr = encoded[:M], encoded[M:]  # (IRFB: the fused representation follows)
+    if drop is not None:
+        features = drop(features)
+    fused, unimodal, *extra = model.head(features + fused_repr)
+    return fused, unimodal_estimate(features, unimodal), (extra[0] if extra else {})
+
+
+class _StepModule(torch.nn.Module):
+    """step_forward as a module's forward, for DistributedDataParallel (which syncs gradients of
+    what runs inside its forward); holds the model, adds no parameters."""
+
+    def __init__(self, model, unimodal_estimate):
+        super().__init__()
+        self.model = model
+        self.unimodal_estimate = unimodal_estimate
+
+    def forward(self, inputs, skip=(), drop=None):
+        return step_forward(self.model, self.unimodal_estimate, inputs, skip=skip, drop=drop)
+
+
 class Trainer:
     def __init__(self, cfg: config_mod.Config, *, resume: bool = False):
         from .data import build_loader, generate, read_layout
 
         config_mod.check_config(cfg)
         self.cfg = cfg
+        # Under torchrun (WORLD_SIZE > 1): join the process group; each rank trains on its shard
+        # of every global batch (data.batch_size) and only rank 0 writes (mmfast/distributed.py).
+        self.dist = init_from_env(cfg.device)
         self.device = resolve_device(cfg.device)
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
         self.out = Path(cfg.out)
         self._seed_everything(cfg.seed)
         root = Path(cfg.data.root)
@@ -101,6 +133,8 @@ class Trainer:
         self.modalities = dict(index.kinds)
         self.classes = list(index.classes)
         self.loaders = {"train": build_loader(dcfg, "train", cfg.data.backend)}
+        if self.dist.enabled:
+            self.loaders["train"].set_shard(self.dist.rank, self.dist.world_size)
         for split in ("val", "test"):
             if index.splits.get(split):
                 self.loaders[split] = build_loader(dcfg, split, cfg.data.backend, train=False)
@@ -109,6 +143,8 @@ class Trainer:
                                  width=cfg.model.width, weights=cfg.model.weights, in_dims=self._sequence_dims(dcfg),
                                  irfb=cfg.model.irfb)
         self.model.to(self.device)
+        if self.dist.enabled and cfg.sync_bn:
+            self.model = sync_batch_norm(self.model, self.device)
         if cfg.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.optimizer = self._make_optimizer()
@@ -116,7 +152,7 @@ class Trainer:
         try:
             self.balancer = Balancer(cfg.method, dict(self.model.encoders.items()), seed=cfg.seed, device=self.device,
                                      measure=True, head=self.model.fusion, optimizer=self.optimizer,
-                                     scheduler=self.scheduler, **cfg.hparams)
+                                     scheduler=self.scheduler, dist=self.dist, **cfg.hparams)
         except ValueError as err:
             raise ValueError(f"config key 'hparams' (method {cfg.method!r}): {err}") from None
         if self.balancer.wants_head_losses(None) and "val" not in self.loaders:
@@ -137,11 +173,15 @@ class Trainer:
         if resume:
             self._load_checkpoint(self.out / "checkpoints" / "last.pt")
         else:
-            self.out.mkdir(parents=True, exist_ok=True)
-            if (self.out / "metrics.jsonl").exists():
+            taken = (self.out / "metrics.jsonl").exists()
+            if self.dist.is_main and not taken:
+                self.out.mkdir(parents=True, exist_ok=True)
+                config_mod.dump_config(cfg, self.out / "config.yaml")
+            self.dist.barrier()  # (every rank has checked before rank 0 writes its first line)
+            if taken:
                 raise FileExistsError(f"{self.out} already holds a run (metrics.jsonl); resume it with --resume "
                                       f"or choose another out=")
-            config_mod.dump_config(cfg, self.out / "config.yaml")
+        self._ddp = None  # DistributedDataParallel around the step's forward; built on first use
 
     # ---- construction ------------------------------------------------------------------------
 
@@ -196,34 +236,60 @@ class Trainer:
 
     def _forward(self, inputs, skip=(), drop=None):
         """Encode, drop the modalities' features (`drop`: features -> features), fuse. Returns
-        (fused, unimodal, the head's extras)."""
-        M = len(self.modalities)
-        encoded = self.model.encode(inputs, skip=skip)
-        features, fused_repr = encoded[:M], encoded[M:]  # (IRFB: the fused representation follows)
-        if drop is not None:
-            features = drop(features)
-        fused, unimodal, *extra = self.model.head(features + fused_repr)
-        return fused, self._unimodal(features, unimodal), (extra[0] if extra else {})
+        (fused, unimodal, the head's extras). Training steps of a distributed run go through
+        DistributedDataParallel (gradients all-reduced during backward)."""
+        if self.dist.enabled and self.model.training:
+            return self._distributed_model()(inputs, skip=skip, drop=drop)
+        return step_forward(self.model, self._unimodal, inputs, skip=skip, drop=drop)
+
+    def _distributed_model(self):
+        """DDP around the model's step, rebuilt when the parameters changed (boost added a
+        classifier on every rank at the same epoch end): DDP's buckets cover the parameters it
+        was built with."""
+        params = tuple(id(p) for p in self.model.parameters())
+        if self._ddp is None or self._ddp_params != params:
+            from torch.nn.parallel import DistributedDataParallel
+
+            # Parameters that get no gradient in some steps: a skipped encoder (unimodal), the
+            # other modalities' in a per-modality sub-step (boost alternating).
+            unused = bool(self.balancer.unused_modalities) or len(self.balancer.update_parts()) > 1
+            self._ddp = DistributedDataParallel(_StepModule(self.model, self._unimodal),
+                                                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                                                find_unused_parameters=unused)
+            self._ddp_params = params
+        return self._ddp
 
     def _accumulate(self, name: str, value: torch.Tensor) -> None:
         value = value.detach().float()
         self._epoch_sums[name] = self._epoch_sums[name] + value if name in self._epoch_sums else value.clone()
         self._epoch_counts[name] = self._epoch_counts.get(name, 0) + 1
 
-    def train_step(self, batch, *, last_micro_batch: bool = True) -> None:
+    def train_step(self, batch, *, last_micro_batch: bool = True, shard: tuple[int, int] | None = None) -> None:
+        """One training step on `batch`; shard: (start, total) of these samples in the global
+        batch (distributed runs; the loader's batch_shard)."""
         inputs, labels = self._inputs(batch)
+        if self.dist.enabled and shard is None:
+            raise ValueError("Trainer.train_step: a distributed run needs shard=(start, total) of the batch")
         for part in self.balancer.update_parts():
-            self._train_part(inputs, labels, part, last_micro_batch)
+            self._train_part(inputs, labels, part, last_micro_batch, shard)
         if last_micro_batch:
             self.global_step += 1  # training steps (one optimizer step per part)
 
-    def _train_part(self, inputs, labels, part, last_micro_batch: bool) -> None:
+    def _train_part(self, inputs, labels, part, last_micro_batch: bool, shard=None) -> None:
         """One (sub-)step: every modality (part None), or the modalities of `part` (the others
         are not encoded and their losses are left out)."""
         bal = self.balancer
         skip = set(bal.unused_modalities) | ({m for m in self.modalities if m not in part} if part else set())
+        with contextlib.ExitStack() as stack:
+            if self.dist.enabled and not last_micro_batch:  # (no gradient all-reduce before the last)
+                stack.enter_context(self._distributed_model().no_sync())
+            self._train_part_body(inputs, labels, part, last_micro_batch, shard, skip)
+
+    def _train_part_body(self, inputs, labels, part, last_micro_batch, shard, skip) -> None:
+        bal = self.balancer
         with self._autocast():
-            fused, unimodal, extra = self._forward(inputs, skip=skip, drop=lambda f: bal.drop(f, part=part))
+            fused, unimodal, extra = self._forward(inputs, skip=skip,
+                                                   drop=lambda f: bal.drop(f, part=part, shard=shard))
         # (before the loss: methods may add loss terms or compute the task loss)
         bal.after_forward(unimodal.float(), labels, fused=fused, extras=extra)
         per_sample = F.cross_entropy(fused.float(), labels, reduction="none")
@@ -297,17 +363,18 @@ class Trainer:
         start = time.perf_counter()
         accum = self.cfg.grad_accum
         bar = tqdm(total=len(loader), initial=self.batch_in_epoch, desc=f"epoch {self.epoch}", leave=False,
-                   disable=not self.cfg.progress)
+                   disable=not (self.cfg.progress and self.dist.is_main))
         # Resumed mid-epoch: the pass starts at the next batch of the same plan (a function of
         # seed and epoch); loader.position counts plan batches, also one whose clips all failed.
         for batch in loader.batches(start=self.batch_in_epoch):
             position = loader.position
             last = position % accum == 0 or position == len(loader)
-            self.train_step(batch, last_micro_batch=last)
+            shard = loader.batch_shard(position - 1) if self.dist.enabled else None
+            self.train_step(batch, last_micro_batch=last, shard=shard)
             bar.update(position - self.batch_in_epoch)
             self.batch_in_epoch = position
             if last:
-                if self.cfg.progress and self.global_step % 10 == 0:
+                if self.cfg.progress and self.dist.is_main and self.global_step % 10 == 0:
                     bar.set_postfix(self._live_postfix())
                 if self.cfg.checkpoint_every and self.global_step % self.cfg.checkpoint_every == 0:
                     self._check_finite()
@@ -342,6 +409,10 @@ class Trainer:
         return out
 
     def _epoch_metrics(self, seconds: float) -> dict[str, float]:
+        if self.dist.enabled:  # the ranks' shares of the loss and accuracy sums (the rest agree already)
+            keys = [k for k in ("loss", "correct", "samples") if k in self._epoch_sums]
+            total = self.dist.all_reduce_sum(torch.stack([self._epoch_sums[k] for k in keys]))
+            self._epoch_sums.update(zip(keys, total.unbind()))
         sums = {k: float(v) for k, v in self._epoch_sums.items()}  # the epoch's one read
         samples = max(sums.pop("samples", 0.0), 1.0)
         metrics = {"train/loss": sums.pop("loss", 0.0) / samples, "train/acc": sums.pop("correct", 0.0) / samples}
@@ -448,10 +519,11 @@ class Trainer:
         if "test" in self.loaders:
             self.load_best()
             summary.update(self.evaluate("test"))
-        (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        from .plots import plot_run
+        if self.dist.is_main:
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            from .plots import plot_run
 
-        plot_run(self.out)
+            plot_run(self.out)
         return summary
 
     def _observe_head_losses(self, epoch: int | None, val_metrics: dict) -> None:
@@ -474,6 +546,8 @@ class Trainer:
         return name
 
     def _log(self, metrics: dict) -> None:
+        if not self.dist.is_main:
+            return
         with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(metrics) + "\n")
         writer = self._tensorboard()
@@ -508,7 +582,10 @@ class Trainer:
                 "skipped_steps": self._skipped_steps}
 
     def save_checkpoint(self, name: str) -> None:
-        atomic_save(self.state_dict(), self.out / "checkpoints" / name)
+        """Rank 0 writes (every rank holds the same state); the others wait for the file."""
+        if self.dist.is_main:
+            atomic_save(self.state_dict(), self.out / "checkpoints" / name)
+        self.dist.barrier()
 
     def load_best(self) -> None:
         """The model weights of the best epoch (selected on the validation split)."""

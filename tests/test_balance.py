@@ -8,6 +8,7 @@ import torch
 import mmfast
 from conftest import TRITON_DEVICE, requires_cuda
 from mmfast.ops import (
+    balance_coefficients,
     balance_stats,
     discrepancy_ratio,
     discrepancy_ratio_reference,
@@ -164,6 +165,35 @@ def test_balance_stats_equals_the_parts(gen, backend, kind, form, z):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind,form,z", [("ratio", "paper", "tanh"), ("difference", "reference", "sigmoid"),
+                                         ("ratio", "star", "tanh")])
+def test_balance_coefficients_from_scores(gen, backend, kind, form, z):
+    """Stage 2 alone, from S: against the references; and balance_stats with a score reducer
+    (a distributed run's all-reduce) equals the coefficients of the reduced scores."""
+    M = int(torch.randint(2, 5, (), generator=gen))
+    S = torch.rand(M, generator=gen) * 30 + 0.5
+    dev = device_of(backend)
+    alpha, q_base, lam = 0.6, 0.3, 0.8
+    out = balance_coefficients(S.to(dev), kind=kind, alpha=alpha, form=form, z=z, q_base=q_base, lam=lam,
+                               backend=backend)
+    rho_ref = discrepancy_ratio_reference(S.double(), kind)
+    close(out.scores, S)
+    close(out.ratio, rho_ref, atol=1e-5)
+    close(out.coeffs, ogm_coefficients_reference(rho_ref, alpha, form, z), atol=1e-6)
+    close(out.drop_probs, opm_drop_probabilities_reference(rho_ref, q_base, lam, z), atol=1e-6)
+
+    logits, labels = random_case(gen, M, 24, 7)
+    other = torch.rand(M, generator=gen) * 10  # the other ranks' score sums
+    st = balance_stats(logits.to(dev), labels.to(dev), kind=kind, alpha=alpha, form=form, z=z, q_base=q_base, lam=lam,
+                       reduce_scores=lambda local: local + other.to(dev), backend=backend)
+    S_local, _ = modality_scores_reference(logits, labels)
+    expected = balance_coefficients(S_local.float().to(dev) + other.to(dev), kind=kind, alpha=alpha, form=form, z=z,
+                                    q_base=q_base, lam=lam, backend="torch")
+    for a, b in zip((st.scores, st.ratio, st.coeffs, st.drop_probs), expected):
+        close(a, b.cpu(), atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_zero_scores_modulate_nothing(backend):
     dev = device_of(backend)
     k = ogm_coefficients(discrepancy_ratio(torch.zeros(2, device=dev), backend=backend), 0.8, backend=backend)
@@ -209,6 +239,10 @@ def test_label_out_of_range_is_named(backend):
      ValueError, "needs kind='ratio'"),
     (lambda: balance_stats(torch.randn(2, 4, 3), torch.zeros(4, dtype=torch.long), backend="cuda"), ValueError, "backend must be"),
     (lambda: discrepancy_ratio(torch.ones(2, device="meta"), backend="native"), ValueError, "backend=.native. has kernels for"),
+    (lambda: balance_coefficients(torch.ones(1)), ValueError, "balance_coefficients: S must be 1-D with at least 2"),
+    (lambda: balance_coefficients(torch.ones(2, dtype=torch.long)), TypeError, "S must be floating point"),
+    (lambda: balance_coefficients(torch.ones(2), form="star", kind="difference"), ValueError, "needs kind='ratio'"),
+    (lambda: balance_coefficients(torch.ones(2), lam=-1.0), ValueError, "lam must be >= 0"),
 ])
 def test_bad_input_raises_clear_errors(call, error, needle):
     with pytest.raises(error, match=needle):

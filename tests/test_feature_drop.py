@@ -80,3 +80,29 @@ def test_weighted_mean_counts_kept_samples_only():
 def test_bad_input(call, needle):
     with pytest.raises(ValueError, match=needle):
         call()
+
+
+@pytest.mark.parametrize("total,world", [(9, 2), (8, 3), (5, 5)])
+def test_shards_of_a_global_batch_drop_what_the_global_batch_drops(gen, total, world):
+    """A distributed run's ranks each pass their rows with shard=(start, total): together they
+    keep exactly the samples one process keeps on the whole batch, with the same scale."""
+    from mmfast.distributed import shard_bounds
+
+    features = random_features(gen, 3, total)
+    probs = torch.rand(3, generator=gen)
+    seed = int(torch.randint(0, 2**31, (), generator=gen))
+    whole = feature_drop(features, probs, p_exe=0.8, generator=torch.Generator().manual_seed(seed))
+    for rank in range(world):
+        lo, hi = shard_bounds(total, rank, world)
+        part = feature_drop([f[lo:hi] for f in features], probs, p_exe=0.8, shard=(lo, total),
+                            generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(part.keep, whole.keep[:, lo:hi]) and torch.equal(part.scale, whole.scale)
+        for a, b in zip(part.features, whole.features):
+            assert torch.equal(a, b[lo:hi])
+
+
+def test_bad_shard_is_named():
+    features = [torch.ones(4, 2), torch.ones(4, 3)]
+    for shard in [(3, 6), (-1, 8), (0.5, 8)]:
+        with pytest.raises(ValueError, match=r"shard must be \(start, total\)"):
+            feature_drop(features, torch.zeros(2), shard=shard)

@@ -131,13 +131,38 @@ class ClipLoader:
         self.epoch = 0
         self.position = 0
         self._pass = 0  # passes started: the generator of an older pass refuses to go on
+        self.rank, self.world_size = 0, 1  # set_shard: this process's share of each batch
+
+    def set_shard(self, rank: int, world_size: int) -> None:
+        """Decode only rank's contiguous shard of every batch of the plan (a distributed run: the
+        plan, and so the global batches, are the same on every rank; mmfast.distributed). A
+        batch with fewer clips than ranks is left out on every rank, so that none trains on an
+        empty shard."""
+        if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
+            raise ValueError(f"{self.split!r} loader: shard needs 0 <= rank < world_size, got rank={rank!r}, "
+                             f"world_size={world_size!r}")
+        if self.cfg.batch_size < world_size:
+            raise ValueError(f"data.batch_size={self.cfg.batch_size} is the global batch: it must be at least the "
+                             f"world size {world_size} (every rank needs samples)")
+        self.rank, self.world_size = rank, world_size
+
+    def batch_shard(self, b: int) -> tuple[int, int]:
+        """(start, total) of plan batch b: this rank's first clip in it and the batch's size."""
+        from ..distributed import shard_bounds
+
+        total = min(self.cfg.batch_size, len(self.clips) - b * self.cfg.batch_size)
+        return shard_bounds(total, self.rank, self.world_size)[0], total
 
     @property
     def modalities(self):
         return self.index.kinds
 
     def __len__(self) -> int:
-        return -(-len(self.clips) // self.cfg.batch_size)
+        n, size = len(self.clips), self.cfg.batch_size
+        batches = -(-n // size)
+        if self.world_size > 1 and 0 < n - (batches - 1) * size < self.world_size:
+            batches -= 1  # a last batch with fewer clips than ranks is left out (set_shard)
+        return batches
 
     def __iter__(self):
         return self.batches()
@@ -156,7 +181,16 @@ class ClipLoader:
         if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start <= len(self):
             raise ValueError(f"start must be a batch number in [0, {len(self)}], got {start!r}")
         order, size = self.order(self.epoch), self.cfg.batch_size
-        return [order[b * size:(b + 1) * size] for b in range(start, len(self))]
+        batches = [order[b * size:(b + 1) * size] for b in range(start, len(self))]
+        if self.world_size == 1:
+            return batches
+        from ..distributed import shard_bounds
+
+        shards = []
+        for ids in batches:
+            lo, hi = shard_bounds(len(ids), self.rank, self.world_size)
+            shards.append(ids[lo:hi])
+        return shards
 
     def _begin_pass(self, start: int) -> tuple:
         """(the plan from batch `start`, this pass's number); resets the pass's bookkeeping."""

@@ -39,7 +39,8 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from ..ops import BalanceStats, weighted_mean
+from ..distributed import Distributed
+from ..ops import BalanceStats
 from .base import StepState, merge_balance_params
 from .registry import create
 
@@ -47,13 +48,16 @@ from .registry import create
 class Balancer:
     def __init__(self, method: str, encoders: Mapping[str, nn.Module], *, seed: int = 0,
                  device: torch.device | str | None = None, measure: bool = False, head: nn.Module | None = None,
-                 optimizer: torch.optim.Optimizer | None = None, scheduler=None, **hparams):
+                 optimizer: torch.optim.Optimizer | None = None, scheduler=None, dist: Distributed | None = None,
+                 **hparams):
         """method: a name of mmfast.methods.NAMES; encoders: modality name -> encoder module, in
         the order of the features and uni-modal logits you pass; seed: the noise key and drop
         generator seed; measure: compute the balance statistics every step even when no method
         needs them (to monitor plain joint training); hparams: the method's hyper-parameters
         (mmfast.methods.hyper_parameters); head: the model's head module (the methods that train
-        classifiers of their own need it); optimizer, scheduler: the loop's (see the module doc)."""
+        classifiers of their own need it); optimizer, scheduler: the loop's (see the module doc);
+        dist: the process group of a distributed run (None: the initialised default group, if
+        any: mmfast.distributed.Distributed.current())."""
         if not isinstance(encoders, Mapping) or len(encoders) < 2:
             raise ValueError("Balancer: encoders must map at least two modality names to their encoder modules")
         for name, module in encoders.items():
@@ -66,7 +70,8 @@ class Balancer:
             device = first.device if first is not None else torch.device("cpu")
         self.methods = create(method, **hparams)
         self.state = StepState(list(encoders), seed=seed, device=torch.device(device), encoders=encoders,
-                               balance_params=merge_balance_params(self.methods), head=head)
+                               balance_params=merge_balance_params(self.methods), head=head,
+                               dist=dist if dist is not None else Distributed.current())
         self.state.optimizer, self.state.scheduler = optimizer, scheduler
         self.computes_task_loss = any(m.computes_task_loss for m in self.methods)
         self.metrics: dict[str, torch.Tensor] = {}
@@ -112,16 +117,23 @@ class Balancer:
                                   "initial": epoch is None, "epoch": epoch}
         self._emit("head_losses")
 
-    def drop(self, features: Sequence[torch.Tensor], *, part: Sequence[str] | None = None) -> list[torch.Tensor]:
+    def drop(self, features: Sequence[torch.Tensor], *, part: Sequence[str] | None = None,
+             shard: tuple[int, int] | None = None) -> list[torch.Tensor]:
         """The features to fuse: dropped and rescaled by OPM/ModDrop, unchanged otherwise. Starts
         a new (micro-)batch: the previous one's masks and logits are forgotten. `part`: the
-        modalities this sub-step trains (an item of update_parts())."""
+        modalities this sub-step trains (an item of update_parts()); `shard`: in a distributed
+        run, (start, total): these samples' first row in the global batch and its size
+        (mmfast.distributed.shard_bounds; required there)."""
         features = list(features)
         if len(features) != len(self.state.modalities):
             raise ValueError(f"Balancer.drop: {len(features)} feature tensors for modalities {self.state.modalities}")
         if part is not None and not set(part) <= set(self.state.modalities):
             raise ValueError(f"Balancer.drop: part {part!r} names no modalities of {self.state.modalities}")
+        if shard is None and self.state.dist.enabled:
+            raise ValueError("Balancer.drop: in a distributed run pass shard=(start, total), this rank's first "
+                             "sample in the global batch and the global batch size")
         self.state.begin_batch()
+        self.state.shard = None if shard is None else (int(shard[0]), int(shard[1]))
         self.state.part = None if part is None else tuple(part)
         self.state.features = features
         self._emit("before_fusion")
@@ -135,7 +147,9 @@ class Balancer:
     def loss(self, per_sample_loss: torch.Tensor | None = None) -> torch.Tensor:
         """Mean of the per-sample task loss over the samples that stay in the loss, plus any loss
         term a method added (in after_forward, which must then come first). With a method that
-        computes the task loss itself (computes_task_loss), pass nothing."""
+        computes the task loss itself (computes_task_loss), pass nothing. In a distributed run
+        the result is this rank's share of the global batch's loss times the world size: what
+        to call backward() on under DistributedDataParallel, which averages the gradients."""
         adders = [m.name for m in self.methods if m.adds_loss_terms or m.computes_task_loss]
         if adders and self.state.labels is None:
             raise ValueError(f"Balancer.loss: method(s) {adders} compute loss terms from the step's logits: call "
@@ -148,10 +162,10 @@ class Balancer:
         elif per_sample_loss is None:
             raise ValueError("Balancer.loss: pass the per-sample task loss [B]")
         else:
-            total = weighted_mean(per_sample_loss, self.state.sample_weight)
-        for term in self.state.extra_losses.values():
+            total = self.state.batch_mean(per_sample_loss)
+        for term in self.state.extra_losses.values():  # (batch means too: state.batch_mean)
             total = total + term
-        return total
+        return total * self.state.dist.world_size if self.state.dist.enabled else total
 
     def after_forward(self, unimodal_logits: torch.Tensor, labels: torch.Tensor, *, fused: torch.Tensor | None = None,
                       extras: Mapping | None = None) -> None:

@@ -25,6 +25,7 @@ from typing import Any, ClassVar, Mapping, Sequence
 
 import torch
 
+from ..distributed import Distributed
 from ..ops import BalanceStats, balance_stats
 
 EVENTS = ("fit_start", "epoch_start", "before_fusion", "after_forward", "after_backward", "after_step", "epoch_end",
@@ -57,12 +58,22 @@ class StepState:
     metrics: name -> device tensor, read by the loop only at logging points;
     head: the model's head module; optimizer, scheduler: the loop's (a method that adds
         parameters during training, such as boost's classifiers, joins them to it);
-    head_losses: "val" and "train" [M + 1] per-head losses (modalities, then fused), "initial".
+    head_losses: "val" and "train" [M + 1] per-head losses (modalities, then fused), "initial";
+    dist: the process group (mmfast.distributed.Distributed; one process: every sum is the
+        identity); shard: (start, total) of this (micro-)batch, the rank's first sample in the
+        global batch and the global batch size ((0, B) in one process).
+
+    Means over the batch go through ``batch_mean`` and sums a method needs from every rank
+    through ``dist.all_reduce_sum``, so that a distributed run computes what one process would
+    on the global batch (mmfast/distributed.py).
     """
 
     def __init__(self, modalities: Sequence[str], *, seed: int, device: torch.device,
                  encoders: Mapping[str, torch.nn.Module] | None = None,
-                 balance_params: dict[str, Any] | None = None, head: torch.nn.Module | None = None):
+                 balance_params: dict[str, Any] | None = None, head: torch.nn.Module | None = None,
+                 dist: Distributed | None = None):
+        self.dist = dist if dist is not None else Distributed()
+        self.shard: tuple[int, int] | None = None
         self.modalities = list(modalities)
         self.encoders = dict(encoders or {})  # modality name -> encoder module, in modality order
         self.head = head
@@ -90,6 +101,7 @@ class StepState:
         self.task_loss: torch.Tensor | None = None
         self.extra_losses: dict[str, torch.Tensor] = {}
         self._stats: BalanceStats | None = None
+        self._global_weight: torch.Tensor | None = None
 
     def begin_step(self) -> None:
         """Forget the previous step (the step counter and generator carry on)."""
@@ -103,11 +115,46 @@ class StepState:
             if self.unimodal_logits is None or self.labels is None:
                 raise RuntimeError("balance statistics need the uni-modal logits and labels of the step "
                                    "(after_forward or later)")
-            self._stats = balance_stats(self.unimodal_logits.detach(), self.labels, self.keep, **self.balance_params)
+            reduce = self._reduce_scores if self.dist.enabled else None
+            self._stats = balance_stats(self.unimodal_logits.detach(), self.labels, self.keep, reduce_scores=reduce,
+                                        **self.balance_params)
             for m, name in enumerate(self.modalities):
                 self.metrics[f"score/{name}"] = self._stats.scores[m]
                 self.metrics[f"ratio/{name}"] = self._stats.ratio[m]
         return self._stats
+
+
+    @property
+    def global_batch(self) -> int:
+        """The number of samples in this (micro-)batch over every rank."""
+        return self.shard[1] if self.shard is not None else self.labels.shape[0]
+
+    def batch_mean(self, per_sample: torch.Tensor) -> torch.Tensor:
+        """Mean over the last axis (samples) of the samples that stay in the loss
+        (``sample_weight``; 0 when none is left, without a host check). In a distributed run:
+        this rank's share of the global batch's mean (its sum over the global count), so that
+        the shares of all ranks add up to the one-process mean."""
+        w = self.sample_weight
+        if not self.dist.enabled:
+            if w is None:
+                return per_sample.mean(dim=-1)
+            return (per_sample * w).sum(dim=-1) / w.sum().clamp_min(1.0)
+        if w is None:
+            return per_sample.sum(dim=-1) / self.global_batch
+        if self._global_weight is None:
+            self._global_weight = self.dist.all_reduce_sum(w.sum())
+        return (per_sample * w).sum(dim=-1) / self._global_weight.clamp_min(1.0)
+
+    def _reduce_scores(self, S: torch.Tensor) -> torch.Tensor:
+        """The batch scores summed over the ranks; the kept-sample count rides along in the same
+        all-reduce (batch_mean needs it next): one collective per step."""
+        M = S.shape[0]
+        w = self.sample_weight
+        parts = [S] if w is None else [S, w.sum().view(1).to(S.dtype)]
+        total = self.dist.all_reduce_sum(torch.cat(parts))
+        if w is not None:
+            self._global_weight = total[M]
+        return total[:M]
 
 
 class Method:

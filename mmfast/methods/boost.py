@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import modality_scores, weighted_mean
+from ..ops import modality_scores
 from .base import Method, StepState, check_choice, check_number, join_optimizer
 
 UPDATES = ("joint", "alternating")
@@ -116,25 +116,33 @@ class Boost(Method):
         classifiers = state.head_logits["classifiers"]
         trained = [m for m, name in enumerate(state.modalities) if state.part is None or name in state.part]
         omega = self.head.omega
-        state.task_loss = sum(weighted_mean(boost_modality_loss(classifiers[r], omega[r], state.labels,
-                                                                self.params.lam), state.sample_weight)
+        state.task_loss = sum(state.batch_mean(boost_modality_loss(classifiers[r], omega[r], state.labels,
+                                                                   self.params.lam))
                               for r in trained)
-        if state.part not in self._rows:  # (built once per part: no copy to the device per step)
-            self._rows[state.part] = torch.tensor([[float(r in trained)] for r in range(len(state.modalities))],
-                                                  device=state.device)
-        mask = self._rows[state.part].expand(-1, state.labels.shape[0])
-        S, _ = modality_scores(state.unimodal_logits, state.labels, mask)
+        # Scores of the (global) batch: the shared balance statistics when every modality trains
+        # (summed over the ranks already), else this part's rows, summed over the ranks here.
+        if state.part is None:
+            S = state.stats().scores
+            rows = None
+        else:
+            if state.part not in self._rows:  # (built once per part: no copy to the device per step)
+                self._rows[state.part] = torch.tensor([[float(r in trained)] for r in range(len(state.modalities))],
+                                                      device=state.device)
+            rows = self._rows[state.part]
+            S = state.dist.all_reduce_sum(modality_scores(state.unimodal_logits, state.labels,
+                                                          rows.expand(-1, state.labels.shape[0]))[0])
         self._score_sum += S
-        self._score_count += mask.sum(dim=1)
+        self._score_count += state.global_batch if rows is None else rows.squeeze(1) * state.global_batch
         for r in trained:
             name = state.modalities[r]
             state.metrics[f"boost/omega/{name}"] = omega[r]
-            state.metrics[f"boost/score/{name}"] = S[r] / state.labels.shape[0]
+            state.metrics[f"boost/score/{name}"] = S[r] / state.global_batch
 
     def epoch_end(self, state: StepState) -> None:
         if (state.epoch + 1) % self.params.interval:
             return
-        # ACA: a structural decision, made on the host once per interval (an epoch boundary).
+        # ACA: a structural decision, made on the host once per interval (an epoch boundary),
+        # from global scores: every rank makes the same decision and fits the same omega.
         scores = (self._score_sum / self._score_count.clamp_min(1)).cpu()
         weak = aca_assignment(scores.tolist(), self.params.sigma, self.params.tau)
         if weak is not None and self.head.counts()[weak] < self.params.max_classifiers:

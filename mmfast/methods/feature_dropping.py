@@ -20,7 +20,7 @@ from .base import POOLED_FUSIONS, Method, StepState, WindowParams, check_choice,
 
 
 def apply_drop(state: StepState, probs: torch.Tensor, p_exe: float) -> None:
-    dropped = feature_drop(state.features, probs, p_exe=p_exe, generator=state.generator)
+    dropped = feature_drop(state.features, probs, p_exe=p_exe, generator=state.generator, shard=state.shard)
     state.features = dropped.features
     state.keep = dropped.keep
     state.sample_weight = (dropped.sample_weight if state.sample_weight is None

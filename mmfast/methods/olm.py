@@ -42,16 +42,14 @@ VARIANTS = ("gc", "loss_ratio")
 
 
 def olm_task_loss(z: torch.Tensor, w: torch.Tensor, labels: torch.Tensor,
-                  sample_weight: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+                  batch_mean=None) -> tuple[torch.Tensor, torch.Tensor]:
     """sum_h CE(w_h z_h, y) (mean over the kept samples) and the per-head means [H] (detached).
-    z [H, B, C] with autograd; w [H]."""
+    z [H, B, C] with autograd; w [H]; batch_mean: [H, B] -> [H], the mean over the samples
+    that stay in the loss (StepState.batch_mean; None: all of them)."""
     H, B, C = z.shape
     scaled = w.detach().to(z.dtype).view(H, 1, 1) * z
     per_head = F.cross_entropy(scaled.reshape(H * B, C).float(), labels.repeat(H), reduction="none").view(H, B)
-    if sample_weight is None:
-        means = per_head.mean(dim=1)
-    else:
-        means = (per_head * sample_weight).sum(dim=1) / sample_weight.sum().clamp_min(1.0)
+    means = per_head.mean(dim=1) if batch_mean is None else batch_mean(per_head)
     return means.sum(), means.detach()
 
 
@@ -142,12 +140,14 @@ class OLM(Method):
             raise RuntimeError("olm (variant gc) needs the per-head validation and training losses before training: "
                                "call Balancer.observe_head_losses(val, train, epoch=None) first (the trainer does)")
         z = torch.cat([state.head_logits["unimodal"], state.head_logits["fused"][None]])  # [H, B, C]
-        state.task_loss, per_head = olm_task_loss(z, self.w, state.labels, state.sample_weight)
+        state.task_loss, per_head = olm_task_loss(z, self.w, state.labels, state.batch_mean)
         if self.params.variant == "loss_ratio":
+            per_head = state.dist.all_reduce_sum(per_head)  # (the ranks' shares: the global means)
             if "train" not in self.initial:
                 self.initial["train"] = per_head.clone()  # the first step's losses, once
             self.lam = loss_ratio_factors(per_head, self.initial["train"])
-        self._norms += z.detach().float().norm(dim=-1).mean(dim=1)
+        # Mean logit norm of each head over the (global) batch; summed over the ranks in after_step.
+        self._norms += z.detach().float().norm(dim=-1).sum(dim=1) / state.global_batch
         self._batches += 1
         for h, name in enumerate(self.heads):
             state.metrics[f"olm/w/{name}"] = self.w[h]
@@ -156,8 +156,9 @@ class OLM(Method):
     def after_step(self, state: StepState) -> None:
         if not self._batches:
             return
+        norms = state.dist.all_reduce_sum(self._norms)
         w = self.w.clone().requires_grad_(True)
-        grad, = torch.autograd.grad(olm_logit_loss(w, self._norms / self._batches, self.lam,
+        grad, = torch.autograd.grad(olm_logit_loss(w, norms / self._batches, self.lam,
                                                    self.params.normalize_lambda), w)
         adam_step_(self.w, grad, self.adam, self.params.lr)
         self.w.clamp_(min=self.params.w_min)

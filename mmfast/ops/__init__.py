@@ -1,6 +1,8 @@
 """Fused ops of mmfast. Each has a slow, obvious reference beside it (``*_reference``)."""
 from .balance import (
     BalanceStats,
+    Coefficients,
+    balance_coefficients,
     balance_stats,
     discrepancy_ratio,
     discrepancy_ratio_reference,
@@ -23,6 +25,8 @@ from .grad_modulation import (
 
 __all__ = [
     "BalanceStats",
+    "Coefficients",
+    "balance_coefficients",
     "FeatureDrop",
     "balance_stats",
     "discrepancy_ratio",

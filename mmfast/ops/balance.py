@@ -55,7 +55,8 @@ class BalanceStats(NamedTuple):
 # --------------------------------------------------------------------------------------------
 # Public API. Every op is the same two stages, each with a Triton, a C++ and a PyTorch version:
 #   1. scores: logits, labels, mask -> s [M, B], partial sums [M, NB]
-#   2. coefficients: partial sums (or rho) -> rows S, rho, k, q of a [4, M] tensor
+#   2. coefficients: partial sums (or S, or rho) -> rows S, rho, k, q of a [4, M] tensor
+# (balance_coefficients is stage 2 alone, from S.)
 
 def modality_scores(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None = None, *,
                     backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,21 +102,54 @@ def opm_drop_probabilities(rho: torch.Tensor, q_base: float = 0.5, lam: float = 
     return _coefficients_stage(be, rho.float(), True, 0, 0, z_code, 0.0, q_base, lam)[3]
 
 
+class Coefficients(NamedTuple):
+    """What the coefficient stage makes of batch scores S, each a float32 [M] device tensor."""
+
+    scores: torch.Tensor  # S [M], as given
+    ratio: torch.Tensor  # rho [M]
+    coeffs: torch.Tensor  # OGM k [M]
+    drop_probs: torch.Tensor  # OPM q [M]
+
+
+def balance_coefficients(S: torch.Tensor, *, kind: str = "ratio", alpha: float = 0.8, form: str = "paper",
+                         z: str = "tanh", q_base: float = 0.5, lam: float = 0.5,
+                         backend: str = "auto") -> Coefficients:
+    """rho, OGM k and OPM q from batch scores S [M] (M >= 2): the second stage of balance_stats
+    on its own (one launch), for scores summed elsewhere first, e.g. all-reduced over the
+    processes of a distributed run so that every rank computes the same coefficients."""
+    op = "balance_coefficients"
+    S = _check_vector(op, "S", S, min_len=2)
+    codes = _check_coefficient_params(op, kind, form, z, alpha, q_base, lam)
+    be = choose_backend(op, S.device, backend)
+    out = _coefficients_stage(be, S.float().contiguous().view(-1, 1), False, *codes, alpha, q_base, lam)
+    return Coefficients(out[0], out[1], out[2], out[3])
+
+
 def balance_stats(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None = None, *,
                   kind: str = "ratio", alpha: float = 0.8, form: str = "paper", z: str = "tanh",
-                  q_base: float = 0.5, lam: float = 0.5, backend: str = "auto") -> BalanceStats:
-    """All of the above from one call: S, s, rho, OGM k and OPM q (two kernel launches)."""
+                  q_base: float = 0.5, lam: float = 0.5, reduce_scores=None, backend: str = "auto") -> BalanceStats:
+    """All of the above from one call: S, s, rho, OGM k and OPM q (two kernel launches).
+
+    reduce_scores: None, or a function S [M] -> S [M] applied between the two stages (a
+    distributed run passes an all-reduce sum: coefficients of the global batch on every rank)."""
     op = "balance_stats"
-    kind_code = _choice(op, "kind", kind, KINDS)
-    form_code, z_code = _choice(op, "form", form, FORMS), _choice(op, "z", z, ZS)
-    if form == "star" and kind != "ratio":
-        raise ValueError(f"{op}: form='star' (OGM*) mirrors the ratio with 1/rho, so it needs kind='ratio'")
-    _check_params(op, alpha=alpha, q_base=q_base, lam=lam)
+    codes = _check_coefficient_params(op, kind, form, z, alpha, q_base, lam)
     be = choose_backend(op, logits.device if isinstance(logits, torch.Tensor) else torch.device("cpu"), backend)
     logits, labels, mask = _check_scores_inputs(op, logits, labels, mask, check_range=be != "native")
     s, partial = _scores_stage(be, logits, labels, mask)
-    out = _coefficients_stage(be, partial, False, kind_code, form_code, z_code, alpha, q_base, lam)
+    if reduce_scores is not None:
+        partial = reduce_scores(partial.sum(dim=1)).view(-1, 1)
+    out = _coefficients_stage(be, partial, False, *codes, alpha, q_base, lam)
     return BalanceStats(out[0], s, out[1], out[2], out[3])
+
+
+def _check_coefficient_params(op, kind, form, z, alpha, q_base, lam):
+    """(kind, form, z) codes of the kernels, after checking every coefficient parameter."""
+    codes = _choice(op, "kind", kind, KINDS), _choice(op, "form", form, FORMS), _choice(op, "z", z, ZS)
+    if form == "star" and kind != "ratio":
+        raise ValueError(f"{op}: form='star' (OGM*) mirrors the ratio with 1/rho, so it needs kind='ratio'")
+    _check_params(op, alpha=alpha, q_base=q_base, lam=lam)
+    return codes
 
 
 def _scores_stage(backend, logits, labels, mask):

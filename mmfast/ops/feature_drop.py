@@ -30,13 +30,16 @@ class FeatureDrop(NamedTuple):
 
 
 def feature_drop(features: Sequence[torch.Tensor], drop_probs: torch.Tensor, *, p_exe: float = 1.0,
-                 generator: torch.Generator | None = None) -> FeatureDrop:
+                 generator: torch.Generator | None = None, shard: tuple[int, int] | None = None) -> FeatureDrop:
     """Drop whole per-sample feature vectors of each modality with probability drop_probs[m].
 
     features: M >= 1 tensors [B, d_m] on one device (autograd flows through the kept ones);
     drop_probs: float tensor [M] in [0, 1] on that device (not checked on the host: values are
     clamped to [0, 1]); p_exe: probability that this batch is modulated at all; generator: a
-    torch.Generator on the features' device (None: torch's default one)."""
+    torch.Generator on the features' device (None: torch's default one); shard: (start, total)
+    when these B samples are rows [start, start + B) of a global batch of `total` (a distributed
+    run): the [M, total] uniforms of the global batch are drawn and this shard's columns used,
+    so that every rank drops what one process would."""
     op = "feature_drop"
     if isinstance(features, torch.Tensor) or len(features) < 1:
         raise ValueError(f"{op}: features must be a list of M tensors [B, d_m], one per modality")
@@ -57,8 +60,14 @@ def feature_drop(features: Sequence[torch.Tensor], drop_probs: torch.Tensor, *, 
     if generator is not None and generator.device != device:
         raise ValueError(f"{op}: generator is on {generator.device} but the features are on {device}")
 
+    start, total = (0, B) if shard is None else shard
+    if (not all(isinstance(v, int) and not isinstance(v, bool) for v in (start, total))
+            or start < 0 or start + B > total):
+        raise ValueError(f"{op}: shard must be (start, total) with 0 <= start and start + B <= total for B={B}, "
+                         f"got {shard!r}")
+
     execute_draw = torch.rand((), generator=generator, device=device)
-    sample_draws = torch.rand((M, B), generator=generator, device=device)
+    sample_draws = torch.rand((M, total), generator=generator, device=device)[:, start:start + B]
     q = drop_probs.detach().float().clamp(0.0, 1.0) * (execute_draw < p_exe).float()
     keep = (sample_draws >= q[:, None]).float()
     dims = torch.tensor([f.shape[1] for f in features], dtype=torch.float32, device=device)

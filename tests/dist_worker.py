@@ -1,0 +1,39 @@
+"""One process of a test run (tests/test_distributed.py): trains the embedded config with the
+overrides of a spec file, as torchrun would start it (RANK / WORLD_SIZE / MASTER_* in the
+environment), and writes what each step computed (the balancer's metrics) and the final model.
+
+    python tests/dist_worker.py SPEC.json
+"""
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+
+from mmfast.config import load_config
+from mmfast.trainer import Trainer, resume
+
+
+def main(spec_path: str) -> None:
+    spec = json.loads(open(spec_path).read())
+    trainer = resume(spec["out"]) if spec.get("resume") else Trainer(load_config("embedded", spec["overrides"]))
+    records = []
+    step = trainer.train_step
+
+    def recorded_step(batch, **kw):
+        step(batch, **kw)
+        records.append({k: v.tolist() for k, v in trainer.balancer.metrics.items()})  # (a test's host reads)
+
+    trainer.train_step = recorded_step
+    trainer.fit(max_steps=spec["max_steps"])
+    rank = trainer.dist.rank
+    with open(f"{spec['records']}.{rank}.json", "w") as f:
+        json.dump({"steps": records, "world_size": trainer.dist.world_size,
+                   "assignments": getattr(trainer.balancer.methods[0], "assignments", None)}, f)
+    torch.save(trainer.model.state_dict(), f"{spec['records']}.{rank}.pt")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

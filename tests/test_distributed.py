@@ -1,0 +1,182 @@
+"""Multi-process training: 2 processes on the gloo backend (CPU), started as torchrun starts them,
+against one process on the same global batch. Every rank computes the same coefficients, drop
+probabilities, logit coefficients and classifier assignments as the one process, and the
+parameters after k steps are the same (up to float rounding: the all-reduce sums in another
+order); a run stopped under 2 processes resumes in 1. The collectives' helpers and the CPU
+batch norm over the global batch are tested here too."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from mmfast.data import generate
+from mmfast.distributed import CpuSyncBatchNorm, Distributed, shard_bounds, sync_batch_norm
+
+pytest.importorskip("nvidia.dali")
+WORKER = Path(__file__).with_name("dist_worker.py")
+STEPS_PER_EPOCH = 3  # 21 training clips, global batch 8: shards 4/4, 4/4 and 3/2
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return generate(tmp_path_factory.mktemp("dist") / "cremad", clips=30, seed=4)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(tmp_path, name, world_size, overrides=(), *, max_steps, resume_out=None):
+    """Run the worker in `world_size` processes; returns (records per rank, state dicts per rank, out)."""
+    out = resume_out or tmp_path / name / "run"
+    spec = {"overrides": [f"out={out}", *overrides], "max_steps": max_steps, "records": str(tmp_path / name / "r"),
+            "out": str(out), "resume": resume_out is not None}
+    (tmp_path / name).mkdir(parents=True, exist_ok=True)
+    spec_file = tmp_path / name / f"spec{world_size}.json"
+    spec_file.write_text(json.dumps(spec))
+    port = free_port()
+    procs = []
+    for rank in range(world_size):
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        env.pop("WORLD_SIZE", None)
+        if world_size > 1:
+            env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
+                       MASTER_PORT=str(port))
+        procs.append(subprocess.Popen([sys.executable, str(WORKER), str(spec_file)], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=600)[0])
+    finally:
+        for p in procs:
+            p.kill()
+    for rank, (p, log) in enumerate(zip(procs, logs)):
+        assert p.returncode == 0, f"rank {rank} of {world_size} failed:\n{log[-4000:]}"
+    records = [json.loads(Path(f"{spec['records']}.{r}.json").read_text()) for r in range(world_size)]
+    states = [torch.load(f"{spec['records']}.{r}.pt") for r in range(world_size)]
+    return records, states, out
+
+
+def base_overrides(dataset, method, *extra):
+    return [f"data.root={dataset}", "epochs=2", "data.batch_size=8", "data.size=32", "data.num_workers=1",
+            "progress=false", "seed=3", f"method={method}", "optim.lr=0.05", *extra]
+
+
+def assert_same_state(a, b, rtol=2e-4, atol=2e-5):
+    assert a.keys() == b.keys()
+    for name in a:
+        if not isinstance(a[name], torch.Tensor):  # (extra state: boost's classifier counts)
+            assert a[name] == b[name], name
+        elif a[name].is_floating_point():
+            torch.testing.assert_close(a[name], b[name], rtol=rtol, atol=atol, msg=lambda m, n=name: f"{n}: {m}")
+        else:
+            assert torch.equal(a[name], b[name]), name
+
+
+def assert_same_steps(steps_a, steps_b, rtol=1e-4, atol=1e-5):
+    assert len(steps_a) == len(steps_b)
+    for t, (a, b) in enumerate(zip(steps_a, steps_b)):
+        assert a.keys() == b.keys(), t
+        for key in a:
+            assert a[key] == pytest.approx(b[key], rel=rtol, abs=atol), f"step {t}, {key}"
+
+
+@pytest.mark.parametrize("method,extra,steps,watched", [
+    ("ogm_ge", ["hparams.alpha=1.5"], STEPS_PER_EPOCH + 1, "coeff/"),
+    ("opm", ["hparams.p_exe=1.0", "hparams.q_base=0.6"], STEPS_PER_EPOCH + 1, "drop_prob/"),
+    ("olm", [], STEPS_PER_EPOCH + 1, "olm/w/"),
+    ("boost", ["hparams.interval=1", "hparams.tau=0.0"], 2 * STEPS_PER_EPOCH, "boost/omega/"),
+])
+def test_two_processes_equal_one_process_on_the_global_batch(dataset, tmp_path, method, extra, steps, watched):
+    overrides = base_overrides(dataset, method, *extra)
+    (one,), (one_state,), _ = launch(tmp_path, "one", 1, overrides, max_steps=steps)
+    two, two_states, out = launch(tmp_path, "two", 2, overrides, max_steps=steps)
+    assert two[0]["world_size"] == 2 and len(one["steps"]) == steps
+    assert any(key.startswith(watched) for key in one["steps"][-1]), one["steps"][-1].keys()
+    # the ranks agree exactly with each other (same collectives' results, same noise key) ...
+    assert two[0]["steps"] == two[1]["steps"]
+    assert_same_state(two_states[0], two_states[1], rtol=0, atol=0)
+    # ... and with one process up to rounding
+    assert_same_steps(one["steps"], two[0]["steps"])
+    assert_same_state(one_state, two_states[0])
+    if method == "ogm_ge":
+        assert any(c < 1 for step in one["steps"] for key, c in step.items() if key.startswith("coeff/"))
+    if method == "opm":
+        assert any(q > 0 for step in one["steps"] for key, q in step.items() if key.startswith("drop_prob/"))
+    if method == "boost":  # a classifier was added after epoch 0, on every rank, and then trained
+        assert one["assignments"] == two[0]["assignments"] == two[1]["assignments"]
+        assert one["assignments"][0][1] is not None
+    # only rank 0 wrote the run directory: one line per finished epoch, global training sums
+    one_lines = (tmp_path / "one" / "run" / "metrics.jsonl").read_text().splitlines()
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == len(one_lines) == (steps - 1) // STEPS_PER_EPOCH
+    a, b = json.loads(one_lines[0]), json.loads(lines[0])
+    for key in ("train/loss", "train/acc", "val/acc", "val/loss"):
+        assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), key
+
+
+def test_resume_with_another_world_size(dataset, tmp_path):
+    """Stopped mid-epoch 1 under 2 processes, finished in 1: the same parameters as 1 process
+    all along (the plan of global batches does not depend on the world size)."""
+    overrides = base_overrides(dataset, "opm", "hparams.p_exe=1.0", "hparams.q_base=0.6")
+    total = 2 * STEPS_PER_EPOCH
+    (one,), (one_state,), _ = launch(tmp_path, "one", 1, overrides, max_steps=total)
+    _, _, out = launch(tmp_path, "two", 2, overrides, max_steps=STEPS_PER_EPOCH + 1)
+    (rest,), (resumed_state,), _ = launch(tmp_path, "two", 1, max_steps=total, resume_out=out)
+    assert len(rest["steps"]) == total - STEPS_PER_EPOCH - 1
+    assert_same_steps(one["steps"][STEPS_PER_EPOCH + 1:], rest["steps"])
+    assert_same_state(one_state, resumed_state, atol=1e-4)  # (rounding of 6 steps with momentum)
+
+
+def test_shard_bounds_cover_the_batch_like_array_split():
+    for total in range(0, 12):
+        for world in range(1, 5):
+            bounds = [shard_bounds(total, r, world) for r in range(world)]
+            expected = [(int(a[0]) if len(a) else None, len(a)) for a in
+                        __import__("numpy").array_split(range(total), world)]
+            assert [hi - lo for lo, hi in bounds] == [n for _, n in expected]
+            assert bounds[0][0] == 0 and bounds[-1][1] == total
+            assert all(bounds[r][1] == bounds[r + 1][0] for r in range(world - 1))
+
+
+def test_single_process_distributed_is_the_identity():
+    d = Distributed()
+    t = torch.randn(3)
+    assert not d.enabled and d.is_main and d.all_reduce_sum(t) is t and d.broadcast_object([1]) == [1]
+
+
+def test_cpu_sync_batch_norm_is_batch_norm_outside_a_process_group(gen):
+    """The converted layers keep weights and statistics and, in one process, compute exactly
+    what torch's batch norm does (the 2-process case is covered by the runs above)."""
+    net = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 3),
+                        nn.BatchNorm1d(3))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen))
+    x = torch.randn(5, 2, 8, 8, generator=gen)
+    net(x)  # running statistics move
+    converted = sync_batch_norm(__import__("copy").deepcopy(net), torch.device("cpu"))
+    assert isinstance(converted[1], CpuSyncBatchNorm) and isinstance(converted[5], CpuSyncBatchNorm)
+    assert_same_state(net.state_dict(), converted.state_dict(), rtol=0, atol=0)
+    torch.testing.assert_close(converted(x), net(x), rtol=0, atol=0)
+    net.eval(), converted.eval()
+    torch.testing.assert_close(converted(x), net(x), rtol=0, atol=0)
+
+
+def test_batch_size_smaller_than_the_world_is_refused(dataset):
+    from mmfast.data import DataConfig, build_loader
+
+    loader = build_loader(DataConfig(root=str(dataset), batch_size=1, num_workers=0), "train", "naive")
+    with pytest.raises(ValueError, match="data.batch_size=1 is the global batch: it must be at least the world size 2"):
+        loader.set_shard(0, 2)
+    with pytest.raises(ValueError, match="0 <= rank < world_size"):
+        loader.set_shard(2, 2)
