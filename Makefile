@@ -1,5 +1,5 @@
 # make demo : set up .venv, build the extension, train every method on the embedded dataset (mmfast demo)
-# make bench: the benchmarks
+# make bench: every benchmark, one JSON and one markdown table (bench/results/bench.{json,md})
 # make test : set up .venv, build the extension, run the test suite (what CI runs)
 PYTHON ?= python3
 VENV ?= .venv
@@ -25,10 +25,7 @@ demo: build
 	$(PY) -m mmfast demo
 
 bench: build
-	$(PY) bench/grad_modulation.py --json bench/results/grad_modulation.json
-	$(PY) bench/scores.py --json bench/results/scores.json
-	$(PY) bench/data.py --json bench/results/data.json
-	$(PY) bench/imbalance.py --json bench/results/imbalance.json
+	$(PY) bench/all.py --out bench/results
 
 
 clean:

@@ -182,6 +182,7 @@ class Trainer:
                 raise FileExistsError(f"{self.out} already holds a run (metrics.jsonl); resume it with --resume "
                                       f"or choose another out=")
         self._ddp = None  # DistributedDataParallel around the step's forward; built on first use
+        self._prepared = False
 
     # ---- construction ------------------------------------------------------------------------
 
@@ -495,8 +496,7 @@ class Trainer:
         max_steps stops early (as if killed) once the run has made that many optimizer steps in
         all: for resume tests."""
         started = time.perf_counter()
-        if self.global_step == 0 and self.balancer.wants_head_losses(None):
-            self._observe_head_losses(None, self.evaluate("val"))  # the initial losses, once
+        self.prepare()
         while self.epoch < self.cfg.epochs:
             metrics = self.train_epoch(max_steps=max_steps)
             if metrics is None:
@@ -525,6 +525,14 @@ class Trainer:
 
             plot_run(self.out)
         return summary
+
+    def prepare(self) -> None:
+        """What training needs before its first step: the per-head initial losses for methods
+        that rebalance from them (OLM's gc), measured once. fit() calls it; call it before
+        driving train_step yourself."""
+        if self.global_step == 0 and self.balancer.wants_head_losses(None) and not self._prepared:
+            self._observe_head_losses(None, self.evaluate("val"))  # the initial losses, once
+        self._prepared = True
 
     def _observe_head_losses(self, epoch: int | None, val_metrics: dict) -> None:
         """Per-head losses [modalities..., fused] on val and on the training split (evaluation

@@ -1,5 +1,6 @@
 """The benchmark scripts run end to end (tiny sizes; their numbers are measured in bench/, not here)."""
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -38,3 +39,28 @@ def test_data_bench_runs(tmp_path):
     load("data").main(["--clips", "24", "--epochs", "1", "--size", "32", "--batch-size", "4",
                        "--json", str(tmp_path / "d.json")])
     assert (tmp_path / "d.json").exists()
+
+
+def test_step_bench_runs_and_counts_host_reads(tmp_path):
+    pytest.importorskip("nvidia.dali")
+    out = load("step").main(["--clips", "48", "--batch-sizes", "8", "--rounds", "1", "--steps", "1", "--epochs", "1",
+                             "--resnet-size", "32", "--resnet-clips", "16", "--json", str(tmp_path / "s.json"),
+                             "--markdown", str(tmp_path / "s.md")])
+    rows = out["step"]["8"]
+    assert {f"mmfast/{m}" for m in load("step").MMFAST_METHODS} <= set(rows)
+    # mmfast's steps read nothing on the host; the research code's way reads per modulated tensor
+    assert all(r["host_reads_per_step"] == 0 for k, r in rows.items() if k.startswith("mmfast/"))
+    assert rows["naive/joint"]["host_reads_per_step"] == 0
+    assert rows["naive/ogm_ge"]["host_reads_per_step"] > rows["naive/ogm"]["host_reads_per_step"] > 0
+    assert rows["mmfast/joint"]["overhead"] == 0 and rows["mmfast/ogm_ge"]["speedup_vs_naive"] > 0
+    assert [e["encoder"] for e in out["epoch"]] == ["small", "resnet18"] and out["epoch"][0]["speedup"] > 0
+    assert "| ogm_ge |" in (tmp_path / "s.md").read_text()
+
+
+def test_all_benchmarks_write_one_json_and_one_markdown(tmp_path):
+    reports = load("all").main(["--quick", "--only", "grad_modulation", "scores", "--out", str(tmp_path)])
+    assert set(reports) == {"grad_modulation", "scores"}
+    merged = json.loads((tmp_path / "bench.json").read_text())
+    assert set(merged["benchmarks"]) == {"grad_modulation", "scores"} and "machine" in merged
+    text = (tmp_path / "bench.md").read_text()
+    assert "Fused gradient modulation" in text and "| 2 | 64 | 6 |" in text
