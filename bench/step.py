@@ -11,6 +11,8 @@
    librosa in DataLoader workers; NaiveStep) against mmfast (DALI, the trainer's step) with
    OGM-GE, on the small encoder (data dominates) and on ResNet-18 (compute dominates); median of
    `--epochs` epochs after a warm-up epoch, the two sides alternating.
+3. On a GPU only: every method's step under torch.cuda.set_sync_debug_mode("error"), and the
+   balancing ops of a step captured in a CUDA graph (cuda_checks).
 
     python bench/step.py [--batch-sizes 16 64] [--rounds 5] [--steps 5] [--epochs 2] [--json OUT]
 """
@@ -169,6 +171,61 @@ def epoch_benchmark(root, tmp, encoder, size, batch_size, epochs, method="ogm_ge
     return out
 
 
+def cuda_checks(root, tmp, batch_size, steps=5):
+    """On a GPU: (1) every method's trainer step under torch.cuda.set_sync_debug_mode("error")
+    (a host synchronisation raises); (2) the balancing ops of an OGM-GE step (balance_stats,
+    then grad_modulate_ with the device step counter) captured in a CUDA graph and replayed,
+    against the same ops launched eagerly."""
+    from mmfast.ops import balance_stats, grad_modulate_
+    from mmfast.methods import select_encoder_params
+
+    out = {"sync_free": {}}
+    for method, hp in MMFAST_METHODS.items():
+        trainer = make_trainer(root, tmp / f"cuda_{method}", method, batch_size, hp, "device=cuda")
+        batch = {k: v.cuda() for k, v in next(iter(trainer.loaders["train"].batches())).items()}
+        trainer.train_step(batch)  # (first calls: allocations, Triton compilation)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(steps):
+                trainer.train_step(batch)
+            out["sync_free"][method] = True
+        except RuntimeError as err:
+            out["sync_free"][method] = f"synchronised: {err}"
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    # CUDA graph of the balancing ops on an OGM-GE trainer's real gradients
+    trainer = make_trainer(root, tmp / "cuda_graph", "ogm_ge", batch_size, None, "device=cuda")
+    batch = {k: v.cuda() for k, v in next(iter(trainer.loaders["train"].batches())).items()}
+    inputs, labels = trainer._inputs(batch)
+    fused, unimodal, _ = trainer._forward(inputs)
+    torch.nn.functional.cross_entropy(fused, labels).backward()
+    params, index = select_encoder_params(dict(trainer.model.encoders.items()), "conv")
+    grads = [p.grad for p in params]
+    logits = unimodal.detach().float()
+    step = torch.zeros((), dtype=torch.int64, device="cuda")
+
+    def balancing():
+        st = balance_stats(logits, labels)
+        grad_modulate_(grads, st.coeffs, index, noise=True, seed=0, step=step, increment_step=True)
+
+    for _ in range(3):
+        balancing()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        balancing()
+    from common import time_fn
+
+    dev = torch.device("cuda")
+    out["balancing_eager"] = time_fn(balancing, dev)
+    out["balancing_graph"] = time_fn(graph.replay, dev)
+    out["graph_speedup"] = out["balancing_eager"]["median_ms"] / out["balancing_graph"]["median_ms"]
+    print(f"CUDA: sync-free steps {out['sync_free']}; balancing ops eager "
+          f"{out['balancing_eager']['median_ms']:.3f} ms, CUDA graph {out['balancing_graph']['median_ms']:.3f} ms")
+    return out
+
+
 def markdown(report) -> str:
     lines = [f"machine: {report['machine']['cpu']}, {report['machine']['cores']} cores, torch "
              f"{report['machine']['torch']}, GPU {report['machine']['gpu']}", ""]
@@ -184,6 +241,11 @@ def markdown(report) -> str:
             lines.append(f"| {method} | {m['step_ms']:.1f} | {m['samples_per_s']:.0f} | {100 * m['overhead']:+.1f}% | "
                          f"{m['host_reads_per_step']} | {naive_cells} |")
         lines.append("")
+    if report.get("cuda"):
+        c = report["cuda"]
+        lines += [f"CUDA: steps free of host synchronisation: {c['sync_free']}; balancing ops of an OGM-GE step "
+                  f"eager {c['balancing_eager']['median_ms']:.3f} ms, replayed CUDA graph "
+                  f"{c['balancing_graph']['median_ms']:.3f} ms ({c['graph_speedup']:.2f}x)", ""]
     if report.get("epoch"):
         lines += ["epoch including data loading", "", "| encoder | px | batch | clips | naive s | mmfast s | speedup |",
                   "|---|---|---|---|---|---|---|"]
@@ -216,6 +278,8 @@ def main(argv=None):
             # (ResNet-18 on 2 CPU cores takes about 0.5 s a clip: a smaller dataset of its own)
             small_root = generate(tmp / "cremad_resnet", clips=args.resnet_clips, seed=0)
             report["epoch"].append(epoch_benchmark(small_root, tmp, "resnet18", args.resnet_size, 16, args.epochs))
+        if torch.cuda.is_available():
+            report["cuda"] = cuda_checks(root, tmp, args.batch_sizes[0])
     write_json(args.json, report)
     if args.markdown:
         Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)

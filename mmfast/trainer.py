@@ -147,6 +147,9 @@ class Trainer:
             self.model = sync_batch_norm(self.model, self.device)
         if cfg.channels_last:
             self.model.to(memory_format=torch.channels_last)
+        if cfg.compile:  # (in place: parameters, state-dict keys and the methods' encoder map stay)
+            for encoder in self.model.encoders.values():
+                encoder.compile(dynamic=False)
         self.optimizer = self._make_optimizer()
         self.scheduler = self._make_scheduler()
         try:
@@ -244,20 +247,19 @@ class Trainer:
         return step_forward(self.model, self._unimodal, inputs, skip=skip, drop=drop)
 
     def _distributed_model(self):
-        """DDP around the model's step, rebuilt when the parameters changed (boost added a
-        classifier on every rank at the same epoch end): DDP's buckets cover the parameters it
-        was built with."""
-        params = tuple(id(p) for p in self.model.parameters())
-        if self._ddp is None or self._ddp_params != params:
+        """DDP around the model's step (built on first use; train_epoch drops it when an epoch end
+        changed the parameters, as boost's added classifiers do)."""
+        if self._ddp is None:
             from torch.nn.parallel import DistributedDataParallel
 
             # Parameters that get no gradient in some steps: a skipped encoder (unimodal), the
-            # other modalities' in a per-modality sub-step (boost alternating).
+            # other modalities' in a per-modality sub-step (boost alternating). With batch norm
+            # over the global batch the buffers agree on every rank: no broadcast per forward.
             unused = bool(self.balancer.unused_modalities) or len(self.balancer.update_parts()) > 1
             self._ddp = DistributedDataParallel(_StepModule(self.model, self._unimodal),
                                                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                                                find_unused_parameters=unused)
-            self._ddp_params = params
+                                                find_unused_parameters=unused, broadcast_buffers=not self.cfg.sync_bn)
+            self._ddp_parameters = sum(1 for _ in self.model.parameters())
         return self._ddp
 
     def _accumulate(self, name: str, value: torch.Tensor) -> None:
@@ -397,6 +399,8 @@ class Trainer:
                                      f"(non-finite gradients at every loss scale); the last good checkpoint in "
                                      f"{self.out / 'checkpoints'} is kept")
         self.balancer.end_epoch()
+        if self._ddp is not None and sum(1 for _ in self.model.parameters()) != self._ddp_parameters:
+            self._ddp = None  # (a classifier joined on every rank: DDP's buckets must cover it)
         if self.scheduler is not None:
             self.scheduler.step()
         return metrics

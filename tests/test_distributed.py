@@ -172,6 +172,38 @@ def test_cpu_sync_batch_norm_is_batch_norm_outside_a_process_group(gen):
     torch.testing.assert_close(converted(x), net(x), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("backend", ["naive", "dali"])
+def test_loader_shards_together_are_the_global_batches(dataset, backend):
+    """The distributed sampler of both loaders: rank r's batches are the r-th contiguous shards
+    of the one-process batches (same clips, same random crops), epoch after epoch; batch_shard
+    names each shard's first row; a last batch smaller than the world is left out."""
+    from mmfast.data import DataConfig, FrameRecipe, build_loader
+
+    cfg = DataConfig(root=str(dataset), batch_size=8, num_workers=1, frames=FrameRecipe(size=32))
+    whole = build_loader(cfg, "train", backend)
+    world = 3
+    shards = []
+    for rank in range(world):
+        loader = build_loader(cfg, "train", backend)
+        loader.set_shard(rank, world)
+        shards.append(loader)
+    for epoch in range(2):
+        expected = list(whole)
+        got = [list(loader) for loader in shards]
+        assert all(len(g) == len(whole) == len(expected) for g in got)  # (21 clips: 8, 8, 5 >= 3 ranks)
+        for b, batch in enumerate(expected):
+            for key in batch:
+                assert torch.equal(torch.cat([g[b][key] for g in got]), batch[key]), (epoch, b, key)
+            starts = [loader.batch_shard(b) for loader in shards]
+            sizes = [len(g[b]["label"]) for g in got]
+            assert [t for _, t in starts] == [len(batch["label"])] * world
+            assert [s for s, _ in starts] == [sum(sizes[:r]) for r in range(world)]
+    tail = build_loader(DataConfig(root=str(dataset), batch_size=10, num_workers=1, frames=FrameRecipe(size=32)),
+                         "train", backend)
+    tail.set_shard(0, 2)  # 21 clips in batches of 10: the last holds 1 clip, fewer than 2 ranks
+    assert len(tail) == 2 and sum(len(b["label"]) for b in tail) == 10
+
+
 def test_batch_size_smaller_than_the_world_is_refused(dataset):
     from mmfast.data import DataConfig, build_loader
 

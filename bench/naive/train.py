@@ -20,7 +20,8 @@ class NaiveStep:
     method: joint | ogm | ogm_ge | opm; alpha, form ("paper" or "reference"): OGM's coefficient;
     q_base, lam, p_exe: OPM's drop; generator: where OPM's uniforms come from (mmfast's Balancer
     draws from a device generator seeded with the run's seed, in the same order); start_epoch,
-    end_epoch, warmup_epochs: the modulation window. After each step, `coeffs` and `drop_probs`
+    end_epoch, warmup_epochs: the modulation window. The model is put in the default (contiguous)
+    memory layout, as the research code trains. After each step, `coeffs` and `drop_probs`
     hold the Python floats the step computed (the research code's host-side values)."""
 
     def __init__(self, model, optimizer, method: str = "joint", *, alpha: float = 0.8, form: str = "paper",
@@ -32,6 +33,8 @@ class NaiveStep:
             raise ValueError(f"NaiveStep: form must be 'paper' or 'reference', got {form!r}")
         if not hasattr(model.fusion, "fc") or not hasattr(model.fusion, "in_dims"):
             raise ValueError("NaiveStep: the research code's weight split needs a concat-fusion model")
+        # (the research code trains in the default memory layout: a channels_last model is converted)
+        model.to(memory_format=torch.contiguous_format)
         self.model, self.optimizer, self.method = model, optimizer, method
         self.alpha, self.form, self.q_base, self.lam, self.p_exe = alpha, form, q_base, lam, p_exe
         self.generator = generator
