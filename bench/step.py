@@ -4,8 +4,9 @@
    balancing overhead over plain joint training, overhead = t_method / t_joint - 1; the same for
    the naive baseline's methods (joint, ogm, ogm_ge, opm) against naive joint. Same model (the
    embedded config's small encoders), same batch (one decoded batch, reused), fp32; each
-   configuration timed `--steps` steps at a time, the configurations interleaved round by
-   round, median over `--rounds` rounds. Host reads per step (Tensor.item / tolist / __bool__
+   configuration timed `--steps` steps at a time; per round joint, method, joint, method, ...,
+   each method against the mean of the two joint timings beside it (robust to a machine whose
+   speed drifts); medians over `--rounds` rounds. Host reads per step (Tensor.item / tolist / __bool__
    / __float__ / __int__ / numpy calls) counted over one step of each.
 2. End-to-end epoch time including data loading: the naive way (the naive loader: PIL and
    librosa in DataLoader workers; NaiveStep) against mmfast (DALI, the trainer's step) with
@@ -107,19 +108,35 @@ def step_benchmark(root, tmp, batch_sizes, rounds, steps):
             with count_host_reads() as counts:
                 run()
             reads[key] = counts["total"]
+        def timed(run):
+            start = time.perf_counter()
+            for _ in range(steps):
+                run()
+            return (time.perf_counter() - start) / steps
+
+        # Interleaved: per round and side, joint, method 1, joint, method 2, ..., joint. Each
+        # method's overhead in a round is against the mean of the joint runs beside it, so a
+        # machine whose speed drifts (shared cores, clocks) moves both alike; median of rounds.
         samples = {key: [] for key in runners}
-        for _ in range(rounds):  # interleaved: every configuration once per round
-            for key, run in runners.items():
-                start = time.perf_counter()
-                for _ in range(steps):
-                    run()
-                samples[key].append((time.perf_counter() - start) / steps)
+        ratios = {key: [] for key in runners}
+        for _ in range(rounds):
+            for side in ("mmfast", "naive"):
+                methods = [m for s, m in runners if s == side and m != "joint"]
+                before = timed(runners[(side, "joint")])
+                samples[(side, "joint")].append(before)
+                for method in methods:
+                    t = timed(runners[(side, method)])
+                    after = timed(runners[(side, "joint")])
+                    samples[(side, method)].append(t)
+                    samples[(side, "joint")].append(after)
+                    ratios[(side, method)].append(t / ((before + after) / 2))
+                    before = after
         rows = {}
         for (side, method), times in samples.items():
             t = statistics.median(times)
-            base = statistics.median(samples[(side, "joint")])
+            overhead = statistics.median(ratios[(side, method)]) - 1 if method != "joint" else 0.0
             rows[f"{side}/{method}"] = {"side": side, "method": method, "step_ms": t * 1e3,
-                                        "samples_per_s": B / t, "overhead": t / base - 1,
+                                        "samples_per_s": B / t, "overhead": overhead,
                                         "host_reads_per_step": reads[(side, method)], "samples_ms": [x * 1e3 for x in times]}
         for method in NAIVE_METHODS:
             rows[f"mmfast/{method}"]["speedup_vs_naive"] = rows[f"naive/{method}"]["step_ms"] / rows[f"mmfast/{method}"]["step_ms"]

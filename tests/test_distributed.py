@@ -67,11 +67,16 @@ def launch(tmp_path, name, world_size, overrides=(), *, max_steps, resume_out=No
 
 
 def base_overrides(dataset, method, *extra):
+    # (default layout: channels_last kernels differ by batch size, so shards of 4 would round
+    # otherwise than batches of 8 and the comparison would measure the layout, not the method)
     return [f"data.root={dataset}", "epochs=2", "data.batch_size=8", "data.size=32", "data.num_workers=1",
-            "progress=false", "seed=3", f"method={method}", "optim.lr=0.05", *extra]
+            "progress=false", "seed=3", f"method={method}", "optim.lr=0.05", "channels_last=false", *extra]
 
 
-def assert_same_state(a, b, rtol=2e-4, atol=2e-5):
+def assert_same_state(a, b, rtol=2e-4, atol=1e-4):
+    """Equal state dicts; the default tolerance covers the rounding of a few steps (a batch of 4
+    runs other convolution kernels than one of 8 in channels_last); a wrong loss scale or a
+    missed all-reduce moves parameters by a whole update."""
     assert a.keys() == b.keys()
     for name in a:
         if not isinstance(a[name], torch.Tensor):  # (extra state: boost's classifier counts)
@@ -134,7 +139,7 @@ def test_resume_with_another_world_size(dataset, tmp_path):
     (rest,), (resumed_state,), _ = launch(tmp_path, "two", 1, max_steps=total, resume_out=out)
     assert len(rest["steps"]) == total - STEPS_PER_EPOCH - 1
     assert_same_steps(one["steps"][STEPS_PER_EPOCH + 1:], rest["steps"])
-    assert_same_state(one_state, resumed_state, atol=1e-4)  # (rounding of 6 steps with momentum)
+    assert_same_state(one_state, resumed_state)
 
 
 def test_shard_bounds_cover_the_batch_like_array_split():

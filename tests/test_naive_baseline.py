@@ -3,6 +3,7 @@ same OGM coefficients and OPM drop probabilities step by step, and with noise of
 parameters after k steps, on the same model, data and initialisation."""
 import copy
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -28,7 +29,7 @@ def dataset(tmp_path_factory):
 def pair(dataset, tmp_path, method, seed, **hparams):
     """An mmfast Trainer and a NaiveStep on a deep copy of its model, with the same optimizer."""
     cfg = load_config("embedded", [f"data.root={dataset}", f"out={tmp_path / method}", "data.batch_size=12",
-                                   "data.size=32", "data.num_workers=1", "progress=false", f"seed={seed}",
+                                   "data.size=32", "data.num_workers=1", "progress=false", f"seed={seed}", "channels_last=false",
                                    f"method={method}", "optim.lr=0.05",
                                    *[f"hparams.{k}={v}" for k, v in hparams.items()]])
     trainer = Trainer(cfg)
@@ -54,18 +55,25 @@ def assert_same_parameters(trainer, naive):
         torch.testing.assert_close(a, b, rtol=2e-4, atol=2e-5, msg=lambda m, name=name: f"{name}: {m}")
 
 
-@pytest.mark.parametrize("form", ["paper", "reference"])
-def test_ogm_same_coefficients_and_parameters(dataset, tmp_path, form):
-    seed = int.from_bytes(__import__("os").urandom(2), "little")
-    trainer, naive, batches = pair(dataset, tmp_path, "ogm_ge", seed, noise=False, alpha=1.5, form=form)
-    modulated = 0
+def step_both(trainer, naive, batches, metric, naive_values):
+    """Train both side by side; after every step mmfast's `metric/<modality>` values equal the
+    naive step's host values (naive_values(naive)). Returns mmfast's values per step."""
+    steps = []
     for batch in batches:
         trainer.train_step(batch)
         naive(batch)
-        coeffs = [float(trainer.balancer.metrics[f"coeff/{m}"]) for m in trainer.modalities]
-        assert coeffs == pytest.approx(naive.coeffs, rel=1e-5, abs=1e-6)
-        modulated += any(c < 1 for c in coeffs)
-    assert modulated, "no step modulated anything: the comparison would not test the coefficients"
+        values = [float(trainer.balancer.metrics[f"{metric}/{m}"]) for m in trainer.modalities]
+        assert values == pytest.approx(naive_values(naive), rel=1e-5, abs=1e-6)
+        steps.append(values)
+    return steps
+
+
+@pytest.mark.parametrize("form", ["paper", "reference"])
+def test_ogm_same_coefficients_and_parameters(dataset, tmp_path, form):
+    seed = int.from_bytes(os.urandom(2), "little")
+    trainer, naive, batches = pair(dataset, tmp_path, "ogm_ge", seed, noise=False, alpha=1.5, form=form)
+    steps = step_both(trainer, naive, batches, "coeff", lambda n: n.coeffs)
+    assert any(c < 1 for step in steps for c in step), "no step modulated anything: nothing compared"
     assert_same_parameters(trainer, naive)
 
 
@@ -88,16 +96,10 @@ def test_ogm_ge_same_first_coefficients_and_noise_scale(dataset, tmp_path):
 
 
 def test_opm_same_drop_probabilities_and_parameters(dataset, tmp_path):
-    seed = int.from_bytes(__import__("os").urandom(2), "little")
+    seed = int.from_bytes(os.urandom(2), "little")
     trainer, naive, batches = pair(dataset, tmp_path, "opm", seed, p_exe=1.0, q_base=0.6)
-    dropping = 0
-    for batch in batches:
-        trainer.train_step(batch)
-        naive(batch)
-        probs = [float(trainer.balancer.metrics[f"drop_prob/{m}"]) for m in trainer.modalities]
-        assert probs == pytest.approx(naive.drop_probs, rel=1e-5, abs=1e-6)
-        dropping += any(p > 0 for p in probs)
-    assert dropping, "no step dropped anything: the comparison would not test the drops"
+    steps = step_both(trainer, naive, batches, "drop_prob", lambda n: n.drop_probs)
+    assert any(q > 0 for step in steps for q in step), "no step dropped anything: nothing compared"
     assert_same_parameters(trainer, naive)
 
 

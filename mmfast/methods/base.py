@@ -123,7 +123,6 @@ class StepState:
                 self.metrics[f"ratio/{name}"] = self._stats.ratio[m]
         return self._stats
 
-
     @property
     def global_batch(self) -> int:
         """The number of samples in this (micro-)batch over every rank."""
