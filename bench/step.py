@@ -3,19 +3,23 @@
 1. Training-step throughput (samples/s) of every method through mmfast's trainer step, and its
    balancing overhead over plain joint training, overhead = t_method / t_joint - 1; the same for
    the naive baseline's methods (joint, ogm, ogm_ge, opm) against naive joint. Same model (the
-   embedded config's small encoders), same batch (one decoded batch, reused), fp32; each
-   configuration timed `--steps` steps at a time; per round joint, method, joint, method, ...,
-   each method against the mean of the two joint timings beside it (robust to a machine whose
-   speed drifts); medians over `--rounds` rounds. Host reads per step (Tensor.item / tolist / __bool__
-   / __float__ / __int__ / numpy calls) counted over one step of each.
+   embedded config's small encoders), same batch (one decoded batch, reused), fp32. Timing: one
+   step at a time, joint and the method alternating (j m j m ... j), each method step against
+   the mean of the two joint steps beside it (a machine whose speed drifts moves both alike);
+   `--rounds` rounds of `--steps` pairs per comparison, the comparisons' rounds interleaved;
+   medians. OLM and boost train a model with heads of their own (late heads; boosted
+   classifiers): their rows also give the overhead against joint training of that same model
+   (rows joint@late, joint@boost), the cost of the balancing itself. Host reads per step
+   (mmfast.diagnostics.count_host_reads) counted over one step of each.
 2. End-to-end epoch time including data loading: the naive way (the naive loader: PIL and
    librosa in DataLoader workers; NaiveStep) against mmfast (DALI, the trainer's step) with
-   OGM-GE, on the small encoder (data dominates) and on ResNet-18 (compute dominates); median of
-   `--epochs` epochs after a warm-up epoch, the two sides alternating.
+   OGM-GE, on the small encoder and on ResNet-18 (compute dominates); median of `--epochs`
+   epochs after a warm-up epoch, the two sides alternating; and a pass of each loader alone
+   (decoding only), which says how much of each epoch is data.
 3. On a GPU only: every method's step under torch.cuda.set_sync_debug_mode("error"), and the
    balancing ops of a step captured in a CUDA graph (cuda_checks).
 
-    python bench/step.py [--batch-sizes 16 64] [--rounds 5] [--steps 5] [--epochs 2] [--json OUT]
+    python bench/step.py [--batch-sizes 16 64] [--rounds 4] [--steps 6] [--epochs 2] [--json OUT]
 """
 from __future__ import annotations
 
@@ -36,33 +40,16 @@ from naive import NaiveStep, naive_epoch  # noqa: E402
 
 from mmfast.config import load_config  # noqa: E402
 from mmfast.data import generate  # noqa: E402
+from mmfast.diagnostics import count_host_reads  # noqa: E402
 from mmfast.trainer import Trainer  # noqa: E402
 
 MMFAST_METHODS = {"joint": {}, "ogm": {}, "ogm_ge": {}, "ogm_star": {}, "opm": {}, "moddrop": {"probs": {"audio": 0.3}},
                   "opm_ogm": {}, "olm": {}, "boost": {}, "unimodal": {"modality": "visual"}}
 NAIVE_METHODS = ("joint", "ogm", "ogm_ge", "opm")
-HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "numpy")
-
-
-@contextlib.contextmanager
-def count_host_reads():
-    """Counts calls of the Tensor methods that read a value on the host (restored on exit)."""
-    counts = {"total": 0}
-    originals = {name: getattr(torch.Tensor, name) for name in HOST_READS}
-
-    def counter(name, original):
-        def counted(self, *args, **kwargs):
-            counts["total"] += 1
-            return original(self, *args, **kwargs)
-        return counted
-
-    for name, original in originals.items():
-        setattr(torch.Tensor, name, counter(name, original))
-    try:
-        yield counts
-    finally:
-        for name, original in originals.items():
-            setattr(torch.Tensor, name, original)
+# Methods whose model has heads of its own (trainable per-modality classifiers): their
+# balancing overhead is against plain joint training of that same model (model.fusion), beside
+# the overhead against joint training of the concat-fusion model every other method uses.
+OWN_HEADS = {"olm": "late", "boost": "boost"}
 
 
 def make_trainer(root, out, method, batch_size, hparams=None, *overrides):
@@ -86,6 +73,25 @@ def naive_for(trainer, method, seed=0):
     return NaiveStep(model, opt, method, generator=gen)
 
 
+def alternated(baseline, method, pairs):
+    """Times `baseline` and `method` one step at a time, alternating b m b m ... b; each method
+    step against the mean of the two baseline steps beside it, so a machine whose speed drifts
+    (shared cores, clocks) moves both alike. Returns (baseline times, method times, ratios)."""
+    def timed(run):
+        start = time.perf_counter()
+        run()
+        return time.perf_counter() - start
+
+    base, times, ratios = [timed(baseline)], [], []
+    for _ in range(pairs):
+        t = timed(method)
+        after = timed(baseline)
+        times.append(t)
+        ratios.append(t / ((base[-1] + after) / 2))
+        base.append(after)
+    return base, times, ratios
+
+
 def step_benchmark(root, tmp, batch_sizes, rounds, steps):
     results = {}
     for B in batch_sizes:
@@ -97,6 +103,9 @@ def step_benchmark(root, tmp, batch_sizes, rounds, steps):
         for method, hp in MMFAST_METHODS.items():
             trainer = joint if method == "joint" else make_trainer(root, tmp / f"{method}{B}", method, B, hp)
             runners[("mmfast", method)] = lambda t=trainer: t.train_step(batch)
+        for method, fusion in OWN_HEADS.items():
+            trainer = make_trainer(root, tmp / f"joint_{fusion}{B}", "joint", B, None, f"model.fusion={fusion}")
+            runners[("mmfast", f"joint@{fusion}")] = lambda t=trainer: t.train_step(batch)
         for method in NAIVE_METHODS:
             naive = naive_for(joint, method)
             runners[("naive", method)] = lambda n=naive: n(device_batch)
@@ -107,42 +116,37 @@ def step_benchmark(root, tmp, batch_sizes, rounds, steps):
         for key, run in runners.items():
             with count_host_reads() as counts:
                 run()
-            reads[key] = counts["total"]
-        def timed(run):
-            start = time.perf_counter()
-            for _ in range(steps):
-                run()
-            return (time.perf_counter() - start) / steps
-
-        # Interleaved: per round and side, joint, method 1, joint, method 2, ..., joint. Each
-        # method's overhead in a round is against the mean of the joint runs beside it, so a
-        # machine whose speed drifts (shared cores, clocks) moves both alike; median of rounds.
+            reads[key] = sum(counts.values())
+        # Each comparison: rounds x steps pairs, one step at a time (alternated); the rounds of
+        # all comparisons interleave, so each is spread over the whole run.
+        comparisons = [(side, "joint", method) for side, method in runners if method != "joint"]
+        comparisons += [("mmfast", f"joint@{fusion}", method) for method, fusion in OWN_HEADS.items()]
         samples = {key: [] for key in runners}
-        ratios = {key: [] for key in runners}
+        ratios = {c: [] for c in comparisons}
         for _ in range(rounds):
-            for side in ("mmfast", "naive"):
-                methods = [m for s, m in runners if s == side and m != "joint"]
-                before = timed(runners[(side, "joint")])
-                samples[(side, "joint")].append(before)
-                for method in methods:
-                    t = timed(runners[(side, method)])
-                    after = timed(runners[(side, "joint")])
-                    samples[(side, method)].append(t)
-                    samples[(side, "joint")].append(after)
-                    ratios[(side, method)].append(t / ((before + after) / 2))
-                    before = after
+            for side, base, method in comparisons:
+                b, t, r = alternated(runners[(side, base)], runners[(side, method)], steps)
+                samples[(side, base)] += b
+                samples[(side, method)] += t
+                ratios[(side, base, method)] += r
         rows = {}
         for (side, method), times in samples.items():
             t = statistics.median(times)
-            overhead = statistics.median(ratios[(side, method)]) - 1 if method != "joint" else 0.0
+            overhead = statistics.median(ratios[(side, "joint", method)]) - 1 if method != "joint" else 0.0
             rows[f"{side}/{method}"] = {"side": side, "method": method, "step_ms": t * 1e3,
                                         "samples_per_s": B / t, "overhead": overhead,
                                         "host_reads_per_step": reads[(side, method)], "samples_ms": [x * 1e3 for x in times]}
+        for method, fusion in OWN_HEADS.items():
+            row = rows[f"mmfast/{method}"]
+            row["same_model_baseline"] = f"joint@{fusion}"
+            row["same_model_overhead"] = statistics.median(ratios[("mmfast", f"joint@{fusion}", method)]) - 1
         for method in NAIVE_METHODS:
             rows[f"mmfast/{method}"]["speedup_vs_naive"] = rows[f"naive/{method}"]["step_ms"] / rows[f"mmfast/{method}"]["step_ms"]
         results[str(B)] = rows
         for key, r in rows.items():
             extra = f"  {r['speedup_vs_naive']:.2f}x vs naive" if "speedup_vs_naive" in r else ""
+            if "same_model_overhead" in r:
+                extra += f"  {100 * r['same_model_overhead']:+.1f}% vs {r['same_model_baseline']}"
             print(f"B={B:<3} {key:<16} {r['step_ms']:8.2f} ms  {r['samples_per_s']:8.1f} samples/s  overhead "
                   f"{100 * r['overhead']:+6.1f}%  host reads {r['host_reads_per_step']:3d}{extra}")
     return results
@@ -173,18 +177,30 @@ def epoch_benchmark(root, tmp, encoder, size, batch_size, epochs, method="ogm_ge
         naive_epoch(naive, naive_loader, mm.device)
         return time.perf_counter() - start
 
+    def data_only(loader):  # a pass of the loader alone: what the epoch spends decoding
+        start = time.perf_counter()
+        for _ in loader:
+            pass
+        return time.perf_counter() - start
+
     mmfast_epoch(), naive_run()  # warm-up: workers, pipelines
     times = {"naive": [], "mmfast": []}
+    data = {"naive": [], "mmfast": []}
     for _ in range(epochs):
         times["naive"].append(naive_run())
         times["mmfast"].append(mmfast_epoch())
+        data["naive"].append(data_only(naive_loader))
+        data["mmfast"].append(data_only(mm.loaders["train"]))
     clips = len(naive_loader.clips)
-    out = {side: {"epoch_s": statistics.median(t), "clips_per_s": clips / statistics.median(t), "epochs_s": t}
+    out = {side: {"epoch_s": statistics.median(t), "clips_per_s": clips / statistics.median(t), "epochs_s": t,
+                  "data_only_s": statistics.median(data[side])}
            for side, t in times.items()}
     out["speedup"] = out["naive"]["epoch_s"] / out["mmfast"]["epoch_s"]
+    out["data_speedup"] = out["naive"]["data_only_s"] / out["mmfast"]["data_only_s"]
     out.update(encoder=encoder, size=size, batch_size=batch_size, clips=clips, method=method)
     print(f"epoch {encoder} {size}px B={batch_size} ({clips} clips, {method}): naive {out['naive']['epoch_s']:.2f} s, "
-          f"mmfast {out['mmfast']['epoch_s']:.2f} s: {out['speedup']:.2f}x")
+          f"mmfast {out['mmfast']['epoch_s']:.2f} s: {out['speedup']:.2f}x; the loaders alone: naive "
+          f"{out['naive']['data_only_s']:.2f} s, mmfast {out['mmfast']['data_only_s']:.2f} s")
     return out
 
 
@@ -247,16 +263,20 @@ def markdown(report) -> str:
     lines = [f"machine: {report['machine']['cpu']}, {report['machine']['cores']} cores, torch "
              f"{report['machine']['torch']}, GPU {report['machine']['gpu']}", ""]
     for B, rows in report["step"].items():
-        lines += [f"training step, batch {B} (median of {report['rounds']} rounds of {report['steps']} steps)", "",
-                  "| method | mmfast ms | samples/s | overhead | host reads | naive ms | overhead | host reads | speedup |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for method in MMFAST_METHODS:
+        lines += [f"training step, batch {B} (medians of {report['rounds']} rounds of {report['steps']} alternated "
+                  f"step pairs per comparison)", "",
+                  "| method | mmfast ms | samples/s | overhead | same-model overhead | host reads | naive ms | overhead "
+                  "| host reads | speedup |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for method in [*MMFAST_METHODS, *(f"joint@{f}" for f in OWN_HEADS.values())]:
             m = rows[f"mmfast/{method}"]
             n = rows.get(f"naive/{method}")
             naive_cells = (f"{n['step_ms']:.1f} | {100 * n['overhead']:+.1f}% | {n['host_reads_per_step']} | "
                            f"{m['speedup_vs_naive']:.2f}x" if n else "| | |")
+            same = (f"{100 * m['same_model_overhead']:+.1f}% (vs {m['same_model_baseline']})"
+                    if "same_model_overhead" in m else "")
             lines.append(f"| {method} | {m['step_ms']:.1f} | {m['samples_per_s']:.0f} | {100 * m['overhead']:+.1f}% | "
-                         f"{m['host_reads_per_step']} | {naive_cells} |")
+                         f"{same} | {m['host_reads_per_step']} | {naive_cells} |")
         lines.append("")
     if report.get("cuda"):
         c = report["cuda"]
@@ -264,19 +284,22 @@ def markdown(report) -> str:
                   f"eager {c['balancing_eager']['median_ms']:.3f} ms, replayed CUDA graph "
                   f"{c['balancing_graph']['median_ms']:.3f} ms ({c['graph_speedup']:.2f}x)", ""]
     if report.get("epoch"):
-        lines += ["epoch including data loading", "", "| encoder | px | batch | clips | naive s | mmfast s | speedup |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += ["epoch including data loading (and a pass of each loader alone: the decoding in it)", "",
+                  "| encoder | px | batch | clips | naive s | mmfast s | speedup | naive loader s | mmfast loader s "
+                  "| loader speedup |", "|---|---|---|---|---|---|---|---|---|---|"]
         for e in report["epoch"]:
             lines.append(f"| {e['encoder']} | {e['size']} | {e['batch_size']} | {e['clips']} | {e['naive']['epoch_s']:.2f} | "
-                         f"{e['mmfast']['epoch_s']:.2f} | {e['speedup']:.2f}x |")
+                         f"{e['mmfast']['epoch_s']:.2f} | {e['speedup']:.2f}x | {e['naive']['data_only_s']:.2f} | "
+                         f"{e['mmfast']['data_only_s']:.2f} | {e['data_speedup']:.2f}x |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 64])
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=6,
+                        help="alternated step pairs per comparison and round")
     parser.add_argument("--epochs", type=int, default=2, help="timed epochs per side (0: skip the epoch part)")
     parser.add_argument("--clips", type=int, default=480, help="clips of the generated embedded dataset")
     parser.add_argument("--resnet-size", type=int, default=112, help="frame size of the ResNet-18 epoch")

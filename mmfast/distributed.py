@@ -69,6 +69,39 @@ class Distributed:
         dist.all_reduce(out)
         return out
 
+    def gather_rows(self, t: torch.Tensor | None) -> torch.Tensor | None:
+        """Every rank's `t` concatenated along dim 0 in rank order. The ranks' row counts may
+        differ, and a rank with no rows passes None (an evaluation's shards: a split smaller
+        than the world); None only if every rank does. For evaluation, not the training step:
+        it exchanges the shapes on the host."""
+        if not self.enabled:
+            return t
+        meta = self.gather_objects(None if t is None else (t.shape[0], tuple(t.shape[1:]), t.dtype))
+        known = [m for m in meta if m is not None]
+        if not known:
+            return None
+        _, trailing, dtype = known[0]
+        counts = [0 if m is None else m[0] for m in meta]
+        padded = torch.zeros((max(counts), *trailing), dtype=dtype, device=self._device(t))
+        if t is not None:
+            padded[:t.shape[0]] = t
+        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(parts, padded)
+        return torch.cat([p[:n] for p, n in zip(parts, counts)])
+
+    def _device(self, t: torch.Tensor | None) -> torch.device:
+        if t is not None:
+            return t.device
+        return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+    def gather_objects(self, obj) -> list:
+        """[every rank's `obj`] in rank order (host values: an evaluation's skipped clips)."""
+        if not self.enabled:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()

@@ -137,7 +137,7 @@ class Trainer:
             self.loaders["train"].set_shard(self.dist.rank, self.dist.world_size)
         for split in ("val", "test"):
             if index.splits.get(split):
-                self.loaders[split] = build_loader(dcfg, split, cfg.data.backend, train=False)
+                self._add_eval_loader(split, build_loader(dcfg, split, cfg.data.backend, train=False))
         self.fusion = config_mod.resolved_fusion(cfg)
         self.model = build_model(self.modalities, len(self.classes), encoder=cfg.model.encoder, fusion=self.fusion,
                                  width=cfg.model.width, weights=cfg.model.weights, in_dims=self._sequence_dims(dcfg),
@@ -280,15 +280,18 @@ class Trainer:
 
     def _train_part(self, inputs, labels, part, last_micro_batch: bool, shard=None) -> None:
         """One (sub-)step: every modality (part None), or the modalities of `part` (the others
-        are not encoded and their losses are left out)."""
-        bal = self.balancer
-        skip = set(bal.unused_modalities) | ({m for m in self.modalities if m not in part} if part else set())
+        are not encoded and their losses are left out); the optimizer steps after the last
+        micro-batch of an accumulation."""
+        skip = set(self.balancer.unused_modalities) | ({m for m in self.modalities if m not in part} if part else set())
         with contextlib.ExitStack() as stack:
             if self.dist.enabled and not last_micro_batch:  # (no gradient all-reduce before the last)
                 stack.enter_context(self._distributed_model().no_sync())
-            self._train_part_body(inputs, labels, part, last_micro_batch, shard, skip)
+            self._forward_backward(inputs, labels, part, shard, skip)
+        if last_micro_batch:
+            self._optimizer_step()
 
-    def _train_part_body(self, inputs, labels, part, last_micro_batch, shard, skip) -> None:
+    def _forward_backward(self, inputs, labels, part, shard, skip) -> None:
+        """Forward, the method's loss, backward (gradients accumulate), the epoch sums."""
         bal = self.balancer
         with self._autocast():
             fused, unimodal, extra = self._forward(inputs, skip=skip,
@@ -316,8 +319,10 @@ class Trainer:
         self._accumulate("loss", per_sample.detach() @ kept)  # the fused head's cross-entropy, for every method
         self._accumulate("correct", correct @ kept)
         self._accumulate("samples", kept.sum())
-        if not last_micro_batch:
-            return
+
+    def _optimizer_step(self) -> None:
+        """Gradient checks, the methods' modulation (after_backward), the optimizer step."""
+        bal = self.balancer
         # A non-finite gradient stops the run (checked before modulation, on the gradients backward
         # made); under a GradScaler the scaler skips the step instead (it finds the same non-finite
         # gradients once unscaled, which after_backward does first), and the skips are counted.
@@ -434,7 +439,9 @@ class Trainer:
         be read: `{split}/samples` counts them, `{split}/skipped` counts clips left out under
         on_error="skip" (when reading the list and probing, or decoding this pass) and
         `{split}/skipped_clips` names them. `missing` drops each modality's features with the
-        given probability (missing-modality evaluation)."""
+        given probability (missing-modality evaluation). In a distributed run each rank
+        evaluates its shard of every batch and the metrics are those of the gathered rows: the
+        same on every rank and as one process computes them."""
         loader = self.loaders[split]
         self.model.eval()
         fused_all, uni_all, labels_all = [], [], []
@@ -448,17 +455,21 @@ class Trainer:
                 raise ValueError(f"missing-modality evaluation names {unknown}, not modalities {list(self.modalities)}")
             probs = torch.tensor([float(missing.get(m, 0.0)) for m in self.modalities], device=self.device)
             gen = torch.Generator(device=self.device).manual_seed(seed)
-            drop = lambda features: feature_drop(features, probs, generator=gen).features  # noqa: E731
+        index_all = []
         for batch in loader:
             inputs, labels = self._inputs(batch)
+            if missing:  # (a distributed run: the global batch's draws, this rank's shard of them)
+                shard = loader.batch_shard(loader.position - 1) if self.dist.enabled else None
+                drop = lambda features, shard=shard: feature_drop(features, probs, generator=gen,  # noqa: E731
+                                                                  shard=shard).features
             with self._autocast():
                 fused, unimodal, _ = self._forward(inputs, skip=self.balancer.unused_modalities, drop=drop)
             fused_all.append(fused.float())
-            uni_all.append(unimodal.float())
+            uni_all.append(unimodal.float().transpose(0, 1))  # [B, M, C]: samples first
             labels_all.append(labels)
-        fused = torch.cat(fused_all).cpu()
-        unimodal = torch.cat(uni_all, dim=1).cpu()
-        labels = torch.cat(labels_all).cpu()
+            index_all.append(batch["index"])
+        fused, unimodal, labels = self._gather_rows(split, index_all, fused_all, uni_all, labels_all)
+        unimodal = unimodal.transpose(0, 1)
         C = len(self.classes)
         out = {f"{split}/{k}": v for k, v in classification_metrics(fused, labels, C).items()}
         out[f"{split}/loss"] = float(F.cross_entropy(fused, labels))
@@ -467,7 +478,8 @@ class Trainer:
                 out[f"{split}/{k}/{name}"] = v
             out[f"{split}/loss/{name}"] = float(F.cross_entropy(unimodal[m], labels))
         out[f"{split}/samples"] = len(labels)
-        skipped = loader.skipped_at_build.names + loader.last_epoch_skipped.names
+        decode_skips = [n for names in self.dist.gather_objects(loader.last_epoch_skipped.names) for n in names]
+        skipped = loader.skipped_at_build.names + decode_skips  # (the same probe on every rank: built once)
         out[f"{split}/skipped"] = len(skipped)
         if skipped:
             out[f"{split}/skipped_clips"] = skipped
@@ -478,13 +490,15 @@ class Trainer:
         """Frozen features of every encoder on `split` (evaluation transforms), and the labels."""
         self.model.eval()
         feats = {name: [] for name in self.modalities}
-        labels = []
+        labels, index = [], []
         for batch in self.loaders[split]:
             inputs, y = self._inputs(batch)
             for name, f in zip(self.modalities, self.model.encode(inputs)):
-                feats[name].append(f.float().cpu())
-            labels.append(y.cpu())
-        return {k: torch.cat(v) for k, v in feats.items()}, torch.cat(labels)
+                feats[name].append(f.float())
+            labels.append(y)
+            index.append(batch["index"])
+        *features, labels = self._gather_rows(split, index, *feats.values(), labels)
+        return dict(zip(feats, features)), labels
 
     def linear_probe(self, train_split: str = "train", test_split: str = "test") -> dict[str, float]:
         """The papers' linear probe of each encoder (frozen features, fresh linear classifier)."""
@@ -553,9 +567,34 @@ class Trainer:
 
         name = f"{split}_eval"
         if name not in self.loaders:
-            self.loaders[name] = build_loader(data_config(self.cfg, self.device), split, self.cfg.data.backend,
-                                              train=False)
+            self._add_eval_loader(name, build_loader(data_config(self.cfg, self.device), split, self.cfg.data.backend,
+                                                     train=False))
         return name
+
+    def _add_eval_loader(self, name: str, loader) -> None:
+        """An evaluation loader; in a distributed run each rank decodes its shard of every batch
+        and evaluate / encoder_features gather the rows (mmfast.distributed)."""
+        if self.dist.enabled:
+            loader.set_shard(self.dist.rank, self.dist.world_size)
+        self.loaders[name] = loader
+
+    def _gather_rows(self, split: str, index: list, *columns: list) -> list:
+        """An evaluation pass's rows (per-batch device tensors, samples along dim 0) on the host:
+        with every rank's rows in a distributed run, in the split's order (clip index), as one
+        process has them."""
+        cat = lambda parts: torch.cat(parts) if parts else None  # noqa: E731
+        if self.dist.enabled:  # (gathered on the device: NCCL moves device tensors only)
+            order = self.dist.gather_rows(cat([i.to(self.device) for i in index]))
+            order = None if order is None else torch.argsort(order)
+            columns = [self.dist.gather_rows(cat(c)) for c in columns]
+            columns = [c if c is None else c[order] for c in columns]
+        else:
+            columns = [cat(c) for c in columns]
+        if columns[0] is None:
+            loader = self.loaders[split]
+            raise RuntimeError(f"split {split!r}: no clip could be decoded in this pass "
+                               f"({loader.last_epoch_skipped.summary()})")
+        return [c.cpu() for c in columns]
 
     def _log(self, metrics: dict) -> None:
         if not self.dist.is_main:

@@ -25,11 +25,19 @@ def main(spec_path: str) -> None:
         records.append({k: v.tolist() for k, v in trainer.balancer.metrics.items()})  # (a test's host reads)
 
     trainer.train_step = recorded_step
-    trainer.fit(max_steps=spec["max_steps"])
+    if spec["max_steps"]:
+        trainer.fit(max_steps=spec["max_steps"])
     rank = trainer.dist.rank
+    record = {"steps": records, "world_size": trainer.dist.world_size,
+              "assignments": getattr(trainer.balancer.methods[0], "assignments", None)}
+    if spec.get("evaluate"):  # evaluation of the same weights: sharded per rank, gathered
+        record["evaluate"] = {"val": trainer.evaluate("val"), "test": trainer.evaluate("test"), "test_missing": trainer.evaluate("test", missing={"audio": 0.5},
+                                                                                               seed=1),
+                              "probe": trainer.linear_probe(),
+                              "decoded": {split: sum(len(b["label"]) for b in trainer.loaders[split])
+                                          for split in ("val", "test")}}
     with open(f"{spec['records']}.{rank}.json", "w") as f:
-        json.dump({"steps": records, "world_size": trainer.dist.world_size,
-                   "assignments": getattr(trainer.balancer.methods[0], "assignments", None)}, f)
+        json.dump(record, f)
     torch.save(trainer.model.state_dict(), f"{spec['records']}.{rank}.pt")
     if dist.is_initialized():
         dist.destroy_process_group()

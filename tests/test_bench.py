@@ -47,14 +47,18 @@ def test_step_bench_runs_and_counts_host_reads(tmp_path):
                              "--resnet-size", "32", "--resnet-clips", "16", "--json", str(tmp_path / "s.json"),
                              "--markdown", str(tmp_path / "s.md")])
     rows = out["step"]["8"]
-    assert {f"mmfast/{m}" for m in load("step").MMFAST_METHODS} <= set(rows)
+    step = load("step")
+    assert {f"mmfast/{m}" for m in step.MMFAST_METHODS} | {f"mmfast/joint@{f}" for f in step.OWN_HEADS.values()} <= set(rows)
+    # OLM and boost: the overhead against joint training of their own model as well
+    assert rows["mmfast/boost"]["same_model_baseline"] == "joint@boost" and "same_model_overhead" in rows["mmfast/olm"]
     # mmfast's steps read nothing on the host; the research code's way reads per modulated tensor
     assert all(r["host_reads_per_step"] == 0 for k, r in rows.items() if k.startswith("mmfast/"))
     assert rows["naive/joint"]["host_reads_per_step"] == 0
     assert rows["naive/ogm_ge"]["host_reads_per_step"] > rows["naive/ogm"]["host_reads_per_step"] > 0
     assert rows["mmfast/joint"]["overhead"] == 0 and rows["mmfast/ogm_ge"]["speedup_vs_naive"] > 0
     assert [e["encoder"] for e in out["epoch"]] == ["small", "resnet18"] and out["epoch"][0]["speedup"] > 0
-    assert "| ogm_ge |" in (tmp_path / "s.md").read_text()
+    text = (tmp_path / "s.md").read_text()
+    assert "| ogm_ge |" in text and "(vs joint@late)" in text and "| joint@boost |" in text
 
 
 def test_all_benchmarks_write_one_json_and_one_markdown(tmp_path):

@@ -34,11 +34,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(tmp_path, name, world_size, overrides=(), *, max_steps, resume_out=None):
+def launch(tmp_path, name, world_size, overrides=(), *, max_steps, resume_out=None, evaluate=False):
     """Run the worker in `world_size` processes; returns (records per rank, state dicts per rank, out)."""
     out = resume_out or tmp_path / name / "run"
     spec = {"overrides": [f"out={out}", *overrides], "max_steps": max_steps, "records": str(tmp_path / name / "r"),
-            "out": str(out), "resume": resume_out is not None}
+            "out": str(out), "resume": resume_out is not None, "evaluate": evaluate}
     (tmp_path / name).mkdir(parents=True, exist_ok=True)
     spec_file = tmp_path / name / f"spec{world_size}.json"
     spec_file.write_text(json.dumps(spec))
@@ -140,6 +140,30 @@ def test_resume_with_another_world_size(dataset, tmp_path):
     assert len(rest["steps"]) == total - STEPS_PER_EPOCH - 1
     assert_same_steps(one["steps"][STEPS_PER_EPOCH + 1:], rest["steps"])
     assert_same_state(one_state, resumed_state)
+
+
+def test_distributed_evaluation_shards_the_splits_and_gathers_the_same_metrics(dataset, tmp_path):
+    """Each rank decodes its shard of every evaluation batch (a global batch of 2: the last
+    batch of an odd split is rank 0's alone); the gathered metrics, missing-modality metrics and
+    linear probes equal one process's on the same weights, on both ranks."""
+    overrides = [*base_overrides(dataset, "joint"), "data.batch_size=2"]
+    (one,), _, _ = launch(tmp_path, "one", 1, overrides, max_steps=0, evaluate=True)
+    two, _, _ = launch(tmp_path, "two", 2, overrides, max_steps=0, evaluate=True)
+    whole = one["evaluate"]["decoded"]
+    shards = [r["evaluate"]["decoded"] for r in two]
+    for split in ("val", "test"):
+        n = whole[split]
+        assert [s[split] for s in shards] == [(n + 1) // 2, n // 2], (split, n)
+    assert one["evaluate"]["val"]["val/samples"] == whole["val"]
+    assert any(n % 2 for n in whole.values()), whole  # (the uneven case is exercised)
+    for rank in (0, 1):
+        for key in ("val", "test", "test_missing", "probe"):
+            a, b = one["evaluate"][key], two[rank]["evaluate"][key]
+            assert a.keys() == b.keys(), key
+            for k in a:
+                assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6), (rank, key, k)
+    # dropping half the audio features changed the test metrics (the drop applied, with the global batch's draws)
+    assert one["evaluate"]["test_missing"]["test/loss/audio"] != pytest.approx(one["evaluate"]["test"]["test/loss/audio"])
 
 
 def test_shard_bounds_cover_the_batch_like_array_split():

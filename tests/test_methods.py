@@ -1,7 +1,6 @@
 """Balancing methods (mmfast.methods) driven through mmfast.Balancer, each step checked against slow
 references of the formulas: which gradients are modulated and by how much, drop masks and
 rescaling, epoch windows, warm-up, the device step counter, and that no step reads the host."""
-import contextlib
 
 import pytest
 import torch
@@ -9,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import mmfast
+from mmfast.diagnostics import HOST_READS, count_host_reads
 from mmfast.estimators import ConcatHead
 from mmfast.methods import NAMES, hyper_parameters
 from mmfast.ops import (
@@ -211,24 +211,8 @@ def test_configuration_errors_name_the_key(name, kwargs, needle):
             make()
 
 
-@contextlib.contextmanager
-def count_host_reads(monkeypatch):
-    """Counts calls of the Tensor methods that read a value on the host."""
-    counts = {}
-    for attr in ("item", "tolist", "__bool__", "__float__", "__int__", "numpy"):
-        original = getattr(torch.Tensor, attr)
-
-        def counted(self, *args, __attr=attr, __original=original, **kwargs):
-            counts[__attr] = counts.get(__attr, 0) + 1
-            return __original(self, *args, **kwargs)
-
-        monkeypatch.setattr(torch.Tensor, attr, counted)
-    yield counts
-    monkeypatch.undo()
-
-
 @pytest.mark.parametrize("name", [n for n in NAMES if n not in ("olm", "boost")])  # (those: test_olm_boost.py)
-def test_steps_read_nothing_on_the_host(gen, monkeypatch, name):
+def test_steps_read_nothing_on_the_host(gen, name):
     net = Net(7)
     kwargs = {"modality": "audio"} if name == "unimodal" else {"probs": {"audio": 0.3}} if name == "moddrop" else {}
     bal = mmfast.Balancer(name, {"audio": net.audio, "visual": net.visual}, **kwargs)
@@ -236,7 +220,7 @@ def test_steps_read_nothing_on_the_host(gen, monkeypatch, name):
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
     for xa, xv, y in batches:
         raw = [net.audio(xa), net.visual(xv)]
-        with count_host_reads(monkeypatch) as counts:
+        with count_host_reads() as counts:
             features = bal.drop(raw)
             fused, unimodal = net.head(features)
             loss = bal.loss(F.cross_entropy(fused, y, reduction="none"))
@@ -276,14 +260,25 @@ def test_grad_scaler_gradients_are_unscaled_before_modulation(gen):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_host_read_counter_catches_reads(monkeypatch):
-    with count_host_reads(monkeypatch) as counts:
-        t = torch.ones(2)
+def test_host_read_counter_catches_reads_and_restores_tensor_methods():
+    originals = {name: getattr(torch.Tensor, name) for name in HOST_READS}
+    with count_host_reads() as counts:
+        t = torch.rand(3) + 1
         t.sum().item()
         bool(t.any())
         float(t[0])
+        int(t[1])
         t.tolist()
-    assert counts == {"item": 1, "__bool__": 1, "__float__": 1, "tolist": 1}
+        t.numpy()
+        t * 2 + t.sum()  # device work: not a read
+    assert counts == {"item": 1, "__bool__": 1, "__float__": 1, "__int__": 1, "tolist": 1, "numpy": 1}
+    with pytest.raises(RuntimeError, match="inside"):
+        with count_host_reads():
+            raise RuntimeError("inside")
+    assert {name: getattr(torch.Tensor, name) for name in HOST_READS} == originals
+    with count_host_reads() as counts:
+        pass
+    assert counts == {}
 
 
 def test_readme_balancer_example_runs(capsys):

@@ -269,8 +269,8 @@ def test_alternating_parts_train_one_modality_each():
             assert torch.equal(before[name], e.fc.weight) == (name not in part), (part, name)
 
 
-def test_boost_steps_read_nothing_on_the_host_and_olm_neither(monkeypatch):
-    from test_methods import count_host_reads
+def test_boost_steps_read_nothing_on_the_host_and_olm_neither():
+    from mmfast.diagnostics import count_host_reads
 
     gen = torch.Generator().manual_seed(5)
     for name, head_cls, kw in (("olm", LateHeads, {"variant": "loss_ratio"}), ("olm", LateHeads, {}),
@@ -284,7 +284,7 @@ def test_boost_steps_read_nothing_on_the_host_and_olm_neither(monkeypatch):
             bal.observe_head_losses(torch.ones(3), torch.ones(3) * 0.9, epoch=None)
         for _ in range(2):
             x = batch(gen)
-            with count_host_reads(monkeypatch) as counts:
+            with count_host_reads() as counts:
                 for part in bal.update_parts():
                     forward(bal, encoders, head, x, part=part)
                     opt.zero_grad()

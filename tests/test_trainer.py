@@ -133,8 +133,8 @@ def test_under_a_grad_scaler_a_non_finite_step_is_skipped_and_counted(dataset, t
 
 @pytest.mark.parametrize("method", ["joint", "unimodal", "ogm_ge", "opm", "opm_ogm", "moddrop", "olm", "olm_irfb",
                                     "boost", "boost_alternating"])
-def test_training_steps_read_nothing_on_the_host(dataset, tmp_path, monkeypatch, method):
-    from test_methods import count_host_reads
+def test_training_steps_read_nothing_on_the_host(dataset, tmp_path, method):
+    from mmfast.diagnostics import count_host_reads
 
     hp = {"moddrop": ["hparams.probs={audio: 0.3}"], "unimodal": ["hparams.modality=audio"],
           "olm_irfb": ["model.fusion=irfb", "model.irfb={dim: 16, depth: 1}"],
@@ -144,7 +144,7 @@ def test_training_steps_read_nothing_on_the_host(dataset, tmp_path, monkeypatch,
     reads = []
 
     def counted_step(batch, **kw):
-        with count_host_reads(monkeypatch) as counts:
+        with count_host_reads() as counts:
             original(batch, **kw)
         reads.append(dict(counts))
 
@@ -290,3 +290,30 @@ def test_compiled_encoders_train_like_eager_and_keep_checkpoint_keys(dataset, tm
     for (name, a), b in zip(parameters(eager).items(), parameters(compiled).values()):
         if a.is_floating_point():
             torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("fusion", ["late", "boost"])
+def test_joint_on_heads_of_their_own_trains_every_heads_cross_entropy(dataset, tmp_path, fusion):
+    """joint with late heads or boost's classifiers (the same-model baselines of olm and boost):
+    the gradient is that of CE(fused) + sum over modalities of CE(the modality's logits)."""
+    import copy
+
+    import torch.nn.functional as F
+
+    trainer = Trainer(make_config(dataset, tmp_path / fusion, "method=joint", f"model.fusion={fusion}", "epochs=1"))
+    trainer.model.train()
+    batch = next(iter(trainer.loaders["train"].batches()))
+    reference = copy.deepcopy(trainer.model)
+    inputs, labels = trainer._inputs(batch)
+    fused, unimodal, *_ = reference.head(reference.encode(inputs))
+    loss = F.cross_entropy(fused, labels) + sum(F.cross_entropy(z, labels) for z in unimodal)
+    loss.backward()
+    grads = {}
+    original_step = trainer.optimizer.step
+    trainer.optimizer.step = lambda *a, **k: (grads.update({n: p.grad.clone() for n, p in trainer.model.named_parameters()
+                                                            if p.grad is not None}), original_step(*a, **k))[1]
+    trainer.train_step(batch)
+    expected = {n: p.grad for n, p in reference.named_parameters() if p.grad is not None}
+    assert set(grads) == set(expected) and any(n.startswith("fusion.") for n in grads)
+    for name, g in expected.items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-6, msg=name)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..distributed import shard_bounds
 from .audio import AudioRecipe, check_wave
 from .errors import DataError, SkipReport, check_on_error
 from .layouts import DatasetIndex
@@ -135,9 +136,10 @@ class ClipLoader:
 
     def set_shard(self, rank: int, world_size: int) -> None:
         """Decode only rank's contiguous shard of every batch of the plan (a distributed run: the
-        plan, and so the global batches, are the same on every rank; mmfast.distributed). A
-        batch with fewer clips than ranks is left out on every rank, so that none trains on an
-        empty shard."""
+        plan, and so the global batches, are the same on every rank; mmfast.distributed).
+        Training: a batch with fewer clips than ranks is left out on every rank, so that none
+        trains on an empty shard. Evaluation (train=False) keeps every clip: a rank whose shard
+        of the last batch is empty skips that batch."""
         if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
             raise ValueError(f"{self.split!r} loader: shard needs 0 <= rank < world_size, got rank={rank!r}, "
                              f"world_size={world_size!r}")
@@ -148,8 +150,6 @@ class ClipLoader:
 
     def batch_shard(self, b: int) -> tuple[int, int]:
         """(start, total) of plan batch b: this rank's first clip in it and the batch's size."""
-        from ..distributed import shard_bounds
-
         total = min(self.cfg.batch_size, len(self.clips) - b * self.cfg.batch_size)
         return shard_bounds(total, self.rank, self.world_size)[0], total
 
@@ -157,11 +157,20 @@ class ClipLoader:
     def modalities(self):
         return self.index.kinds
 
-    def __len__(self) -> int:
+    def _plan_length(self) -> int:
+        """Batches in the epoch's plan (the same on every rank)."""
         n, size = len(self.clips), self.cfg.batch_size
         batches = -(-n // size)
-        if self.world_size > 1 and 0 < n - (batches - 1) * size < self.world_size:
+        if self.train and self.world_size > 1 and 0 < n - (batches - 1) * size < self.world_size:
             batches -= 1  # a last batch with fewer clips than ranks is left out (set_shard)
+        return batches
+
+    def __len__(self) -> int:
+        """Batches this rank's pass goes through."""
+        batches = self._plan_length()
+        if not self.train and self.world_size > 1:
+            last = len(self.clips) - (batches - 1) * self.cfg.batch_size
+            batches -= self.rank >= last  # (its shard of the last batch is empty)
         return batches
 
     def __iter__(self):
@@ -178,19 +187,17 @@ class ClipLoader:
     def plan(self, start: int) -> list:
         """The current epoch's batches from batch `start` on, as arrays of clip positions; batch
         boundaries do not depend on `start`."""
-        if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start <= len(self):
-            raise ValueError(f"start must be a batch number in [0, {len(self)}], got {start!r}")
+        if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start <= self._plan_length():
+            raise ValueError(f"start must be a batch number in [0, {self._plan_length()}], got {start!r}")
         order, size = self.order(self.epoch), self.cfg.batch_size
-        batches = [order[b * size:(b + 1) * size] for b in range(start, len(self))]
+        batches = [order[b * size:(b + 1) * size] for b in range(start, self._plan_length())]
         if self.world_size == 1:
             return batches
-        from ..distributed import shard_bounds
-
         shards = []
         for ids in batches:
             lo, hi = shard_bounds(len(ids), self.rank, self.world_size)
             shards.append(ids[lo:hi])
-        return shards
+        return [ids for ids in shards if len(ids)]  # (empty: only an evaluation's last batch)
 
     def _begin_pass(self, start: int) -> tuple:
         """(the plan from batch `start`, this pass's number); resets the pass's bookkeeping."""

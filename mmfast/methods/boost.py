@@ -40,10 +40,10 @@ def boost_modality_loss(z: torch.Tensor, omega: torch.Tensor, labels: torch.Tens
     """eps + eps_o + eps_p per sample [B] for one modality's classifier logits z [n, B, C]."""
     z = omega.to(z.dtype) * z
     n = z.shape[0]
-    loss = F.cross_entropy(z.sum(dim=0).float(), labels, reduction="none")  # eps_o
     newest = F.cross_entropy(z[-1].float(), labels, reduction="none")
-    if n == 1:
-        return loss + newest
+    if n == 1:  # (one classifier: eps_o is eps, and eps_p is absent)
+        return 2.0 * newest
+    loss = F.cross_entropy(z.sum(dim=0).float(), labels, reduction="none")  # eps_o
     previous = z[:-1].float()
     p_true = torch.softmax(previous.detach(), dim=-1).gather(-1, labels.view(1, -1, 1).expand(n - 1, -1, 1))
     residual = 1.0 - lam * p_true.squeeze(-1).sum(dim=0)  # y_hat at the true class (0 elsewhere)
