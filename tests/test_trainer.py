@@ -172,6 +172,7 @@ def test_missing_modality_evaluation_and_linear_probe(dataset, tmp_path):
     (["method=unimodal", "hparams.modality=depth"], "unimodal.modality='depth'"),
     (["method=moddrop", "hparams.probs={depth: 0.5}"], "moddrop.probs names"),
     (["method=boost", "model.fusion=concat"], "method 'boost' works with fusion boost"),
+    (["method=ogm_ge", "model.fusion=boost"], "method 'ogm_ge' works with fusion concat"),  # (joint only, and boost)
     (["method=opm", "model.fusion=irfb"], "method 'opm' works with fusion concat or sum"),
     (["method=olm", "model.estimator=zero_out"], "has a classifier per modality"),
     (["model.irfb={dim: 16}"], "model.irfb"),
