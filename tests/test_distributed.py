@@ -241,3 +241,30 @@ def test_batch_size_smaller_than_the_world_is_refused(dataset):
         loader.set_shard(0, 2)
     with pytest.raises(ValueError, match="0 <= rank < world_size"):
         loader.set_shard(2, 2)
+
+
+def _gather_rows_worker(rank, init_file, out_dir):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        d = Distributed.current()
+        uneven = d.gather_rows(torch.arange(6.0).view(3, 2) if rank == 0 else torch.full((1, 2), -1.0))
+        one_empty = d.gather_rows(torch.arange(4, dtype=torch.int64) if rank == 0 else None)
+        all_empty = d.gather_rows(None)
+        objects = d.gather_objects([f"clip{rank}"])
+        torch.save({"uneven": uneven, "one_empty": one_empty, "all_empty": all_empty, "objects": objects},
+                   f"{out_dir}/{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gather_rows_takes_uneven_and_empty_shards(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_gather_rows_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"{rank}.pt")
+        assert torch.equal(got["uneven"], torch.tensor([[0.0, 1.0], [2.0, 3.0], [4.0, 5.0], [-1.0, -1.0]]))
+        assert torch.equal(got["one_empty"], torch.arange(4)) and got["one_empty"].dtype == torch.int64
+        assert got["all_empty"] is None and got["objects"] == [["clip0"], ["clip1"]]
