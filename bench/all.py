@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, write_json  # noqa: E402
+from common import describe, machine, write_json  # noqa: E402
 
 import data as data_bench  # noqa: E402
 import grad_modulation  # noqa: E402
@@ -31,8 +31,7 @@ BENCHMARKS = {"grad_modulation": grad_modulation.main, "scores": scores.main, "d
 
 
 def tables(reports: dict) -> str:
-    m = machine()
-    out = [f"# mmfast benchmarks\n\nmachine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, GPU {m['gpu']}\n"]
+    out = [f"# mmfast benchmarks\n\nmachine: {describe(machine())}\n"]
     g = reports.get("grad_modulation")
     if g:
         out += ["## Fused gradient modulation (40 ResNet-18 conv gradients)\n", "| case | median ms |", "|---|---|"]

@@ -31,6 +31,22 @@ def time_fn(fn, device: torch.device, *, warmup: int = 3, repeat: int = 20) -> d
             "repeat": repeat}
 
 
+def vector_isa() -> str:
+    """"AVX-512" or "AVX2" (x86; the noise kernel runs about 2x slower on AVX2), else the
+    architecture: figures from the two kinds of x86 machine differ, so every report names it."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return platform.machine()
+    return "AVX-512" if " avx512f" in flags else "AVX2" if " avx2" in flags else platform.machine()
+
+
+def describe(m: dict) -> str:
+    """One line naming the machine of a report (markdown tables' header)."""
+    gpu = f"GPU {m['gpu']}" if m.get("gpu") else "no GPU"
+    return f"{m['cpu']}, {m['cores']} cores, {m.get('vector_isa', '?')}, torch {m['torch']}, {gpu}"
+
+
 def machine() -> dict:
     cpu = platform.processor() or platform.machine()
     try:
@@ -40,7 +56,7 @@ def machine() -> dict:
                 break
     except OSError:
         pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    info = {"cpu": cpu, "cores": os.cpu_count(), "vector_isa": vector_isa(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "gpu": None}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, write_json  # noqa: E402
+from common import describe, machine, write_json  # noqa: E402
 from naive import NaiveStep, naive_epoch  # noqa: E402
 
 from mmfast.config import load_config  # noqa: E402
@@ -260,8 +260,7 @@ def cuda_checks(root, tmp, batch_size, steps=5):
 
 
 def markdown(report) -> str:
-    lines = [f"machine: {report['machine']['cpu']}, {report['machine']['cores']} cores, torch "
-             f"{report['machine']['torch']}, GPU {report['machine']['gpu']}", ""]
+    lines = [f"machine: {describe(report['machine'])}", ""]
     for B, rows in report["step"].items():
         lines += [f"training step, batch {B} (medians of {report['rounds']} rounds of {report['steps']} alternated "
                   f"step pairs per comparison)", "",

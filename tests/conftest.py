@@ -1,3 +1,4 @@
+import contextlib
 import os
 
 import pytest
@@ -23,6 +24,21 @@ def gen(request):
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@contextlib.contextmanager
+def no_device_sync(device):
+    """On a CUDA device: any host synchronisation inside raises (torch's sync debug mode);
+    elsewhere nothing (the host-read counter is the CPU's check)."""
+    if torch.device(device).type != "cuda":
+        yield
+        return
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 @pytest.fixture

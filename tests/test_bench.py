@@ -58,6 +58,7 @@ def test_step_bench_runs_and_counts_host_reads(tmp_path):
     assert rows["mmfast/joint"]["overhead"] == 0 and rows["mmfast/ogm_ge"]["speedup_vs_naive"] > 0
     assert [e["encoder"] for e in out["epoch"]] == ["small", "resnet18"] and out["epoch"][0]["speedup"] > 0
     text = (tmp_path / "s.md").read_text()
+    assert f"{out['machine']['cores']} cores, {out['machine']['vector_isa']}," in text  # (figures name the machine)
     assert "| ogm_ge |" in text and "(vs joint@late)" in text and "| joint@boost |" in text
 
 

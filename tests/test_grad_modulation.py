@@ -13,7 +13,7 @@ from mmfast.ops import (
     philox4x32_10_reference,
 )
 
-from conftest import requires_cuda
+from conftest import no_device_sync, requires_cuda
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # Tolerances for "equal up to float rounding of the transform": a few float32 ulps of the noise
@@ -502,12 +502,8 @@ def test_cuda_matches_cpu(gen, dtype):
 def test_cuda_step_does_not_synchronise(gen):
     grads = [g.cuda() for g in random_grads(gen, [(256, 256, 3, 3)] * 4, [torch.float32])]
     scores = torch.rand(2, device="cuda") + 0.5
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with no_device_sync("cuda"):
         grad_modulate_(grads, 1 - torch.tanh(scores), [0, 1, 0, 1], seed=1, step=1)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(torch.stack([g.float().std() for g in grads])).all()
 
 
@@ -560,11 +556,7 @@ def test_cuda_tensor_step_does_not_synchronise(gen):
     grads = [g.cuda() for g in random_grads(gen, [(256, 256, 3, 3)] * 2, [torch.float32])]
     step = torch.tensor(0, device="cuda")
     grad_modulate_(grads, torch.ones(2, device="cuda"), [0, 1], step=step, increment_step=True)  # plan cached
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with no_device_sync("cuda"):
         for _ in range(3):
             grad_modulate_(grads, torch.ones(2, device="cuda"), [0, 1], step=step, increment_step=True)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
     assert int(step) == 4

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import mmfast
+from conftest import no_device_sync, requires_cuda
 from mmfast.diagnostics import HOST_READS, count_host_reads
 from mmfast.estimators import ConcatHead
 from mmfast.methods import NAMES, hyper_parameters
@@ -211,16 +212,20 @@ def test_configuration_errors_name_the_key(name, kwargs, needle):
             make()
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
 @pytest.mark.parametrize("name", [n for n in NAMES if n not in ("olm", "boost")])  # (those: test_olm_boost.py)
-def test_steps_read_nothing_on_the_host(gen, name):
-    net = Net(7)
+def test_steps_read_nothing_on_the_host(gen, name, device):
+    """No host read in any step; on a GPU also no synchronisation after the first step
+    (set_sync_debug_mode("error") raises; the first step is the warm-up: lazy allocations,
+    Triton compilation)."""
+    net = Net(7).to(device)
     kwargs = {"modality": "audio"} if name == "unimodal" else {"probs": {"audio": 0.3}} if name == "moddrop" else {}
     bal = mmfast.Balancer(name, {"audio": net.audio, "visual": net.visual}, **kwargs)
-    batches = [random_batch(gen) for _ in range(3)]
+    batches = [[t.to(device) for t in random_batch(gen)] for _ in range(3)]
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
-    for xa, xv, y in batches:
+    for i, (xa, xv, y) in enumerate(batches):
         raw = [net.audio(xa), net.visual(xv)]
-        with count_host_reads() as counts:
+        with count_host_reads() as counts, no_device_sync(device if i else "cpu"):
             features = bal.drop(raw)
             fused, unimodal = net.head(features)
             loss = bal.loss(F.cross_entropy(fused, y, reduction="none"))

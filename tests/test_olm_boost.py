@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import mmfast
+from conftest import no_device_sync, requires_cuda
 from mmfast.methods.boost import aca_assignment
 from mmfast.methods.olm import gc_factors
 from mmfast.models import BoostedClassifiers, LateHeads
@@ -269,7 +270,9 @@ def test_alternating_parts_train_one_modality_each():
             assert torch.equal(before[name], e.fc.weight) == (name not in part), (part, name)
 
 
-def test_boost_steps_read_nothing_on_the_host_and_olm_neither():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
+def test_boost_steps_read_nothing_on_the_host_and_olm_neither(device):
+    """No host read in any step; on a GPU no synchronisation after the first (warm-up) step."""
     from mmfast.diagnostics import count_host_reads
 
     gen = torch.Generator().manual_seed(5)
@@ -277,14 +280,15 @@ def test_boost_steps_read_nothing_on_the_host_and_olm_neither():
                                ("boost", BoostedClassifiers, {}), ("boost", BoostedClassifiers,
                                                                    {"update": "alternating"})):
         encoders, head = make_net(head_cls)
+        encoders, head = {m: e.to(device) for m, e in encoders.items()}, head.to(device)
         params = [p for e in encoders.values() for p in e.parameters()] + list(head.parameters())
         opt = torch.optim.SGD(params, lr=0.1, momentum=0.9)
         bal = mmfast.Balancer(name, encoders, head=head, optimizer=opt, **kw)
         if bal.wants_head_losses(None):
             bal.observe_head_losses(torch.ones(3), torch.ones(3) * 0.9, epoch=None)
-        for _ in range(2):
-            x = batch(gen)
-            with count_host_reads() as counts:
+        for i in range(3):
+            x = [t.to(device) for t in batch(gen)]
+            with count_host_reads() as counts, no_device_sync(device if i else "cpu"):
                 for part in bal.update_parts():
                     forward(bal, encoders, head, x, part=part)
                     opt.zero_grad()

@@ -170,7 +170,8 @@ class ClipLoader:
         batches = self._plan_length()
         if not self.train and self.world_size > 1:
             last = len(self.clips) - (batches - 1) * self.cfg.batch_size
-            batches -= self.rank >= last  # (its shard of the last batch is empty)
+            if self.rank >= last:  # its shard of the last batch is empty
+                batches -= 1
         return batches
 
     def __iter__(self):

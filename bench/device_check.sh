@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# The checks that need a GPU, in one run of a few minutes, for a lent GPU machine: the device tool
+# runs it from the repository root (`bash bench/device_check.sh`) and brings back what it writes
+# under $OUT (default here: /tmp/mmfast-device-check).
+#
+# That machine has torch, Triton, nvcc, pytest and scipy but no DALI, librosa, PyAV or soundfile,
+# and no network: the data pipelines' GPU path and the trainer's end-to-end CUDA checks
+# (bench/step.py's cuda_checks) need those carried as wheels. This script runs what needs none:
+#   1. the extension built for this GPU (TORCH_CUDA_ARCH_LIST, default 9.0: Hopper);
+#   2. the test files that need no data stack, on the GPU: the CUDA kernels against the CPU
+#      ones, the Triton kernels compiled (not interpreted), CUDA-graph replays, and every
+#      method's step free of host synchronisations (torch.cuda.set_sync_debug_mode("error"));
+#   3. bench/grad_modulation.py and bench/scores.py on CUDA.
+# Without a GPU it runs the same tests on the CPU (their CUDA cases skip) and skips the CUDA
+# benchmarks, which is how it is checked on the development machines.
+#
+#   bash bench/device_check.sh [--no-build]      (PYTHON=... to pick the interpreter)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-/tmp/mmfast-device-check}
+mkdir -p "$out"
+py=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+build=1
+[ "${1:-}" = "--no-build" ] && build=0
+failed=()
+
+step() {  # step NAME COMMAND...: runs it, logs to $out/NAME.log, records a failure and goes on
+  local name=$1
+  shift
+  echo "== $name: $*"
+  local start=$SECONDS
+  "$@" > "$out/$name.log" 2>&1
+  local rc=$?
+  tail -n 15 "$out/$name.log"
+  echo "== $name: exit $rc after $((SECONDS - start)) s"
+  [ "$rc" -eq 0 ] || failed+=("$name")
+  return "$rc"
+}
+
+command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
+gpu=$("$py" -c "import torch; print(int(torch.cuda.is_available()))") || { echo "no torch in $py"; exit 1; }
+if [ "$build" -eq 1 ]; then
+  step build "$py" -m pip install --no-build-isolation --no-deps --no-index -e . || { echo "build failed"; exit 1; }
+fi
+step build_info "$py" -c "import json, mmfast; print(json.dumps(mmfast.build_info(), indent=1))"
+step tests "$py" -m pytest -q -rs -p no:cacheprovider tests/test_grad_modulation.py tests/test_balance.py \
+  tests/test_feature_drop.py tests/test_triton_launch.py tests/test_methods.py tests/test_olm_boost.py \
+  tests/test_estimators.py tests/test_models.py tests/test_irfb.py
+if [ "$gpu" = 1 ]; then
+  step bench_grad_modulation "$py" bench/grad_modulation.py --device cuda --json "$out/grad_modulation.json"
+  step bench_grad_modulation_bf16 "$py" bench/grad_modulation.py --device cuda --dtype bfloat16 \
+    --json "$out/grad_modulation_bf16.json"
+  step bench_scores "$py" bench/scores.py --json "$out/scores.json"
+else
+  echo "== no CUDA GPU here: the CUDA benchmarks are skipped (the tests' CUDA cases skipped too)"
+fi
+if [ ${#failed[@]} -gt 0 ]; then
+  echo "FAILED: ${failed[*]} (logs in $out)"
+  exit 1
+fi
+echo "all passed (logs in $out)"
