@@ -80,6 +80,8 @@ def alternated(baseline, method, pairs):
     def timed(run):
         start = time.perf_counter()
         run()
+        if torch.cuda.is_initialized():  # (a GPU step has only been launched: wait for it)
+            torch.cuda.synchronize()
         return time.perf_counter() - start
 
     base, times, ratios = [timed(baseline)], [], []
@@ -92,20 +94,21 @@ def alternated(baseline, method, pairs):
     return base, times, ratios
 
 
-def step_benchmark(root, tmp, batch_sizes, rounds, steps):
+def step_benchmark(root, tmp, batch_sizes, rounds, steps, common=()):
+    """`common`: config overrides of every trainer (data.backend=naive where DALI is missing)."""
     results = {}
     for B in batch_sizes:
         runners = {}
-        joint = make_trainer(root, tmp / f"joint{B}", "joint", B)
+        joint = make_trainer(root, tmp / f"joint{B}", "joint", B, None, *common)
         batch = next(iter(joint.loaders["train"].batches()))
         assert len(batch["label"]) == B, f"the dataset's first batch has {len(batch['label'])} clips, not {B}"
         device_batch = {k: v.to(joint.device) for k, v in batch.items()}
         for method, hp in MMFAST_METHODS.items():
-            trainer = joint if method == "joint" else make_trainer(root, tmp / f"{method}{B}", method, B, hp)
-            runners[("mmfast", method)] = lambda t=trainer: t.train_step(batch)
+            trainer = joint if method == "joint" else make_trainer(root, tmp / f"{method}{B}", method, B, hp, *common)
+            runners[("mmfast", method)] = lambda t=trainer: t.train_step(device_batch)
         for method, fusion in OWN_HEADS.items():
-            trainer = make_trainer(root, tmp / f"joint_{fusion}{B}", "joint", B, None, f"model.fusion={fusion}")
-            runners[("mmfast", f"joint@{fusion}")] = lambda t=trainer: t.train_step(batch)
+            trainer = make_trainer(root, tmp / f"joint_{fusion}{B}", "joint", B, None, f"model.fusion={fusion}", *common)
+            runners[("mmfast", f"joint@{fusion}")] = lambda t=trainer: t.train_step(device_batch)
         for method in NAIVE_METHODS:
             naive = naive_for(joint, method)
             runners[("naive", method)] = lambda n=naive: n(device_batch)
@@ -204,7 +207,7 @@ def epoch_benchmark(root, tmp, encoder, size, batch_size, epochs, method="ogm_ge
     return out
 
 
-def cuda_checks(root, tmp, batch_size, steps=5):
+def cuda_checks(root, tmp, batch_size, steps=5, common=()):
     """On a GPU: (1) every method's trainer step under torch.cuda.set_sync_debug_mode("error")
     (a host synchronisation raises); (2) the balancing ops of an OGM-GE step (balance_stats,
     then grad_modulate_ with the device step counter) captured in a CUDA graph and replayed,
@@ -214,7 +217,7 @@ def cuda_checks(root, tmp, batch_size, steps=5):
 
     out = {"sync_free": {}}
     for method, hp in MMFAST_METHODS.items():
-        trainer = make_trainer(root, tmp / f"cuda_{method}", method, batch_size, hp, "device=cuda")
+        trainer = make_trainer(root, tmp / f"cuda_{method}", method, batch_size, hp, "device=cuda", *common)
         batch = {k: v.cuda() for k, v in next(iter(trainer.loaders["train"].batches())).items()}
         trainer.train_step(batch)  # (first calls: allocations, Triton compilation)
         torch.cuda.synchronize()
@@ -228,7 +231,7 @@ def cuda_checks(root, tmp, batch_size, steps=5):
         finally:
             torch.cuda.set_sync_debug_mode("default")
     # CUDA graph of the balancing ops on an OGM-GE trainer's real gradients
-    trainer = make_trainer(root, tmp / "cuda_graph", "ogm_ge", batch_size, None, "device=cuda")
+    trainer = make_trainer(root, tmp / "cuda_graph", "ogm_ge", batch_size, None, "device=cuda", *common)
     batch = {k: v.cuda() for k, v in next(iter(trainer.loaders["train"].batches())).items()}
     inputs, labels = trainer._inputs(batch)
     fused, unimodal, _ = trainer._forward(inputs)
@@ -262,8 +265,8 @@ def cuda_checks(root, tmp, batch_size, steps=5):
 def markdown(report) -> str:
     lines = [f"machine: {describe(report['machine'])}", ""]
     for B, rows in report["step"].items():
-        lines += [f"training step, batch {B} (medians of {report['rounds']} rounds of {report['steps']} alternated "
-                  f"step pairs per comparison)", "",
+        lines += [f"training step, batch {B}, {report.get('device', 'cpu')} (medians of {report['rounds']} rounds of "
+                  f"{report['steps']} alternated step pairs per comparison)", "",
                   "| method | mmfast ms | samples/s | overhead | same-model overhead | host reads | naive ms | overhead "
                   "| host reads | speedup |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
@@ -303,22 +306,29 @@ def main(argv=None):
     parser.add_argument("--clips", type=int, default=480, help="clips of the generated embedded dataset")
     parser.add_argument("--resnet-size", type=int, default=112, help="frame size of the ResNet-18 epoch")
     parser.add_argument("--resnet-clips", type=int, default=64, help="clips of the ResNet-18 epoch's dataset")
+    parser.add_argument("--data-backend", choices=["dali", "naive"], default="dali",
+                        help="the loader that decodes the step benchmark's batch (naive: where DALI is not "
+                             "installed, e.g. a lent GPU machine; the epoch part needs DALI)")
     parser.add_argument("--json", help="write the results to this JSON file")
     parser.add_argument("--markdown", help="write the tables to this markdown file")
     args = parser.parse_args(argv)
+    if args.epochs and args.data_backend != "dali":
+        parser.error("the epoch part compares DALI with the naive loader: --data-backend naive needs --epochs 0")
+    common = (f"data.backend={args.data_backend}",)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         root = generate(tmp / "cremad", clips=args.clips, seed=0)
         report = {"benchmark": "step", "machine": machine(), "rounds": args.rounds, "steps": args.steps,
-                  "step": step_benchmark(root, tmp, args.batch_sizes, args.rounds, args.steps), "epoch": []}
+                  "data_backend": args.data_backend, "device": "cuda" if torch.cuda.is_available() else "cpu",
+                  "step": step_benchmark(root, tmp, args.batch_sizes, args.rounds, args.steps, common), "epoch": []}
         if args.epochs:
             report["epoch"].append(epoch_benchmark(root, tmp, "small", 64, 32, args.epochs))
             # (ResNet-18 on 2 CPU cores takes about 0.5 s a clip: a smaller dataset of its own)
             small_root = generate(tmp / "cremad_resnet", clips=args.resnet_clips, seed=0)
             report["epoch"].append(epoch_benchmark(small_root, tmp, "resnet18", args.resnet_size, 16, args.epochs))
         if torch.cuda.is_available():
-            report["cuda"] = cuda_checks(root, tmp, args.batch_sizes[0])
+            report["cuda"] = cuda_checks(root, tmp, args.batch_sizes[0], common=common)
     write_json(args.json, report)
     if args.markdown:
         Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)

@@ -69,3 +69,9 @@ def test_all_benchmarks_write_one_json_and_one_markdown(tmp_path):
     assert set(merged["benchmarks"]) == {"grad_modulation", "scores"} and "machine" in merged
     text = (tmp_path / "bench.md").read_text()
     assert "Fused gradient modulation" in text and "| 2 | 64 | 6 |" in text
+
+
+def test_step_bench_refuses_the_epoch_part_without_dali(capsys):
+    with pytest.raises(SystemExit):
+        load("step").main(["--data-backend", "naive", "--epochs", "1"])
+    assert "--data-backend naive needs --epochs 0" in capsys.readouterr().err
