@@ -680,6 +680,8 @@ def test_clip_that_breaks_during_an_epoch_is_named_or_skipped(synth, tmp_path, b
     assert report.total == 1 and report.names == [victim.clip_id] and reason in report.summary()
     collect(loaders["skip"])  # the next epoch meets it again and counts it again, alone
     assert loaders["skip"].last_epoch_skipped.total == 1
+    del info  # (the raised error and its traceback hold the loader: they leave no cycle behind)
+    drop_loaders_and_check_workers_exit(loaders)
 
 
 @pytest.mark.parametrize("backend", ["dali", "naive"])
@@ -693,6 +695,35 @@ def test_an_interrupted_pass_does_not_shorten_the_next_one(synth, backend):
     assert again["index"].tolist() == list(range(len(loader.clips)))
     with pytest.raises(RuntimeError, match="stale"):
         next(stale)
+
+
+def drop_loaders_and_check_workers_exit(loaders: dict) -> None:
+    """Empties `loaders` with the garbage collector off: each loader must be freed at once (it
+    is in no reference cycle) and the naive loaders' persistent workers must have exited
+    cleanly (exit code 0). (Freed by the garbage collector, a DataLoader's queues are closed
+    before its iterator tells the workers to stop; each worker was then waited on for 5 s and
+    killed.)"""
+    import gc
+    import weakref
+
+    workers = [w for ld in loaders.values() if getattr(getattr(ld, "loader", None), "_iterator", None)
+               for w in ld.loader._iterator._workers]
+    assert all(w.is_alive() for w in workers)
+    refs = {name: weakref.ref(ld) for name, ld in loaders.items()}
+    gc.disable()
+    try:
+        loaders.clear()
+        assert [name for name, ref in refs.items() if ref() is not None] == [], "loaders in a reference cycle"
+    finally:
+        gc.enable()
+    assert [w.exitcode for w in workers] == [0] * len(workers)  # stopped, not killed
+
+
+def test_a_dropped_naive_loader_stops_its_workers_at_once(synth):
+    loaders = {"val": build_loader(config(synth, batch_size=2, num_workers=2), "val", backend="naive")}
+    collect(loaders["val"])
+    assert len(loaders["val"].loader._iterator._workers) == 2
+    drop_loaders_and_check_workers_exit(loaders)
 
 
 @pytest.mark.parametrize("backend", ["dali", "naive"])

@@ -102,6 +102,12 @@ def probe(index: DatasetIndex, clips, cfg: DataConfig, report: SkipReport) -> li
     return probed
 
 
+def sample_rng(seed: int, epoch: int, position: int) -> np.random.Generator:
+    """The generator of every per-sample draw of clip `position` (its place in the split) in
+    `epoch`: both backends draw from it in the same order, so they pick the same samples."""
+    return np.random.default_rng([seed, epoch, position, 1])
+
+
 class ClipLoader:
     """Base of both backends: the probed clips of one split, the epoch's batch plan, and the
     skip bookkeeping.
@@ -213,13 +219,22 @@ class ClipLoader:
             raise RuntimeError(f"{self.split!r} loader: a newer pass has started; this iterator is stale")
 
     def sample_rng(self, epoch: int, position: int) -> np.random.Generator:
-        return np.random.default_rng([self.cfg.seed, epoch, position, 1])
+        return sample_rng(self.cfg.seed, epoch, position)
 
-    def _fault(self, err: DataError) -> None:
-        """A clip that failed to decode during the pass: raise, or count it (on_error="skip")."""
-        if self.cfg.on_error == "raise":
-            raise err
-        self.skipped.add(err)
+    def _faults(self, errors: list) -> None:
+        """Clips that failed to decode during the pass: raise the first (on_error="raise") or
+        count them all (on_error="skip"). The list is emptied as it goes and the raised error is
+        no local of any frame of its own traceback: such a reference cycle would leave the loader
+        to the garbage collector, which stops the naive loader's workers only after timeouts."""
+        while errors:
+            err = errors.pop(0)
+            if self.cfg.on_error != "raise":
+                self.skipped.add(err)
+                continue
+            try:
+                raise err
+            finally:
+                del err
 
     def end_epoch(self) -> None:
         if self.skipped.total:

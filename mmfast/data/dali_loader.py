@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import re
+import weakref
 from collections import deque
 from dataclasses import dataclass
 
@@ -58,10 +59,13 @@ class _Piece:
 
 class _Feeder:
     """The pipeline's external source: feeds the pass's pieces in order and keeps what is in
-    flight (DALI returns, or fails, batches in the order they were fed)."""
+    flight (DALI returns, or fails, batches in the order they were fed).
+
+    It refers to its loader weakly: the loader holds the pipeline, which holds the feeder, and
+    that cycle would leave a dropped loader's pipeline and buffers to the garbage collector."""
 
     def __init__(self, loader: "DaliLoader"):
-        self.loader = loader
+        self._loader = weakref.ref(loader)
         self.reset(0, [])
 
     def reset(self, epoch: int, pieces: list) -> None:
@@ -73,15 +77,16 @@ class _Feeder:
         self.crashed: BaseException | None = None  # a bug in the source, re-raised by the loop
 
     def __call__(self):
+        loader = self._loader()
         while self.plan:
             piece = self.plan.popleft()
             samples, kept = [], []
             for i in piece.clips:
                 try:
-                    samples.append(self.loader.encode(i, self.epoch))
+                    samples.append(loader.encode(i, self.epoch))
                     kept.append(i)
                 except DataError as err:
-                    err.clip = self.loader.clips[i].clip_id
+                    err.clip = loader.clips[i].clip_id
                     self.faults.setdefault(piece.group, []).append(err)
                 except BaseException as exc:  # not a data fault: end the pass and re-raise it there
                     self.crashed = exc
@@ -336,8 +341,7 @@ class DaliLoader(ClipLoader):
         done: dict = {}  # group -> decoded batches of its pieces
         while group < end:
             while group < end and feeder.outstanding[group] == 0:  # in plan order
-                for err in feeder.faults.pop(group, []):
-                    self._fault(err)
+                self._faults(feeder.faults.pop(group, []))
                 parts = done.pop(group, [])
                 group += 1
                 self.position = group
@@ -358,9 +362,9 @@ class DaliLoader(ClipLoader):
             except Exception as exc:
                 failed = feeder.split_failed()
                 self.pipe = self._build()  # DALI may leave the pipeline invalid after an error
-                if len(failed.clips) == 1:
-                    err = self._clip_error(failed.clips[0], exc, feeder.epoch)
-                    feeder.faults.setdefault(failed.group, []).append(err)
+                if len(failed.clips) == 1:  # (no local name: this frame would hold the error it raises)
+                    feeder.faults.setdefault(failed.group, []).append(
+                        self._clip_error(failed.clips[0], exc, feeder.epoch))
                 continue
             piece = feeder.in_flight.popleft()
             done.setdefault(piece.group, []).append({n: _to_torch(o) for n, o in zip(names, outputs)})

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from .audio import audio_features, cut_window, load_wave
-from .base import ClipLoader
+from .base import ClipLoader, sample_rng
 from .errors import DataError
 from .transforms import transform_frames
 from .video import decode_video_frames, segment_indices
@@ -22,8 +22,8 @@ class ClipDataset(torch.utils.data.Dataset):
     order, so persistent workers need no shared state."""
 
     def __init__(self, loader: "NaiveLoader"):
-        self.clips, self.kinds, self.cfg = loader.clips, dict(loader.modalities), loader.cfg
-        self.train, self.sample_rng = loader.train, loader.sample_rng
+        # (no reference back to the loader: see NaiveLoader)
+        self.clips, self.kinds, self.cfg, self.train = loader.clips, dict(loader.modalities), loader.cfg, loader.train
 
     def __len__(self):
         return len(self.clips)
@@ -32,7 +32,7 @@ class ClipDataset(torch.utils.data.Dataset):
         epoch, number = key
         clip = self.clips[number]
         try:
-            sample = decode_sample(clip, self.kinds, self.cfg, self.train, self.sample_rng(epoch, number))
+            sample = decode_sample(clip, self.kinds, self.cfg, self.train, sample_rng(self.cfg.seed, epoch, number))
         except DataError as err:
             # Returned as data, also under on_error="raise": the main process raises it in batch
             # order (an exception raised in a worker process would come back as a bare RuntimeError).
@@ -78,18 +78,25 @@ def _collate(samples):
     return batch, errors
 
 
-class _PlanSampler(torch.utils.data.Sampler):
-    """Batches of (epoch, clip position) items: the current pass's plan (ClipLoader.plan)."""
+class _PassPlan:
+    """The current pass's epoch and batches (ClipLoader.plan), set by the loader, read by the sampler."""
 
-    def __init__(self, loader: "NaiveLoader"):
-        self.loader = loader
+    def __init__(self):
+        self.epoch, self.batches = 0, []
+
+
+class _PlanSampler(torch.utils.data.Sampler):
+    """Batches of (epoch, clip position) items: the current pass's plan."""
+
+    def __init__(self, plan: _PassPlan):
+        self.plan = plan
 
     def __len__(self):
-        return len(self.loader.pass_plan)
+        return len(self.plan.batches)
 
     def __iter__(self):
-        epoch = self.loader.epoch
-        return iter([[(epoch, int(i)) for i in ids] for ids in self.loader.pass_plan])
+        epoch = self.plan.epoch
+        return iter([[(epoch, int(i)) for i in ids] for ids in self.plan.batches])
 
 
 def _worker_start_method():
@@ -101,26 +108,32 @@ def _worker_start_method():
 
 class NaiveLoader(ClipLoader):
     """Worker processes are started once per loader (persistent across epochs); each pass asks
-    the DataLoader for a fresh iterator, which starts from a clean state."""
+    the DataLoader for a fresh iterator, which starts from a clean state.
+
+    Neither the dataset nor the sampler refers back to the loader: in a reference cycle the
+    DataLoader would be freed by the garbage collector, which closes its queues (their weakref
+    finalizers) before the iterator's shutdown can tell the workers to stop, so every collected
+    loader waited 5 s per worker before killing them. Freed by reference count, the workers stop
+    at once."""
 
     def __init__(self, cfg, index, split, train):
         super().__init__(cfg, index, split, train)
         workers = cfg.num_workers
-        self.pass_plan: list = []
+        self.pass_plan = _PassPlan()
         self.loader = torch.utils.data.DataLoader(
-            ClipDataset(self), batch_sampler=_PlanSampler(self), num_workers=workers,
+            ClipDataset(self), batch_sampler=_PlanSampler(self.pass_plan), num_workers=workers,
             collate_fn=_collate, persistent_workers=workers > 0,
             multiprocessing_context=_worker_start_method() if workers > 0 else None)
 
     def batches(self, start: int = 0):
-        self.pass_plan, this_pass = self._begin_pass(start)
+        self.pass_plan.batches, this_pass = self._begin_pass(start)
+        self.pass_plan.epoch = self.epoch
         return self._run_pass(iter(self.loader), this_pass)
 
     def _run_pass(self, batches, this_pass: int):
         for batch, errors in batches:
             self._check_current(this_pass)
-            for err in errors:
-                self._fault(err)
+            self._faults(errors)
             self.position += 1
             if batch:
                 yield batch
