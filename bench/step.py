@@ -3,7 +3,9 @@
 1. Training-step throughput (samples/s) of every method through mmfast's trainer step, and its
    balancing overhead over plain joint training, overhead = t_method / t_joint - 1; the same for
    the naive baseline's methods (joint, ogm, ogm_ge, opm) against naive joint. Same model (the
-   embedded config's small encoders), same batch (one decoded batch, reused), fp32. Timing: one
+   embedded config's small encoders), same batch (one decoded batch, reused); the naive side in
+   fp32, mmfast in the config's precision=auto (bf16 where the machine computes in bf16
+   natively, else fp32; --precision to choose). Timing: one
    step at a time, joint and the method alternating (j m j m ... j), each method step against
    the mean of the two joint steps beside it (a machine whose speed drifts moves both alike);
    `--rounds` rounds of `--steps` pairs per comparison, the comparisons' rounds interleaved;
@@ -15,11 +17,13 @@
    librosa in DataLoader workers; NaiveStep) against mmfast (DALI, the trainer's step) with
    OGM-GE, on the small encoder and on ResNet-18 (compute dominates); median of `--epochs`
    epochs after a warm-up epoch, the two sides alternating; and a pass of each loader alone
-   (decoding only), which says how much of each epoch is data.
+   (decoding only), which says how much of each epoch is data. Where mmfast's precision is not
+   fp32, mmfast in fp32 runs alongside, which separates bf16's share of the speedup.
 3. On a GPU only: every method's step under torch.cuda.set_sync_debug_mode("error"), and the
    balancing ops of a step captured in a CUDA graph (cuda_checks).
 
-    python bench/step.py [--batch-sizes 16 64] [--rounds 4] [--steps 6] [--epochs 2] [--json OUT]
+    python bench/step.py [--batch-sizes 16 64] [--rounds 4] [--steps 6] [--epochs 2] [--precision auto]
+                         [--json OUT]
 """
 from __future__ import annotations
 
@@ -41,7 +45,7 @@ from naive import NaiveStep, naive_epoch  # noqa: E402
 from mmfast.config import load_config  # noqa: E402
 from mmfast.data import generate  # noqa: E402
 from mmfast.diagnostics import count_host_reads  # noqa: E402
-from mmfast.trainer import Trainer  # noqa: E402
+from mmfast.trainer import Trainer, resolve_device, resolve_precision  # noqa: E402
 
 MMFAST_METHODS = {"joint": {}, "ogm": {}, "ogm_ge": {}, "ogm_star": {}, "opm": {}, "moddrop": {"probs": {"audio": 0.3}},
                   "opm_ogm": {}, "olm": {}, "boost": {}, "unimodal": {"modality": "visual"}}
@@ -155,10 +159,15 @@ def step_benchmark(root, tmp, batch_sizes, rounds, steps, common=()):
     return results
 
 
-def epoch_benchmark(root, tmp, encoder, size, batch_size, epochs, method="ogm_ge"):
-    """Seconds per training epoch, data loading included: naive loader + NaiveStep vs DALI + mmfast."""
+def epoch_benchmark(root, tmp, encoder, size, batch_size, epochs, method="ogm_ge", precision="auto"):
+    """Seconds per training epoch, data loading included: naive loader + NaiveStep vs DALI + mmfast
+    (and mmfast in fp32, where `precision` resolves to another)."""
     common = [f"model.encoder={encoder}", f"data.size={size}"]
-    mm = make_trainer(root, tmp / f"epoch_mm_{encoder}", method, batch_size, None, *common)
+    mm = make_trainer(root, tmp / f"epoch_mm_{encoder}", method, batch_size, None, *common, f"precision={precision}")
+    sides = {"mmfast": mm}
+    if mm.precision != "fp32":
+        sides["mmfast_fp32"] = make_trainer(root, tmp / f"epoch_mm32_{encoder}", method, batch_size, None, *common,
+                                            "precision=fp32")
     naive_cfg = load_config("embedded", [f"data.root={root}", f"out={tmp / f'epoch_nv_{encoder}'}", f"method={method}",
                                          f"data.batch_size={batch_size}", "progress=false", "data.backend=naive",
                                          *common])
@@ -168,11 +177,11 @@ def epoch_benchmark(root, tmp, encoder, size, batch_size, epochs, method="ogm_ge
     naive_loader = build_loader(data_config(naive_cfg, mm.device), "train", "naive")
     naive = naive_for(mm, method)
 
-    def mmfast_epoch():
+    def mmfast_epoch(trainer):
         start = time.perf_counter()
-        mm.batch_in_epoch = 0
-        mm.train_epoch()
-        mm.epoch += 1
+        trainer.batch_in_epoch = 0
+        trainer.train_epoch()
+        trainer.epoch += 1
         return time.perf_counter() - start
 
     def naive_run():
@@ -186,24 +195,32 @@ def epoch_benchmark(root, tmp, encoder, size, batch_size, epochs, method="ogm_ge
             pass
         return time.perf_counter() - start
 
-    mmfast_epoch(), naive_run()  # warm-up: workers, pipelines
-    times = {"naive": [], "mmfast": []}
+    naive_run()  # warm-up: workers, pipelines
+    for trainer in sides.values():
+        mmfast_epoch(trainer)
+    times = {"naive": [], **{side: [] for side in sides}}
     data = {"naive": [], "mmfast": []}
     for _ in range(epochs):
         times["naive"].append(naive_run())
-        times["mmfast"].append(mmfast_epoch())
+        for side, trainer in sides.items():
+            times[side].append(mmfast_epoch(trainer))
         data["naive"].append(data_only(naive_loader))
         data["mmfast"].append(data_only(mm.loaders["train"]))
     clips = len(naive_loader.clips)
     out = {side: {"epoch_s": statistics.median(t), "clips_per_s": clips / statistics.median(t), "epochs_s": t,
-                  "data_only_s": statistics.median(data[side])}
+                  "data_only_s": statistics.median(data["naive" if side == "naive" else "mmfast"])}
            for side, t in times.items()}
     out["speedup"] = out["naive"]["epoch_s"] / out["mmfast"]["epoch_s"]
+    out["precision"] = mm.precision
+    if "mmfast_fp32" in out:
+        out["speedup_fp32"] = out["naive"]["epoch_s"] / out["mmfast_fp32"]["epoch_s"]
     out["data_speedup"] = out["naive"]["data_only_s"] / out["mmfast"]["data_only_s"]
     out.update(encoder=encoder, size=size, batch_size=batch_size, clips=clips, method=method)
+    fp32 = (f" (mmfast in fp32 {out['mmfast_fp32']['epoch_s']:.2f} s: {out['speedup_fp32']:.2f}x)"
+            if "mmfast_fp32" in out else "")
     print(f"epoch {encoder} {size}px B={batch_size} ({clips} clips, {method}): naive {out['naive']['epoch_s']:.2f} s, "
-          f"mmfast {out['mmfast']['epoch_s']:.2f} s: {out['speedup']:.2f}x; the loaders alone: naive "
-          f"{out['naive']['data_only_s']:.2f} s, mmfast {out['mmfast']['data_only_s']:.2f} s")
+          f"mmfast ({mm.precision}) {out['mmfast']['epoch_s']:.2f} s: {out['speedup']:.2f}x{fp32}; the loaders "
+          f"alone: naive {out['naive']['data_only_s']:.2f} s, mmfast {out['mmfast']['data_only_s']:.2f} s")
     return out
 
 
@@ -265,7 +282,8 @@ def cuda_checks(root, tmp, batch_size, steps=5, common=()):
 def markdown(report) -> str:
     lines = [f"machine: {describe(report['machine'])}", ""]
     for B, rows in report["step"].items():
-        lines += [f"training step, batch {B}, {report.get('device', 'cpu')} (medians of {report['rounds']} rounds of "
+        lines += [f"training step, batch {B}, {report.get('device', 'cpu')}, mmfast in "
+                  f"{report.get('mmfast_precision', 'fp32')}, naive in fp32 (medians of {report['rounds']} rounds of "
                   f"{report['steps']} alternated step pairs per comparison)", "",
                   "| method | mmfast ms | samples/s | overhead | same-model overhead | host reads | naive ms | overhead "
                   "| host reads | speedup |",
@@ -286,13 +304,16 @@ def markdown(report) -> str:
                   f"eager {c['balancing_eager']['median_ms']:.3f} ms, replayed CUDA graph "
                   f"{c['balancing_graph']['median_ms']:.3f} ms ({c['graph_speedup']:.2f}x)", ""]
     if report.get("epoch"):
-        lines += ["epoch including data loading (and a pass of each loader alone: the decoding in it)", "",
-                  "| encoder | px | batch | clips | naive s | mmfast s | speedup | naive loader s | mmfast loader s "
-                  "| loader speedup |", "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += ["epoch including data loading (and a pass of each loader alone: the decoding in it); naive in "
+                  "fp32, mmfast in its precision, and in fp32 where that is another", "",
+                  "| encoder | px | batch | clips | naive s | mmfast s | precision | speedup | mmfast fp32 s | speedup "
+                  "| naive loader s | mmfast loader s | loader speedup |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for e in report["epoch"]:
+            fp32 = (f"{e['mmfast_fp32']['epoch_s']:.2f} | {e['speedup_fp32']:.2f}x" if "mmfast_fp32" in e
+                    else f"{e['mmfast']['epoch_s']:.2f} | {e['speedup']:.2f}x")
             lines.append(f"| {e['encoder']} | {e['size']} | {e['batch_size']} | {e['clips']} | {e['naive']['epoch_s']:.2f} | "
-                         f"{e['mmfast']['epoch_s']:.2f} | {e['speedup']:.2f}x | {e['naive']['data_only_s']:.2f} | "
-                         f"{e['mmfast']['data_only_s']:.2f} | {e['data_speedup']:.2f}x |")
+                         f"{e['mmfast']['epoch_s']:.2f} | {e.get('precision', 'fp32')} | {e['speedup']:.2f}x | {fp32} | "
+                         f"{e['naive']['data_only_s']:.2f} | {e['mmfast']['data_only_s']:.2f} | {e['data_speedup']:.2f}x |")
     return "\n".join(lines) + "\n"
 
 
@@ -309,24 +330,29 @@ def main(argv=None):
     parser.add_argument("--data-backend", choices=["dali", "naive"], default="dali",
                         help="the loader that decodes the step benchmark's batch (naive: where DALI is not "
                              "installed, e.g. a lent GPU machine; the epoch part needs DALI)")
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                        help="mmfast's precision (the embedded config's: auto, bf16 where the machine computes in "
+                             "bf16 natively); the naive baseline is fp32")
     parser.add_argument("--json", help="write the results to this JSON file")
     parser.add_argument("--markdown", help="write the tables to this markdown file")
     args = parser.parse_args(argv)
     if args.epochs and args.data_backend != "dali":
         parser.error("the epoch part compares DALI with the naive loader: --data-backend naive needs --epochs 0")
-    common = (f"data.backend={args.data_backend}",)
+    common = (f"data.backend={args.data_backend}", f"precision={args.precision}")
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         root = generate(tmp / "cremad", clips=args.clips, seed=0)
         report = {"benchmark": "step", "machine": machine(), "rounds": args.rounds, "steps": args.steps,
                   "data_backend": args.data_backend, "device": "cuda" if torch.cuda.is_available() else "cpu",
+                  "mmfast_precision": resolve_precision(args.precision, resolve_device("auto")),
                   "step": step_benchmark(root, tmp, args.batch_sizes, args.rounds, args.steps, common), "epoch": []}
         if args.epochs:
-            report["epoch"].append(epoch_benchmark(root, tmp, "small", 64, 32, args.epochs))
+            report["epoch"].append(epoch_benchmark(root, tmp, "small", 64, 32, args.epochs, precision=args.precision))
             # (ResNet-18 on 2 CPU cores takes about 0.5 s a clip: a smaller dataset of its own)
             small_root = generate(tmp / "cremad_resnet", clips=args.resnet_clips, seed=0)
-            report["epoch"].append(epoch_benchmark(small_root, tmp, "resnet18", args.resnet_size, 16, args.epochs))
+            report["epoch"].append(epoch_benchmark(small_root, tmp, "resnet18", args.resnet_size, 16, args.epochs,
+                                                   precision=args.precision))
         if torch.cuda.is_available():
             report["cuda"] = cuda_checks(root, tmp, args.batch_sizes[0], common=common)
     write_json(args.json, report)

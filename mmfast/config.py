@@ -59,7 +59,8 @@ class Config:
     seed: int = 0
     out: str = "runs/run"
     device: str = "auto"  # "auto" | "cpu" | "cuda"
-    precision: str = "fp32"  # "fp32" | "bf16" | "fp16" (autocast; fp16 with a GradScaler)
+    precision: str = "fp32"  # "fp32" | "bf16" | "fp16" (autocast; fp16 with a GradScaler) | "auto" (bf16
+    # where the device computes in bf16 natively, else fp32: trainer.resolve_precision)
     channels_last: bool = False
     grad_accum: int = 1
     sync_bn: bool = True  # distributed runs: batch norm over the global batch (mmfast.distributed)
@@ -80,7 +81,7 @@ CHOICES = {
     "model.fusion": ("auto", "concat", "sum", "film", "gated", "mlp", "late", "irfb", "boost"),
     "model.estimator": ("auto", "split", "zero_out"), "optim.name": ("sgd", "adamw"),
     "optim.scheduler": ("step", "cosine", "none"), "device": ("auto", "cpu", "cuda"),
-    "precision": ("fp32", "bf16", "fp16"),
+    "precision": ("fp32", "bf16", "fp16", "auto"),
 }
 POSITIVE = ("epochs", "grad_accum", "data.batch_size", "data.num_frames", "data.size", "model.width", "optim.step_size")
 NON_NEGATIVE = ("seed", "checkpoint_every", "data.num_workers", "optim.lr", "optim.momentum", "optim.weight_decay",

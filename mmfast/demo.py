@@ -49,7 +49,7 @@ def _run_one(run_dir: Path, data_root: Path, method: str, hparams: dict, seed: i
     epochs_rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     row = {"fused": summary["test/acc"], **{m: probe[f"probe/acc/{m}"] for m in MODALITIES},
            **{f"ratio_{m}": statistics.fmean(r[f"train/ratio/{m}"] for r in epochs_rows) for m in MODALITIES},
-           "seconds": time.perf_counter() - start, "best_epoch": summary["best_epoch"]}
+           "seconds": time.perf_counter() - start, "best_epoch": summary["best_epoch"], "precision": summary["precision"]}
     row_file.write_text(json.dumps(row, indent=2) + "\n")
     return row
 
@@ -97,8 +97,10 @@ def format_table(results: dict, seeds) -> str:
     lines = []
     for dominant, rows in results.items():
         weak = "visual" if dominant == "audio" else "audio"
-        lines += [f"\n{dominant} dominant (weak: {weak}), seeds {', '.join(map(str, seeds))}: test accuracy; probes "
-                  f"are linear classifiers on each frozen encoder",
+        # (precision=auto trains in bf16 on machines with bf16 units: the table says which)
+        precision = "/".join(sorted({r.get("precision", "fp32") for runs in rows.values() for r in runs}))
+        lines += [f"\n{dominant} dominant (weak: {weak}), seeds {', '.join(map(str, seeds))}, {precision}: test "
+                  f"accuracy; probes are linear classifiers on each frozen encoder",
                   f"| method | fused | {weak} probe (weak) | {dominant} probe | mean rho {dominant} | wall time |",
                   "|---|---|---|---|---|---|"]
         for label, runs in rows.items():

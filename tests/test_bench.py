@@ -45,7 +45,7 @@ def test_step_bench_runs_and_counts_host_reads(tmp_path):
     pytest.importorskip("nvidia.dali")
     out = load("step").main(["--clips", "48", "--batch-sizes", "8", "--rounds", "1", "--steps", "1", "--epochs", "1",
                              "--resnet-size", "32", "--resnet-clips", "16", "--json", str(tmp_path / "s.json"),
-                             "--markdown", str(tmp_path / "s.md")])
+                             "--markdown", str(tmp_path / "s.md"), "--precision", "bf16"])
     rows = out["step"]["8"]
     step = load("step")
     assert {f"mmfast/{m}" for m in step.MMFAST_METHODS} | {f"mmfast/joint@{f}" for f in step.OWN_HEADS.values()} <= set(rows)
@@ -57,9 +57,14 @@ def test_step_bench_runs_and_counts_host_reads(tmp_path):
     assert rows["naive/ogm_ge"]["host_reads_per_step"] > rows["naive/ogm"]["host_reads_per_step"] > 0
     assert rows["mmfast/joint"]["overhead"] == 0 and rows["mmfast/ogm_ge"]["speedup_vs_naive"] > 0
     assert [e["encoder"] for e in out["epoch"]] == ["small", "resnet18"] and out["epoch"][0]["speedup"] > 0
+    # mmfast not in fp32: the epoch part times mmfast in fp32 beside it (bf16's share of the speedup)
+    assert out["mmfast_precision"] == "bf16" and all(e["precision"] == "bf16" for e in out["epoch"])
+    assert all(e["speedup_fp32"] > 0 and e["mmfast_fp32"]["epoch_s"] > 0 for e in out["epoch"])
     text = (tmp_path / "s.md").read_text()
     assert f"{out['machine']['cores']} cores, {out['machine']['vector_isa']}," in text  # (figures name the machine)
     assert "| ogm_ge |" in text and "(vs joint@late)" in text and "| joint@boost |" in text
+    assert "mmfast in bf16, naive in fp32" in text
+    assert f"| small | 64 | 32 | {out['epoch'][0]['clips']} | " in text and "| bf16 |" in text
 
 
 def test_all_benchmarks_write_one_json_and_one_markdown(tmp_path):

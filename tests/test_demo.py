@@ -5,6 +5,7 @@ import json
 import pytest
 
 from mmfast.demo import demo_runs, run_demo
+from mmfast.trainer import resolve_device, resolve_precision
 
 pytest.importorskip("nvidia.dali")
 pytest.importorskip("sklearn")
@@ -23,6 +24,9 @@ def test_demo_trains_every_method_and_writes_the_table(tmp_path):
         assert row["ratio_audio"] > 0
     table = (tmp_path / "runs" / "demo.md").read_text()
     assert "| ogm_ge |" in table and "visual probe (weak)" in table
+    precision = resolve_precision("auto", resolve_device("auto"))  # the embedded config's precision=auto
+    assert {rows[0]["precision"] for rows in results["audio"].values()} == {precision}
+    assert f"seeds 0, {precision}: test accuracy" in table
     assert json.loads((tmp_path / "runs" / "demo.json").read_text())["results"] == results
     again = run_demo(tmp_path / "runs", tmp_path / "data", epochs=1, clips=30, progress=False, echo=printed.append)
     assert again == results  # finished runs are reused, not trained again

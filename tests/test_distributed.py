@@ -67,10 +67,12 @@ def launch(tmp_path, name, world_size, overrides=(), *, max_steps, resume_out=No
 
 
 def base_overrides(dataset, method, *extra):
-    # (default layout: channels_last kernels differ by batch size, so shards of 4 would round
-    # otherwise than batches of 8 and the comparison would measure the layout, not the method)
+    # (default layout and fp32: channels_last kernels differ by batch size, and bf16 rounds, so
+    # shards of 4 would round otherwise than batches of 8 and the comparison would measure the
+    # layout or the precision, not the method)
     return [f"data.root={dataset}", "epochs=2", "data.batch_size=8", "data.size=32", "data.num_workers=1",
-            "progress=false", "seed=3", f"method={method}", "optim.lr=0.05", "channels_last=false", *extra]
+            "progress=false", "seed=3", f"method={method}", "optim.lr=0.05", "channels_last=false", "precision=fp32",
+            *extra]
 
 
 def assert_same_state(a, b, rtol=2e-4, atol=1e-4):

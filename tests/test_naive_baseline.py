@@ -29,7 +29,7 @@ def dataset(tmp_path_factory):
 def pair(dataset, tmp_path, method, seed, **hparams):
     """An mmfast Trainer and a NaiveStep on a deep copy of its model, with the same optimizer."""
     cfg = load_config("embedded", [f"data.root={dataset}", f"out={tmp_path / method}", "data.batch_size=12",
-                                   "data.size=32", "data.num_workers=1", "progress=false", f"seed={seed}", "channels_last=false",
+                                   "data.size=32", "data.num_workers=1", "progress=false", f"seed={seed}", "channels_last=false", "precision=fp32",
                                    f"method={method}", "optim.lr=0.05",
                                    *[f"hparams.{k}={v}" for k, v in hparams.items()]])
     trainer = Trainer(cfg)

@@ -332,7 +332,7 @@ def make_config(dataset, out, *overrides):
     from mmfast.config import load_config
 
     return load_config("embedded", [f"data.root={dataset}", f"out={out}", "epochs=2", "data.batch_size=8",
-                                    "data.size=32", "data.num_workers=1", "progress=false", *overrides])
+                                    "data.size=32", "data.num_workers=1", "progress=false", "precision=fp32", *overrides])
 
 
 def test_resume_across_a_classifier_addition_gives_the_same_run(dataset, tmp_path):

@@ -9,7 +9,7 @@ import torch
 
 from mmfast.config import load_config
 from mmfast.data import generate
-from mmfast.trainer import NonFiniteError, Trainer, resume
+from mmfast.trainer import NonFiniteError, Trainer, resolve_precision, resume
 
 pytest.importorskip("nvidia.dali")
 pytest.importorskip("sklearn")
@@ -22,7 +22,7 @@ def dataset(tmp_path_factory):
 
 def make_config(dataset, out, *overrides):
     return load_config("embedded", [f"data.root={dataset}", f"out={out}", "epochs=2", "data.batch_size=8",
-                                    "data.size=32", "data.num_workers=1", "progress=false", *overrides])
+                                    "data.size=32", "data.num_workers=1", "progress=false", "precision=fp32", *overrides])
 
 
 def parameters(trainer):
@@ -240,6 +240,39 @@ def test_engine_options_train(dataset, tmp_path, overrides):
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
     if "grad_accum=2" in overrides:
         assert trainer.global_step == 2  # 3 micro-batches: two optimizer steps
+
+
+@pytest.mark.parametrize("avx512_bf16,amx,expected", [(False, False, "fp32"), (True, False, "bf16"), (False, True, "bf16")])
+def test_precision_auto_is_bf16_only_on_cpus_with_bf16_units(monkeypatch, avx512_bf16, amx, expected):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert resolve_precision("auto", torch.device("cpu")) == expected
+    for name in ("fp32", "bf16", "fp16"):  # an explicit precision is kept, whatever the machine
+        assert resolve_precision(name, torch.device("cpu")) == name
+
+
+@pytest.mark.parametrize("capability,expected", [((7, 5), "fp32"), ((8, 0), "bf16"), ((9, 0), "bf16")])
+def test_precision_auto_on_cuda_follows_the_compute_capability(monkeypatch, capability, expected):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert resolve_precision("auto", torch.device("cuda", 0)) == expected
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_a_run_with_precision_auto_trains_in_the_resolved_precision(dataset, tmp_path, monkeypatch, native):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    trainer = Trainer(make_config(dataset, tmp_path / "auto", "precision=auto", "method=ogm_ge", "epochs=1"))
+    assert trainer.precision == ("bf16" if native else "fp32")
+    assert trainer.autocast_dtype == (torch.bfloat16 if native else None) and trainer.scaler is None
+    conv = next(m for m in trainer.model.encoders["audio"].modules() if isinstance(m, torch.nn.Conv2d))
+    seen = []
+    hook = conv.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    trainer.train_step(next(iter(trainer.loaders["train"])))
+    hook.remove()
+    assert seen == [torch.bfloat16 if native else torch.float32]  # the convolutions ran in that precision
+    summary = trainer.fit()
+    assert summary["precision"] == trainer.precision and 0 <= summary["test/acc"] <= 1
+    assert load_config(tmp_path / "auto" / "config.yaml").precision == "auto"  # what the user asked, kept
 
 
 def test_clips_failing_during_training_are_skipped_and_evaluation_names_them(dataset, tmp_path):
