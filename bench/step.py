@@ -14,7 +14,8 @@
    (rows joint@late, joint@boost), the cost of the balancing itself. Host reads per step
    (mmfast.diagnostics.count_host_reads) counted over one step of each.
 2. End-to-end epoch time including data loading: the naive way (the naive loader: PIL and
-   librosa in DataLoader workers; NaiveStep) against mmfast (DALI, the trainer's step) with
+   librosa in DataLoader workers; NaiveStep; in a process of its own, which keeps glibc's
+   default malloc behaviour, as the research code's does) against mmfast (DALI, the trainer's step) with
    OGM-GE, on the small encoder and on ResNet-18 (compute dominates); median of `--epochs`
    epochs after a warm-up epoch, the two sides alternating; and a pass of each loader alone
    (decoding only), which says how much of each epoch is data. Where mmfast's precision is not
@@ -159,54 +160,104 @@ def step_benchmark(root, tmp, batch_sizes, rounds, steps, common=()):
     return results
 
 
+def _timed_pass(run) -> float:
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
+
+
+def _drain(loader) -> None:  # a pass of a loader alone: what an epoch spends decoding
+    for _ in loader:
+        pass
+
+
+def serve_naive_epochs(spec: dict) -> None:
+    """The naive side of the epoch benchmark, in a process of its own (`--serve-naive-epochs
+    SPEC`): mmfast's trainers make their whole process keep freed memory (mmfast/cpu_memory.py),
+    which the research code's process does not do. Builds the same model (same seed) and the
+    naive loader, then answers each stdin line "epoch" (a training epoch) or "data" (a loader
+    pass) with "RESULT seconds" on stdout, until "stop"."""
+    from mmfast.data import build_loader
+    from mmfast.trainer import data_config
+
+    root, out = Path(spec["root"]), Path(spec["out"])
+    source = make_trainer(root, out / "model", spec["method"], spec["batch_size"], None, *spec["common"],
+                          "retain_freed_memory=false")
+    naive_cfg = load_config("embedded", [f"data.root={root}", f"out={out / 'naive'}", f"method={spec['method']}",
+                                         f"data.batch_size={spec['batch_size']}", "progress=false", "data.backend=naive",
+                                         *spec["common"]])
+    loader = build_loader(data_config(naive_cfg, source.device), "train", "naive")
+    naive = naive_for(source, spec["method"])
+    naive_epoch(naive, loader, source.device)  # warm-up: workers
+    print(f"RESULT {len(loader.clips)}", flush=True)
+    for line in sys.stdin:
+        command = line.strip()
+        if command == "stop":
+            break
+        run = {"epoch": lambda: naive_epoch(naive, loader, source.device), "data": lambda: _drain(loader)}[command]
+        print(f"RESULT {_timed_pass(run)}", flush=True)
+
+
+class _NaiveEpochs:
+    """The parent's handle on a serve_naive_epochs process."""
+
+    def __init__(self, spec: dict):
+        import json
+        import subprocess
+
+        self.proc = subprocess.Popen([sys.executable, __file__, "--serve-naive-epochs", json.dumps(spec)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.clips = int(self._result())
+
+    def _result(self) -> float:
+        for line in self.proc.stdout:
+            if line.startswith("RESULT "):
+                return float(line.split()[1])
+        raise RuntimeError(f"the naive epoch process ended (exit code {self.proc.wait()})")
+
+    def run(self, command: str) -> float:
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        return self._result()
+
+    def close(self) -> None:
+        with contextlib.suppress(BrokenPipeError):
+            self.proc.stdin.write("stop\n")
+            self.proc.stdin.close()
+        self.proc.wait()
+
+
 def epoch_benchmark(root, tmp, encoder, size, batch_size, epochs, method="ogm_ge", precision="auto"):
-    """Seconds per training epoch, data loading included: naive loader + NaiveStep vs DALI + mmfast
-    (and mmfast in fp32, where `precision` resolves to another)."""
+    """Seconds per training epoch, data loading included: naive loader + NaiveStep (in a process
+    of its own) vs DALI + mmfast (and mmfast in fp32, where `precision` resolves to another)."""
     common = [f"model.encoder={encoder}", f"data.size={size}"]
     mm = make_trainer(root, tmp / f"epoch_mm_{encoder}", method, batch_size, None, *common, f"precision={precision}")
     sides = {"mmfast": mm}
     if mm.precision != "fp32":
         sides["mmfast_fp32"] = make_trainer(root, tmp / f"epoch_mm32_{encoder}", method, batch_size, None, *common,
                                             "precision=fp32")
-    naive_cfg = load_config("embedded", [f"data.root={root}", f"out={tmp / f'epoch_nv_{encoder}'}", f"method={method}",
-                                         f"data.batch_size={batch_size}", "progress=false", "data.backend=naive",
-                                         *common])
-    from mmfast.data import build_loader
-    from mmfast.trainer import data_config
-
-    naive_loader = build_loader(data_config(naive_cfg, mm.device), "train", "naive")
-    naive = naive_for(mm, method)
+    naive = _NaiveEpochs({"root": str(root), "out": str(tmp / f"epoch_nv_{encoder}"), "method": method,
+                          "batch_size": batch_size, "common": common})
 
     def mmfast_epoch(trainer):
-        start = time.perf_counter()
         trainer.batch_in_epoch = 0
         trainer.train_epoch()
         trainer.epoch += 1
-        return time.perf_counter() - start
 
-    def naive_run():
-        start = time.perf_counter()
-        naive_epoch(naive, naive_loader, mm.device)
-        return time.perf_counter() - start
-
-    def data_only(loader):  # a pass of the loader alone: what the epoch spends decoding
-        start = time.perf_counter()
-        for _ in loader:
-            pass
-        return time.perf_counter() - start
-
-    naive_run()  # warm-up: workers, pipelines
-    for trainer in sides.values():
-        mmfast_epoch(trainer)
-    times = {"naive": [], **{side: [] for side in sides}}
-    data = {"naive": [], "mmfast": []}
-    for _ in range(epochs):
-        times["naive"].append(naive_run())
-        for side, trainer in sides.items():
-            times[side].append(mmfast_epoch(trainer))
-        data["naive"].append(data_only(naive_loader))
-        data["mmfast"].append(data_only(mm.loaders["train"]))
-    clips = len(naive_loader.clips)
+    try:
+        for trainer in sides.values():  # warm-up: pipelines
+            mmfast_epoch(trainer)
+        times = {"naive": [], **{side: [] for side in sides}}
+        data = {"naive": [], "mmfast": []}
+        for _ in range(epochs):
+            times["naive"].append(naive.run("epoch"))
+            for side, trainer in sides.items():
+                times[side].append(_timed_pass(lambda t=trainer: mmfast_epoch(t)))
+            data["naive"].append(naive.run("data"))
+            data["mmfast"].append(_timed_pass(lambda: _drain(mm.loaders["train"])))
+    finally:
+        naive.close()
+    clips = naive.clips
     out = {side: {"epoch_s": statistics.median(t), "clips_per_s": clips / statistics.median(t), "epochs_s": t,
                   "data_only_s": statistics.median(data["naive" if side == "naive" else "mmfast"])}
            for side, t in times.items()}
@@ -335,7 +386,12 @@ def main(argv=None):
                              "bf16 natively); the naive baseline is fp32")
     parser.add_argument("--json", help="write the results to this JSON file")
     parser.add_argument("--markdown", help="write the tables to this markdown file")
+    parser.add_argument("--serve-naive-epochs", metavar="SPEC", help=argparse.SUPPRESS)  # (epoch_benchmark's child)
     args = parser.parse_args(argv)
+    if args.serve_naive_epochs:
+        import json
+
+        return serve_naive_epochs(json.loads(args.serve_naive_epochs))
     if args.epochs and args.data_backend != "dali":
         parser.error("the epoch part compares DALI with the naive loader: --data-backend naive needs --epochs 0")
     common = (f"data.backend={args.data_backend}", f"precision={args.precision}")

@@ -65,6 +65,7 @@ class Config:
     grad_accum: int = 1
     sync_bn: bool = True  # distributed runs: batch norm over the global batch (mmfast.distributed)
     compile: bool = False  # torch.compile each encoder in place (nn.Module.compile; state dicts unchanged)
+    retain_freed_memory: bool = True  # CPU runs: glibc malloc keeps freed memory for reuse (mmfast/cpu_memory.py)
     checkpoint_every: int = 0  # steps between mid-epoch checkpoints (0: epoch ends only)
     progress: bool = True  # tqdm progress bar
     data: DataSection = dataclasses.field(default_factory=DataSection)

@@ -37,6 +37,7 @@ from . import config as config_mod
 from .methods import Balancer, join_optimizer
 from .estimators import zero_out_logits
 from .evaluation import classification_metrics, linear_probe_accuracy
+from .cpu_memory import retain_freed_memory
 from .distributed import init_from_env, sync_batch_norm
 from .models import build_model
 from .ops import feature_drop
@@ -139,6 +140,8 @@ class Trainer:
         self.device = resolve_device(cfg.device)
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
+        if cfg.retain_freed_memory and self.device.type == "cpu":  # (no page faults on each step's buffers)
+            retain_freed_memory()
         self.out = Path(cfg.out)
         self._seed_everything(cfg.seed)
         root = Path(cfg.data.root)

@@ -275,6 +275,14 @@ def test_a_run_with_precision_auto_trains_in_the_resolved_precision(dataset, tmp
     assert load_config(tmp_path / "auto" / "config.yaml").precision == "auto"  # what the user asked, kept
 
 
+@pytest.mark.parametrize("retain", [True, False])
+def test_cpu_runs_keep_freed_memory_unless_told_not_to(dataset, tmp_path, monkeypatch, retain):
+    calls = []
+    monkeypatch.setattr("mmfast.trainer.retain_freed_memory", lambda: calls.append("retain") or True)
+    Trainer(make_config(dataset, tmp_path / "m", f"retain_freed_memory={str(retain).lower()}"))
+    assert calls == (["retain"] if retain else [])
+
+
 def test_clips_failing_during_training_are_skipped_and_evaluation_names_them(dataset, tmp_path):
     import shutil
 
