@@ -31,7 +31,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -202,9 +204,6 @@ class _NaiveEpochs:
     """The parent's handle on a serve_naive_epochs process."""
 
     def __init__(self, spec: dict):
-        import json
-        import subprocess
-
         self.proc = subprocess.Popen([sys.executable, __file__, "--serve-naive-epochs", json.dumps(spec)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.clips = int(self._result())
@@ -389,8 +388,6 @@ def main(argv=None):
     parser.add_argument("--serve-naive-epochs", metavar="SPEC", help=argparse.SUPPRESS)  # (epoch_benchmark's child)
     args = parser.parse_args(argv)
     if args.serve_naive_epochs:
-        import json
-
         return serve_naive_epochs(json.loads(args.serve_naive_epochs))
     if args.epochs and args.data_backend != "dali":
         parser.error("the epoch part compares DALI with the naive loader: --data-backend naive needs --epochs 0")
