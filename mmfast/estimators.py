@@ -32,14 +32,23 @@ def _check_features(op: str, features: Sequence[torch.Tensor]) -> list[torch.Ten
 
 
 def concat_head_logits(features: Sequence[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor | None = None,
-                       gamma: Sequence[float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                       gamma: Sequence[float] | None = None, *,
+                       measure: Sequence[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused logits of a linear head on concatenated features, and the uni-modal estimates.
 
     features: M tensors [B, d_m]; weight [C, sum d_m]; bias [C] or None; gamma: the share of the
-    bias each estimate gets (default 1/M each). Returns (fused [B, C] with autograd,
-    unimodal [M, B, C] detached), fused = sum_m W_m phi_m + b, o_m = W_m phi_m + gamma_m b."""
+    bias each estimate gets (default 1/M each); measure: the features to estimate from when they
+    differ from the fused ones (OPM/ModDrop fuse dropped features but measure the undropped
+    ones: one more small product per modality, without autograd). Returns (fused [B, C] with
+    autograd, unimodal [M, B, C] detached), fused = sum_m W_m phi_m + b, o_m = W_m phi_m +
+    gamma_m b (phi: `measure` when given)."""
     op = "concat_head_logits"
     features = _check_features(op, features)
+    if measure is not None:
+        measure = _check_features(op, measure)
+        if [f.shape for f in measure] != [f.shape for f in features]:
+            raise ValueError(f"{op}: measure must have the shapes of features {[tuple(f.shape) for f in features]}, "
+                             f"got {[tuple(f.shape) for f in measure]}")
     dims = [f.shape[1] for f in features]
     if weight.dim() != 2 or weight.shape[1] != sum(dims):
         raise ValueError(f"{op}: weight must be [C, {sum(dims)}] (sum of the feature sizes {dims}), "
@@ -49,9 +58,14 @@ def concat_head_logits(features: Sequence[torch.Tensor], weight: torch.Tensor, b
         gamma = [1.0 / M] * M
     if len(gamma) != M:
         raise ValueError(f"{op}: gamma needs one bias share per modality ({M}), got {len(gamma)}")
-    partial = [F.linear(f, w) for f, w in zip(features, torch.split(weight, dims, dim=1))]
+    blocks = torch.split(weight, dims, dim=1)
+    partial = [F.linear(f, w) for f, w in zip(features, blocks)]
     fused = torch.stack(partial).sum(dim=0)
-    unimodal = torch.stack([p.detach() for p in partial])
+    if measure is None:
+        unimodal = torch.stack([p.detach() for p in partial])
+    else:
+        with torch.no_grad():
+            unimodal = torch.stack([F.linear(f, w) for f, w in zip(measure, blocks)])
     if bias is not None:
         fused = fused + bias
         shares = torch.tensor(list(gamma), dtype=unimodal.dtype, device=unimodal.device)
@@ -71,8 +85,9 @@ class ConcatHead(nn.Module):
         self.gamma = None if gamma is None else list(gamma)
         self.fc = nn.Linear(sum(in_dims), num_classes)
 
-    def forward(self, features: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        return concat_head_logits(features, self.fc.weight, self.fc.bias, self.gamma)
+    def forward(self, features: Sequence[torch.Tensor], measure: Sequence[torch.Tensor] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        return concat_head_logits(features, self.fc.weight, self.fc.bias, self.gamma, measure=measure)
 
 
 def zero_out_logits(head: Callable[[list[torch.Tensor]], torch.Tensor],

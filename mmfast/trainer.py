@@ -102,17 +102,20 @@ def data_config(cfg: config_mod.Config, device: torch.device):
                       device=device.type)
 
 
-def step_forward(model, unimodal_estimate, inputs, skip=(), drop=None):
+def step_forward(model, unimodal_estimate, inputs, skip=(), drop=None, measure_dropped=False):
     """A training step's forward: encode, drop features (`drop`: features -> features), fuse.
     Returns (fused, unimodal, the head's extras); unimodal_estimate(features, head's unimodal)
-    picks the uni-modal logits."""
+    picks the uni-modal logits. The fused logits come from the dropped features, the uni-modal
+    ones from the features before the drop (OPM measures the imbalance there: TPAMI 2024 Alg. 1,
+    eq. 7), unless `measure_dropped` (missing-modality evaluation: every output sees the drop)."""
     M = len(model.modalities)
     encoded = model.encode(inputs, skip=skip)
     features, fused_repr = encoded[:M], encoded[M:]  # (IRFB: the fused representation follows)
-    if drop is not None:
-        features = drop(features)
-    fused, unimodal, *extra = model.head(features + fused_repr)
-    return fused, unimodal_estimate(features, unimodal), (extra[0] if extra else {})
+    dropped = features if drop is None else list(drop(features))
+    measured = dropped if measure_dropped else features
+    unchanged = all(a is b for a, b in zip(measured, dropped))  # (no drop: the head measures what it fuses)
+    fused, unimodal, *extra = model.head(dropped + fused_repr, measure=None if unchanged else measured)
+    return fused, unimodal_estimate(measured, unimodal), (extra[0] if extra else {})
 
 
 class _StepModule(torch.nn.Module):
@@ -124,8 +127,9 @@ class _StepModule(torch.nn.Module):
         self.model = model
         self.unimodal_estimate = unimodal_estimate
 
-    def forward(self, inputs, skip=(), drop=None):
-        return step_forward(self.model, self.unimodal_estimate, inputs, skip=skip, drop=drop)
+    def forward(self, inputs, skip=(), drop=None, measure_dropped=False):
+        return step_forward(self.model, self.unimodal_estimate, inputs, skip=skip, drop=drop,
+                            measure_dropped=measure_dropped)
 
 
 class Trainer:
@@ -175,7 +179,7 @@ class Trainer:
         try:
             self.balancer = Balancer(cfg.method, dict(self.model.encoders.items()), seed=cfg.seed, device=self.device,
                                      measure=True, head=self.model.fusion, optimizer=self.optimizer,
-                                     scheduler=self.scheduler, dist=self.dist, **cfg.hparams)
+                                     scheduler=self.scheduler, dist=self.dist, estimate=self._estimate, **cfg.hparams)
         except ValueError as err:
             raise ValueError(f"config key 'hparams' (method {cfg.method!r}): {err}") from None
         if self.balancer.wants_head_losses(None) and "val" not in self.loaders:
@@ -259,13 +263,17 @@ class Trainer:
             return zero_out_logits(lambda fs: self.model.head(fs)[0], features)
         return fused_unimodal
 
-    def _forward(self, inputs, skip=(), drop=None):
-        """Encode, drop the modalities' features (`drop`: features -> features), fuse. Returns
-        (fused, unimodal, the head's extras). Training steps of a distributed run go through
-        DistributedDataParallel (gradients all-reduced during backward)."""
+    def _estimate(self, features):
+        """The uni-modal logits of M pooled features (a method that measures before the fusion)."""
+        return self._unimodal(features, self.model.head(features)[1])
+
+    def _forward(self, inputs, skip=(), drop=None, measure_dropped=False):
+        """Encode, drop the modalities' features (`drop`: features -> features), fuse (step_forward).
+        Returns (fused, unimodal, the head's extras). Training steps of a distributed run go
+        through DistributedDataParallel (gradients all-reduced during backward)."""
         if self.dist.enabled and self.model.training:
-            return self._distributed_model()(inputs, skip=skip, drop=drop)
-        return step_forward(self.model, self._unimodal, inputs, skip=skip, drop=drop)
+            return self._distributed_model()(inputs, skip=skip, drop=drop, measure_dropped=measure_dropped)
+        return step_forward(self.model, self._unimodal, inputs, skip=skip, drop=drop, measure_dropped=measure_dropped)
 
     def _distributed_model(self):
         """DDP around the model's step (built on first use; train_epoch drops it when an epoch end
@@ -316,7 +324,7 @@ class Trainer:
         bal = self.balancer
         with self._autocast():
             fused, unimodal, extra = self._forward(inputs, skip=skip,
-                                                   drop=lambda f: bal.drop(f, part=part, shard=shard))
+                                                   drop=lambda f: bal.drop(f, part=part, shard=shard, labels=labels))
         # (before the loss: methods may add loss terms or compute the task loss)
         bal.after_forward(unimodal.float(), labels, fused=fused, extras=extra)
         per_sample = F.cross_entropy(fused.float(), labels, reduction="none")
@@ -484,7 +492,8 @@ class Trainer:
                 drop = lambda features, shard=shard: feature_drop(features, probs, generator=gen,  # noqa: E731
                                                                   shard=shard).features
             with self._autocast():
-                fused, unimodal, _ = self._forward(inputs, skip=self.balancer.unused_modalities, drop=drop)
+                fused, unimodal, _ = self._forward(inputs, skip=self.balancer.unused_modalities, drop=drop,
+                                                   measure_dropped=True)
             fused_all.append(fused.float())
             uni_all.append(unimodal.float().transpose(0, 1))  # [B, M, C]: samples first
             labels_all.append(labels)
@@ -555,7 +564,7 @@ class Trainer:
             if improved:
                 self.save_checkpoint("best.pt")
         summary = {"best_epoch": self.best["epoch"], "wall_time_s": time.perf_counter() - started,
-                   "precision": self.precision}
+                   "precision": self.precision, "methods": self.balancer.summary()}
         if "test" in self.loaders:
             self.load_best()
             summary.update(self.evaluate("test"))

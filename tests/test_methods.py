@@ -57,7 +57,7 @@ def run_step(net, bal, batch, epoch=0):
     raw = [net.audio(xa), net.visual(xv)]
     gen_state = bal.state.generator.get_state()
     features = bal.drop(raw)
-    fused, unimodal = net.head(features)
+    fused, unimodal = net.head(features, measure=raw)  # (estimates from the undropped features)
     loss = bal.loss(F.cross_entropy(fused, y, reduction="none"))
     net.zero_grad()
     loss.backward()
@@ -125,11 +125,23 @@ def test_ogm_acts_inside_its_inclusive_epoch_window_after_warmup(gen, window, wa
     assert changed == active
 
 
-def test_ogm_needs_weights_to_modulate():
-    encoders = {"audio": nn.Linear(3, 3), "visual": nn.Linear(3, 3)}
-    with pytest.raises(ValueError, match="no 4-D convolution weights: use weights='all'"):
-        mmfast.Balancer("ogm_ge", encoders)
-    mmfast.Balancer("ogm_ge", encoders, weights="all")
+def test_ogm_refuses_a_modality_it_would_not_modulate_and_auto_covers_every_encoder():
+    # audio: no 4-D weight (a Conv1d stem and a linear layer, as IRFB's audio stream); visual: a CNN.
+    audio = nn.Sequential(nn.Conv1d(2, 4, 3), nn.Flatten(), nn.Linear(8, 3))
+    visual = TinyEncoder(3)
+    with pytest.raises(ValueError, match=r"modulates no gradient of the encoder\(s\) \['audio'\].*weights='auto'"):
+        mmfast.Balancer("ogm_ge", {"audio": audio, "visual": visual}, weights="conv")
+    bal = mmfast.Balancer("ogm_ge", {"audio": audio, "visual": visual})  # the default: "auto"
+    ogm = bal.methods[0]
+    chosen = {id(p): m for p, m in zip(ogm.modulated, ogm.modality_index)}
+    # audio: every weight of dim > 1 (it has no conv weight); visual: its 4-D conv weight only.
+    assert {id(audio[0].weight): 0, id(audio[2].weight): 0, id(visual.conv.weight): 1} == chosen
+    assert ogm.summary()["modulated"] == {
+        "audio": {"tensors": 2, "elements": audio[0].weight.numel() + audio[2].weight.numel()},
+        "visual": {"tensors": 1, "elements": visual.conv.weight.numel()}}
+    assert bal.summary() == {"ogm_ge": ogm.summary()}
+    everything = mmfast.Balancer("ogm", {"audio": audio, "visual": visual}, weights="all").methods[0]
+    assert len(everything.modulated) == 4  # + visual.proj.weight (BN weights and biases are 1-D)
 
 
 def test_opm_drops_with_the_previous_steps_probabilities(gen):
@@ -137,6 +149,7 @@ def test_opm_drops_with_the_previous_steps_probabilities(gen):
     q_base, lam = 0.6, 0.9
     bal = mmfast.Balancer("opm", {"audio": net.audio, "visual": net.visual}, seed=4, q_base=q_base, lam=lam, p_exe=1.0)
     previous_q = torch.zeros(2, dtype=torch.float64)
+    drops = 0
     for step in range(4):
         out = run_step(net, bal, random_batch(gen, B=40))
         g = torch.Generator()
@@ -145,12 +158,17 @@ def test_opm_drops_with_the_previous_steps_probabilities(gen):
         assert torch.equal(out["keep"].double(), ref_keep), step
         for a, b in zip(out["features"], ref_features):
             torch.testing.assert_close(a.detach().double(), b, rtol=1e-5, atol=1e-6)
-        # q for the next step from this step's scores on the kept samples
-        S, _ = modality_scores_reference(out["unimodal"], out["labels"], ref_keep)
+        # q for the next step from this step's scores on every sample's *undropped* features
+        # (TPAMI 2024 Alg. 1, eq. 7): the weight split o_m = W_m phi_m + b / 2, written out here.
+        W, b = net.head.fc.weight.detach().double(), net.head.fc.bias.detach().double()
+        o = torch.stack([out["raw"][0].detach().double() @ W[:, :6].T + b / 2,
+                         out["raw"][1].detach().double() @ W[:, 6:].T + b / 2])
+        S, _ = modality_scores_reference(o, out["labels"])
         rho = discrepancy_ratio_reference(S.tolist())
         previous_q = opm_drop_probabilities_reference(rho, q_base, lam)
         torch.testing.assert_close(bal.methods[0].drop_probs.double(), previous_q, rtol=1e-5, atol=1e-6)
-    assert previous_q.max() > 0  # something was dropped along the way
+        drops += int((ref_keep == 0).sum())
+    assert drops > 0  # the measurement was checked on steps that dropped features
 
 
 def test_opm_does_nothing_during_warmup(gen):

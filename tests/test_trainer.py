@@ -40,6 +40,7 @@ def test_fit_writes_the_run_directory(dataset, tmp_path):
                 "val/f1", "val/map", "time/epoch_s", "throughput/samples_per_s"):
         assert key in lines[0], key
     saved = json.loads((out / "summary.json").read_text())
+    assert saved.pop("methods") == summary.pop("methods")
     assert saved == pytest.approx(summary, nan_ok=True)
     assert saved["best_epoch"] in (0, 1) and 0 <= saved["test/acc"] <= 1
     # evaluation never drops samples: every test clip is counted

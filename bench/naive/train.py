@@ -19,7 +19,8 @@ class NaiveStep:
 
     method: joint | ogm | ogm_ge | opm; alpha, form ("paper" or "reference"): OGM's coefficient;
     q_base, lam, p_exe: OPM's drop; generator: where OPM's uniforms come from (mmfast's Balancer
-    draws from a device generator seeded with the run's seed, in the same order); start_epoch,
+    draws from a device generator seeded with the run's seed, in the same order; mmfast's opm
+    with timing="current" draws like the research code); start_epoch,
     end_epoch, warmup_epochs: the modulation window. The model is put in the default (contiguous)
     memory layout, as the research code trains. After each step, `coeffs` and `drop_probs`
     hold the Python floats the step computed (the research code's host-side values)."""
@@ -58,17 +59,14 @@ class NaiveStep:
             x = batch[name]
             features.append(model.encoders[name](x.unsqueeze(1) if x.dim() == 3 else x))
         B = labels.shape[0]
-        kept = list(range(B))
-        keep = [[True] * B for _ in range(M)]
-        if self.method == "opm" and modulate:
-            features, keep, kept = self._drop(features)
-        fused = model.fusion.fc(torch.cat(features, dim=1))
-        loss = F.cross_entropy(fused[kept], labels[kept]) if kept else fused.sum() * 0.0
-        loss.backward()
         if self.method == "joint":
+            fused = model.fusion.fc(torch.cat(features, dim=1))
+            loss = F.cross_entropy(fused, labels)
+            loss.backward()
             self.optimizer.step()
             return loss
-        # The uni-modal logits: a fresh product with each modality's block of the fused weight.
+        # The uni-modal logits, from the encoders' features of every sample before any drop: a
+        # fresh product with each modality's block of the fused weight.
         weight, bias = model.fusion.fc.weight, model.fusion.fc.bias
         outs, start = [], 0
         for f, d in zip(features, model.fusion.in_dims):
@@ -77,11 +75,25 @@ class NaiveStep:
         scores = []
         for m, out in enumerate(outs):
             # (the research code takes the softmax of the whole batch for every sample)
-            scores.append(sum([F.softmax(out, dim=1)[i][labels[i]] for i in range(B) if keep[m][i]],
+            scores.append(sum([F.softmax(out, dim=1)[i][labels[i]] for i in range(B)],
                               torch.zeros((), device=out.device)))
         ratios = []
         for m in range(M):
             ratios.append(sum(scores[m] / scores[j] for j in range(M) if j != m) / (M - 1))
+        kept = list(range(B))
+        if self.method == "opm":
+            # The research code's timing: this batch's probabilities drop this batch's features.
+            for m in range(M):
+                if ratios[m] > 1:
+                    q = self.q_base * (1 + self.lam * math.tanh(ratios[m].item() - 1))
+                    self.drop_probs[m] = min(max(q, 0.0), 1.0)
+                else:
+                    self.drop_probs[m] = 0.0
+            if modulate:
+                features, _, kept = self._drop(features)
+        fused = model.fusion.fc(torch.cat(features, dim=1))
+        loss = F.cross_entropy(fused[kept], labels[kept]) if kept else fused.sum() * 0.0
+        loss.backward()
         if self.method in ("ogm", "ogm_ge"):
             for m in range(M):
                 if ratios[m] > 1:
@@ -93,13 +105,6 @@ class NaiveStep:
                     self.coeffs[m] = 1.0
             if modulate:
                 self._modulate(noise=self.method == "ogm_ge")
-        else:
-            for m in range(M):
-                if ratios[m] > 1:
-                    q = self.q_base * (1 + self.lam * math.tanh(ratios[m].item() - 1))
-                    self.drop_probs[m] = min(max(q, 0.0), 1.0)
-                else:
-                    self.drop_probs[m] = 0.0
         self.optimizer.step()
         return loss
 
@@ -115,8 +120,8 @@ class NaiveStep:
                     param.grad = param.grad * self.coeffs[m]
 
     def _drop(self, features):
-        """OPM's drop with this step's probabilities (from the previous step): one execute draw,
-        then an [M, B] block of uniforms, decided sample by sample."""
+        """OPM's drop with this step's probabilities (measured on this batch, before the drop):
+        one execute draw, then an [M, B] block of uniforms, decided sample by sample."""
         M, B = len(features), features[0].shape[0]
         device = features[0].device
         execute = torch.rand((), generator=self.generator, device=device).item() < self.p_exe

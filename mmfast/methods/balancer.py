@@ -6,14 +6,22 @@ four places in their step::
     for epoch in range(epochs):
         bal.start_epoch(epoch)
         for batch in loader:
-            features = bal.drop([net.audio(batch["audio"]), net.visual(batch["visual"])])  # OPM, ModDrop
-            fused, unimodal = net.head(features)          # unimodal: [M, B, C] estimates
+            features = [net.audio(batch["audio"]), net.visual(batch["visual"])]
+            dropped = bal.drop(features)                   # OPM, ModDrop (else: features unchanged)
+            fused, unimodal = net.head(dropped, measure=features)  # unimodal: [M, B, C] estimates
             loss = bal.loss(F.cross_entropy(fused, y, reduction="none"))
             opt.zero_grad(); loss.backward()
             bal.after_backward(unimodal, y)                # measures once, modulates the gradients
             opt.step()
             bal.after_step()
         bal.end_epoch()
+
+The uni-modal estimates measure the imbalance on the features *before* the drop (every sample,
+undropped: TPAMI 2024 Alg. 1, eq. 7); only the fused logits see what the drop left. mmfast's
+heads take both (``measure=``); with a head of your own, compute the estimates from the features
+you passed to ``drop``. OPM with ``timing="current"`` (the public code's: this batch's
+probabilities drop this batch) measures inside ``drop``: give the Balancer ``estimate=`` (features
+-> uni-modal logits [M, B, C]) and ``drop(features, labels=y)``.
 
 A method that adds terms to the loss (``Method.adds_loss_terms``) needs the step's uni-modal
 logits before the loss: call ``bal.after_forward(unimodal, y)`` before ``bal.loss(...)`` (the
@@ -49,7 +57,7 @@ class Balancer:
     def __init__(self, method: str, encoders: Mapping[str, nn.Module], *, seed: int = 0,
                  device: torch.device | str | None = None, measure: bool = False, head: nn.Module | None = None,
                  optimizer: torch.optim.Optimizer | None = None, scheduler=None, dist: Distributed | None = None,
-                 **hparams):
+                 estimate=None, **hparams):
         """method: a name of mmfast.methods.NAMES; encoders: modality name -> encoder module, in
         the order of the features and uni-modal logits you pass; seed: the noise key and drop
         generator seed; measure: compute the balance statistics every step even when no method
@@ -57,7 +65,8 @@ class Balancer:
         (mmfast.methods.hyper_parameters); head: the model's head module (the methods that train
         classifiers of their own need it); optimizer, scheduler: the loop's (see the module doc);
         dist: the process group of a distributed run (None: the initialised default group, if
-        any: mmfast.distributed.Distributed.current())."""
+        any: mmfast.distributed.Distributed.current()); estimate: features -> uni-modal logits
+        [M, B, C], for a method that measures before the fusion (opm timing="current")."""
         if not isinstance(encoders, Mapping) or len(encoders) < 2:
             raise ValueError("Balancer: encoders must map at least two modality names to their encoder modules")
         for name, module in encoders.items():
@@ -73,9 +82,11 @@ class Balancer:
                                balance_params=merge_balance_params(self.methods), head=head,
                                dist=dist if dist is not None else Distributed.current())
         self.state.optimizer, self.state.scheduler = optimizer, scheduler
+        self.state.estimate = estimate
         self.computes_task_loss = any(m.computes_task_loss for m in self.methods)
         self.metrics: dict[str, torch.Tensor] = {}
         self.measure = bool(measure)
+        self._measures = self.measure or any(m.measures_balance for m in self.methods)
         self._emit("fit_start")
         # Features the methods replace by zeros in every step: no need to encode them.
         self.unused_modalities = frozenset().union(*(m.unused_modalities(self.state) for m in self.methods))
@@ -118,12 +129,13 @@ class Balancer:
         self._emit("head_losses")
 
     def drop(self, features: Sequence[torch.Tensor], *, part: Sequence[str] | None = None,
-             shard: tuple[int, int] | None = None) -> list[torch.Tensor]:
-        """The features to fuse: dropped and rescaled by OPM/ModDrop, unchanged otherwise. Starts
-        a new (micro-)batch: the previous one's masks and logits are forgotten. `part`: the
-        modalities this sub-step trains (an item of update_parts()); `shard`: in a distributed
-        run, (start, total): these samples' first row in the global batch and its size
-        (mmfast.distributed.shard_bounds; required there)."""
+             shard: tuple[int, int] | None = None, labels: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """The features to fuse: dropped and rescaled by OPM/ModDrop, unchanged otherwise (measure
+        the uni-modal logits on `features`, not on these). Starts a new (micro-)batch: the
+        previous one's masks and logits are forgotten. `part`: the modalities this sub-step
+        trains (an item of update_parts()); `shard`: in a distributed run, (start, total): these
+        samples' first row in the global batch and its size (mmfast.distributed.shard_bounds;
+        required there); labels [B]: for a method that measures here (opm timing="current")."""
         features = list(features)
         if len(features) != len(self.state.modalities):
             raise ValueError(f"Balancer.drop: {len(features)} feature tensors for modalities {self.state.modalities}")
@@ -136,6 +148,8 @@ class Balancer:
         self.state.shard = None if shard is None else (int(shard[0]), int(shard[1]))
         self.state.part = None if part is None else tuple(part)
         self.state.features = features
+        self.state.undropped = list(features)
+        self.state.labels = labels
         self._emit("before_fusion")
         return self.state.features
 
@@ -186,9 +200,10 @@ class Balancer:
         self.state.head_logits = {"fused": fused, "unimodal": unimodal_logits, **dict(extras or {})}
         self.state.unimodal_logits = unimodal_logits.detach()
         self.state.labels = labels
+        if self._measures and self.state.part is None:  # (a sub-step's other rows come from zeroed features)
+            # Every (micro-)batch is measured once, here: the step's statistics sum them.
+            self.state.measure_batch()
         self._emit("after_forward")
-        if self.measure and self.state.part is None:  # (a sub-step's other rows come from zeroed features)
-            self.state.stats()  # (computed once: a method may have asked already)
 
     def after_backward(self, unimodal_logits: torch.Tensor | None = None, labels: torch.Tensor | None = None, *,
                        scaler: "torch.amp.GradScaler | None" = None,
@@ -208,6 +223,8 @@ class Balancer:
             if optimizer is None:
                 raise ValueError("Balancer.after_backward: with a scaler, pass the optimizer too (to unscale it)")
             scaler.unscale_(optimizer)
+        if self.measure and state._step_scores is not None:
+            state.stats()  # (the step's statistics for monitoring, when no method asked)
         self._emit("after_backward")
         stats = state._stats
         self.metrics = state.metrics
@@ -218,6 +235,10 @@ class Balancer:
     def after_step(self) -> None:
         """After optimizer.step() (the step counter has moved on already)."""
         self._emit("after_step")
+
+    def summary(self) -> dict:
+        """Each method's record for the run's summary (method name -> its summary()), where any."""
+        return {m.name: info for m in self.methods if (info := m.summary())}
 
     def state_dict(self) -> dict:
         return {"step": self.state.step.clone(), "epoch": self.state.epoch,

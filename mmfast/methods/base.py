@@ -26,7 +26,7 @@ from typing import Any, ClassVar, Mapping, Sequence
 import torch
 
 from ..distributed import Distributed
-from ..ops import BalanceStats, balance_stats
+from ..ops import BalanceStats, balance_coefficients, modality_scores
 
 EVENTS = ("fit_start", "epoch_start", "before_fusion", "after_forward", "after_backward", "after_step", "epoch_end",
           "head_losses")
@@ -47,9 +47,14 @@ class StepState:
     epoch: host int; step: 0-dim int64 device tensor (the noise counter of grad modulation);
     seed: the run's seed (noise key); generator: device generator for drop masks;
     features: M tensors [B, d_m] (before_fusion may replace them);
-    labels [B]; unimodal_logits [M, B, C] (detached measurements);
-    keep: [M, B] mask of kept features (set by a dropping method; masks the scores);
+    labels [B]; unimodal_logits [M, B, C] (detached measurements, from the features *before* any
+        drop: the imbalance is measured on every sample's undropped features, TPAMI 2024 Alg. 1 and
+        eq. 7; a drop changes only what the fusion sees);
+    undropped: the M features as the loop handed them to ``Balancer.drop`` (before_fusion);
+    keep: [M, B] mask of kept features (set by a dropping method; it does not mask the scores);
     sample_weight: [B] or None, 1 for samples that stay in the loss;
+    estimate: None, or the loop's function features -> uni-modal logits [M, B, C] (detached), for
+        a method that measures before the fusion (OPM with timing="current");
     head_logits: the head's outputs with autograd: "fused" [B, C], "unimodal" [M, B, C] and any
         further item the head returned (boost: "classifiers");
     task_loss: scalar set by a method that computes the task loss itself (``computes_task_loss``);
@@ -66,6 +71,10 @@ class StepState:
     Means over the batch go through ``batch_mean`` and sums a method needs from every rank
     through ``dist.all_reduce_sum``, so that a distributed run computes what one process would
     on the global batch (mmfast/distributed.py).
+
+    Balance statistics of a step (``stats()``) come from the batch scores S summed over every
+    micro-batch of the step (``measure_batch`` adds each one once): with gradient accumulation
+    the ratio is that of the whole mini-batch, as the papers measure it.
     """
 
     def __init__(self, modalities: Sequence[str], *, seed: int, device: torch.device,
@@ -87,12 +96,14 @@ class StepState:
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(self.seed)
         self.balance_params = dict(BALANCE_DEFAULTS, **(balance_params or {}))
+        self.estimate = None
         self.epoch = 0
         self.begin_step()
 
     def begin_batch(self) -> None:
         """Forget the previous (micro-)batch's tensors."""
         self.features: list[torch.Tensor] = []
+        self.undropped: list[torch.Tensor] = []
         self.labels: torch.Tensor | None = None
         self.unimodal_logits: torch.Tensor | None = None
         self.keep: torch.Tensor | None = None
@@ -100,27 +111,42 @@ class StepState:
         self.head_logits: dict[str, Any] = {}
         self.task_loss: torch.Tensor | None = None
         self.extra_losses: dict[str, torch.Tensor] = {}
-        self._stats: BalanceStats | None = None
+        self._batch_scores: tuple[torch.Tensor, torch.Tensor] | None = None  # (S [M] global, s [M, B])
         self._global_weight: torch.Tensor | None = None
 
     def begin_step(self) -> None:
         """Forget the previous step (the step counter and generator carry on)."""
         self.begin_batch()
         self.metrics: dict[str, torch.Tensor] = {}
+        self._step_scores: torch.Tensor | None = None  # S summed over the step's micro-batches
+        self._stats: BalanceStats | None = None
 
-    def stats(self) -> BalanceStats:
-        """balance_stats of this step's uni-modal logits (masked by ``keep``), computed once
-        however many methods ask."""
-        if self._stats is None:
+    def measure_batch(self) -> torch.Tensor:
+        """S [M] of this (micro-)batch's uni-modal logits over every sample (summed over the
+        ranks), added once to the step's sum; computed once however many methods ask."""
+        if self._batch_scores is None:
             if self.unimodal_logits is None or self.labels is None:
                 raise RuntimeError("balance statistics need the uni-modal logits and labels of the step "
                                    "(after_forward or later)")
-            reduce = self._reduce_scores if self.dist.enabled else None
-            self._stats = balance_stats(self.unimodal_logits.detach(), self.labels, self.keep, reduce_scores=reduce,
-                                        **self.balance_params)
+            S, s = modality_scores(self.unimodal_logits.detach(), self.labels)
+            if self.dist.enabled:
+                S = self._reduce_scores(S)
+            self._batch_scores = (S, s)
+            self._step_scores = S if self._step_scores is None else self._step_scores + S
+            self._stats = None  # (a later micro-batch: the step's statistics change)
+        return self._batch_scores[0]
+
+    def stats(self) -> BalanceStats:
+        """The step's balance statistics (rho, OGM k, OPM q) from S summed over the micro-batches
+        measured so far (after the last one: the whole mini-batch); sample_scores are this
+        micro-batch's. Computed once per change however many methods ask."""
+        self.measure_batch()
+        if self._stats is None:
+            c = balance_coefficients(self._step_scores, **self.balance_params)
+            self._stats = BalanceStats(c.scores, self._batch_scores[1], c.ratio, c.coeffs, c.drop_probs)
             for m, name in enumerate(self.modalities):
-                self.metrics[f"score/{name}"] = self._stats.scores[m]
-                self.metrics[f"ratio/{name}"] = self._stats.ratio[m]
+                self.metrics[f"score/{name}"] = c.scores[m]
+                self.metrics[f"ratio/{name}"] = c.ratio[m]
         return self._stats
 
     @property
@@ -164,6 +190,7 @@ class Method:
     adds_loss_terms: ClassVar[bool] = False  # puts terms into state.extra_losses in after_forward
     computes_task_loss: ClassVar[bool] = False  # sets state.task_loss in after_forward
     fusions: ClassVar[tuple[str, ...]] = GENERIC_FUSIONS  # model fusions it works with; the first is its default
+    measures_balance: ClassVar[bool] = False  # reads state.stats(): every (micro-)batch must be measured
 
     @dataclasses.dataclass
     class Params:
@@ -199,6 +226,10 @@ class Method:
     def after_step(self, state: StepState) -> None: ...
     def epoch_end(self, state: StepState) -> None: ...
     def head_losses(self, state: StepState) -> None: ...
+
+    def summary(self) -> dict[str, Any]:
+        """What the run's summary.json records of this method (after fit_start): JSON values."""
+        return {}
 
     def state_dict(self) -> dict[str, Any]:
         return {}

@@ -122,7 +122,7 @@ class Boost(Method):
         # Scores of the (global) batch: the shared balance statistics when every modality trains
         # (summed over the ranks already), else this part's rows, summed over the ranks here.
         if state.part is None:
-            S = state.stats().scores
+            S = state.measure_batch()
             rows = None
         else:
             if state.part not in self._rows:  # (built once per part: no copy to the device per step)

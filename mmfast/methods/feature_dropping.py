@@ -1,12 +1,21 @@
 """``opm`` and ``moddrop``: dropping whole per-sample features before fusion (reference semantics
 sections 4-5), through mmfast.ops.feature_drop.
 
-- opm: the drop probabilities q [M] of step t+1 come from step t's balance statistics
-  (q = clip(q_base (1 + lam z(rho)), 0, 1) for the dominant modalities, 0 for the others), kept
-  on the device; a batch is modulated with probability p_exe. The scores are measured on the
-  kept samples only (the drop mask masks them). Inside the epoch window, after warm-up.
+- opm (TPAMI 2024 section 3.2.1, Alg. 1, eq. 7-8): the balance statistics are measured on the
+  uni-modal estimates of the *undropped* features of every sample of the batch; the drop changes
+  only what the fusion sees. From the ratio rho, q = clip(q_base (1 + lam z(rho)), 0, 1) for the
+  dominant modalities (rho > 1), 0 for the others. ``timing`` says which batch q drops:
+    "next" (default; the paper: q_{t+1} from step t's ratio, eq. 8, Alg. 1): measured after the
+        forward over the whole mini-batch (every micro-batch), applied from the next step on;
+    "current" (the public code's): measured on this batch's undropped features before the fusion
+        (the loop gives Balancer(estimate=...) and drop(labels=...)), applied to this batch.
+  A batch is modulated with probability p_exe (the public code's 0.7; the paper drops every
+  batch: p_exe 1.0). Inside the epoch window, after warm-up.
 - moddrop: fixed per-modality probabilities, every batch (p_exe 1).
 Samples with every modality dropped leave the loss (state.sample_weight).
+Logged per step (epoch means in metrics.jsonl): drop_prob/<m>, the probability that dropped this
+step's samples of m (0 where the batch was not modulated), and dropped_step/<m>, 1 when it was
+above 0 (train/dropped_step/<m>: the share of steps on which m was dropped).
 """
 from __future__ import annotations
 
@@ -14,9 +23,11 @@ import dataclasses
 
 import torch
 
-from ..ops import feature_drop
+from ..ops import balance_coefficients, feature_drop
 from ..ops.balance import KINDS, ZS
 from .base import POOLED_FUSIONS, Method, StepState, WindowParams, check_choice, check_number
+
+TIMINGS = ("next", "current")
 
 
 def apply_drop(state: StepState, probs: torch.Tensor, p_exe: float) -> None:
@@ -25,19 +36,24 @@ def apply_drop(state: StepState, probs: torch.Tensor, p_exe: float) -> None:
     state.keep = dropped.keep
     state.sample_weight = (dropped.sample_weight if state.sample_weight is None
                            else state.sample_weight * dropped.sample_weight)
+    for m, name in enumerate(state.modalities):
+        state.metrics[f"drop_prob/{name}"] = dropped.drop_probs[m]
+        state.metrics[f"dropped_step/{name}"] = (dropped.drop_probs[m] > 0).float()
 
 
 class OPM(Method):
     name = "opm"
     fusions = POOLED_FUSIONS  # they drop pooled features after the encoders: not with IRFB
+    measures_balance = True
 
     @dataclasses.dataclass
     class Params(WindowParams):
-        q_base: float = 0.5
-        lam: float = 0.5
-        z: str = "tanh"
-        kind: str = "ratio"
-        p_exe: float = 0.7
+        q_base: float = 0.5  # TPAMI 2024 section 4.1 and the public code
+        lam: float = 0.5  # TPAMI 2024 section 4.1 and the public code
+        z: str = "tanh"  # TPAMI 2024 section 3.2.1: z(x) = tanh(x - 1)
+        kind: str = "ratio"  # eq. 7
+        p_exe: float = 0.7  # the public code's; the paper modulates every batch (1.0)
+        timing: str = "next"  # "next": the paper's q_{t+1} (eq. 8); "current": the public code's
 
         def check(self):
             check_number("opm", "q_base", self.q_base, low=0, high=1)
@@ -45,6 +61,7 @@ class OPM(Method):
             check_number("opm", "p_exe", self.p_exe, low=0, high=1)
             check_choice("opm", "z", self.z, ZS)
             check_choice("opm", "kind", self.kind, KINDS)
+            check_choice("opm", "timing", self.timing, TIMINGS)
             self.check_window("opm")
 
     def balance_params(self):
@@ -53,16 +70,25 @@ class OPM(Method):
 
     def fit_start(self, state: StepState) -> None:
         self.drop_probs = torch.zeros(len(state.modalities), device=state.device)
+        if self.params.timing == "current" and state.estimate is None:
+            raise ValueError("opm timing='current' measures the batch before the fusion: the loop must give the "
+                             "Balancer estimate= (features -> uni-modal logits [M, B, C])")
 
     def before_fusion(self, state: StepState) -> None:
-        if self.params.active(state.epoch):
-            apply_drop(state, self.drop_probs, self.params.p_exe)
+        if not self.params.active(state.epoch):
+            return
+        if self.params.timing == "current":
+            if state.labels is None:
+                raise ValueError("opm timing='current': pass the batch's labels to Balancer.drop(features, labels=)")
+            with torch.no_grad():
+                state.unimodal_logits = state.estimate(state.undropped).detach().float()
+            # (this batch's own scores, also under gradient accumulation: the batch it drops)
+            self.drop_probs = balance_coefficients(state.measure_batch(), **state.balance_params).drop_probs
+        apply_drop(state, self.drop_probs, self.params.p_exe)
 
-    def after_forward(self, state: StepState) -> None:
-        if self.params.active(state.epoch):
+    def after_backward(self, state: StepState) -> None:
+        if self.params.active(state.epoch) and self.params.timing == "next":
             self.drop_probs = state.stats().drop_probs  # for the next step, never read by the host
-            for m, name in enumerate(state.modalities):
-                state.metrics[f"drop_prob/{name}"] = self.drop_probs[m]
 
     def state_dict(self):
         return {"drop_probs": self.drop_probs}
@@ -97,5 +123,3 @@ class ModDrop(Method):
 
     def before_fusion(self, state: StepState) -> None:
         apply_drop(state, self.drop_probs, self.params.p_exe)
-        for m, name in enumerate(state.modalities):
-            state.metrics[f"drop_prob/{name}"] = self.drop_probs[m]

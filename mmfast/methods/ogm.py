@@ -8,10 +8,13 @@ the weak modality's gradients instead), in one fused call (mmfast.ops.grad_modul
 the run's seed and the device step counter. Inside the inclusive epoch window
 [start_epoch, end_epoch] and after warmup_epochs; elsewhere gradients are untouched.
 
-Which gradients: weights="conv" takes the 4-D (convolution) weights of the encoders, as the
-reference code does; "all" every encoder weight with more than one dimension (for Transformer
-or MLP encoders). Their order (modality by modality, then the encoder's parameters() order)
-fixes each tensor's noise stream.
+Which gradients (``weights``): "auto" (default) takes, per encoder, its 4-D convolution weights
+(the public code's choice) when it has any and every weight of dim > 1 when it has none (a
+Transformer, MLP or Conv1d stream: the paper modulates every encoder parameter, section 3.2.2);
+"conv" the 4-D weights only; "all" every encoder weight of dim > 1. A run in which some modality
+would get no modulated gradient is refused, naming it. Their order (modality by modality, then
+the encoder's parameters() order) fixes each tensor's noise stream. ``coverage`` (also in the
+run's summary.json) counts the tensors and elements modulated per modality.
 """
 from __future__ import annotations
 
@@ -21,16 +24,19 @@ from ..ops import grad_modulate_
 from ..ops.balance import FORMS, KINDS, ZS
 from .base import Method, StepState, WindowParams, check_choice, check_number
 
-WEIGHT_MODES = ("conv", "all")
+WEIGHT_MODES = ("auto", "conv", "all")
 
 
 def select_encoder_params(encoders, mode: str):
     """(parameters, modality index of each) of the encoders (a name -> module mapping, in
-    modality order): 4-D weights for mode 'conv', every weight of dim > 1 for 'all'."""
+    modality order): 4-D weights for mode 'conv', every weight of dim > 1 for 'all', and for
+    'auto' an encoder's 4-D weights where it has some, else its weights of dim > 1."""
     params, index = [], []
     for m, encoder in enumerate(encoders.values()):
-        for p in encoder.parameters():
-            if p.requires_grad and (p.dim() == 4 if mode == "conv" else p.dim() > 1):
+        trainable = [p for p in encoder.parameters() if p.requires_grad]
+        conv_only = mode == "conv" or (mode == "auto" and any(p.dim() == 4 for p in trainable))
+        for p in trainable:
+            if p.dim() == 4 if conv_only else p.dim() > 1:
                 params.append(p)
                 index.append(m)
     return params, index
@@ -38,6 +44,7 @@ def select_encoder_params(encoders, mode: str):
 
 class OGM(Method):
     name = "ogm"
+    measures_balance = True
 
     @dataclasses.dataclass
     class Params(WindowParams):
@@ -46,7 +53,7 @@ class OGM(Method):
         z: str = "tanh"
         kind: str = "ratio"
         noise: bool = False  # Gaussian noise of the gradient's std (GE)
-        weights: str = "conv"  # "conv": 4-D encoder weights; "all": every encoder weight of dim > 1
+        weights: str = "auto"  # which encoder gradients (module docstring); the paper: all of them
         eps: float = 1e-8
 
         def check(self, name="ogm"):
@@ -67,10 +74,19 @@ class OGM(Method):
 
     def fit_start(self, state: StepState) -> None:
         self.modulated, self.modality_index = select_encoder_params(state.encoders, self.params.weights)
-        if not self.modulated:
-            raise ValueError(f"{self.name}: the encoders have no weights to modulate with weights="
-                             f"{self.params.weights!r}" + (" (no 4-D convolution weights: use weights='all')"
-                                                           if self.params.weights == "conv" else ""))
+        self.coverage = {name: {"tensors": 0, "elements": 0} for name in state.encoders}
+        names = list(state.encoders)
+        for p, m in zip(self.modulated, self.modality_index):
+            self.coverage[names[m]]["tensors"] += 1
+            self.coverage[names[m]]["elements"] += p.numel()
+        bare = [name for name, c in self.coverage.items() if c["tensors"] == 0]
+        if bare:
+            hint = " (no 4-D convolution weights: use weights='auto' or 'all')" if self.params.weights == "conv" else ""
+            raise ValueError(f"{self.name}: weights={self.params.weights!r} modulates no gradient of the encoder(s) "
+                             f"{bare}{hint}")
+
+    def summary(self) -> dict:
+        return {"modulated": self.coverage}
 
     def after_backward(self, state: StepState) -> None:
         if not self.params.active(state.epoch):

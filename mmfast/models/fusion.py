@@ -1,6 +1,9 @@
 """Fusion heads, each paired with the uni-modal estimator that fits it (reference semantics
 section 1). Every head maps the M modality features [B, d_m] to ``(fused [B, C], unimodal
 [M, B, C])``; the uni-modal logits are detached measurements for the balancing methods.
+``head(features, measure=undropped)``: the fused logits come from `features` (what a dropping
+method left), the uni-modal estimates from `measure` (the features before the drop: OPM measures
+the imbalance on them, TPAMI 2024 Alg. 1 and eq. 7); measure None: from `features`.
 
 | name | fused logits | uni-modal estimate o_m |
 |---|---|---|
@@ -27,9 +30,12 @@ class SumHead(nn.Module):
         super().__init__()
         self.fcs = nn.ModuleList(nn.Linear(d, num_classes) for d in in_dims)
 
-    def forward(self, features):
+    def forward(self, features, measure=None):
         partial = torch.stack([fc(f) for fc, f in zip(self.fcs, features)])
-        return partial.sum(dim=0), partial.detach()
+        if measure is None:
+            return partial.sum(dim=0), partial.detach()
+        with torch.no_grad():
+            return partial.sum(dim=0), torch.stack([fc(f) for fc, f in zip(self.fcs, measure)])
 
 
 class _ZeroOutHead(nn.Module):
@@ -39,9 +45,9 @@ class _ZeroOutHead(nn.Module):
     def fuse(self, features):
         raise NotImplementedError
 
-    def forward(self, features):
+    def forward(self, features, measure=None):
         features = list(features)
-        return self.fuse(features), zero_out_logits(self.fuse, features)
+        return self.fuse(features), zero_out_logits(self.fuse, features if measure is None else list(measure))
 
 
 def _two_modalities(name, in_dims, condition):

@@ -20,7 +20,9 @@ from torch import nn
 class LateHeads(nn.Module):
     """features: M modality features [B, d_m], optionally followed by a fused representation
     [B, fused_dim] (IRFB's bottleneck). Returns (fused logits, uni-modal logits [M, B, C]); both
-    train. Without a fused representation the fused classifier sees the concatenated features."""
+    train. Without a fused representation the fused classifier sees the concatenated features.
+    measure: the M features the per-modality classifiers see when a dropping method changed
+    `features` (the undropped ones: a drop changes only what the fusion sees)."""
 
     trains_unimodal = True
 
@@ -33,13 +35,16 @@ class LateHeads(nn.Module):
         self.unimodal = nn.ModuleList(nn.Linear(d, num_classes) for d in in_dims)
         self.fused = nn.Linear(fused_dim if fused_dim is not None else sum(in_dims), num_classes)
 
-    def forward(self, features):
+    def forward(self, features, measure=None):
         M = self.num_modalities
         expected = M + 1 if self.has_fused_input else M
         if len(features) != expected:
             raise ValueError(f"LateHeads: expected {expected} feature tensors ({M} modalities"
                              f"{' and the fused representation' if self.has_fused_input else ''}), got {len(features)}")
-        unimodal = torch.stack([fc(f) for fc, f in zip(self.unimodal, features)])
+        own = features[:M] if measure is None else list(measure)
+        if len(own) != M:
+            raise ValueError(f"LateHeads: measure must hold the {M} modalities' features, got {len(own)}")
+        unimodal = torch.stack([fc(f) for fc, f in zip(self.unimodal, own)])
         fused_input = features[M] if self.has_fused_input else torch.cat(list(features), dim=1)
         return self.fused(fused_input), unimodal
 
@@ -96,7 +101,9 @@ class BoostedClassifiers(nn.Module):
                              f"got {len(features)}")
         return [torch.stack([self.head(c(f)) for c in cs]) for cs, f in zip(self.classifiers, features)]
 
-    def forward(self, features):
+    def forward(self, features, measure=None):
+        if measure is not None:  # (boost trains no dropping method: Method.fusions keeps them apart)
+            raise ValueError("BoostedClassifiers: its classifiers fuse undropped features only (measure=None)")
         per_classifier = self.classifier_logits(features)
         unimodal = torch.stack([z.sum(dim=0) for z in per_classifier])
         fused = (self.omega.to(unimodal.dtype).view(-1, 1, 1) * unimodal).sum(dim=0)

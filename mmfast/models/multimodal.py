@@ -3,6 +3,8 @@ between encoding and fusion where features can be dropped:
 
     features = model.encode(batch)        # [features of modality m, B x d_m], in modality order
     fused, unimodal, *extra = model.head(features)  # fused [B, C]; unimodal [M, B, C]
+    fused, unimodal, *extra = model.head(dropped, measure=features)  # after a feature drop:
+                                          # fused from the dropped features, unimodal from the others
 
 The uni-modal logits are detached estimates (mmfast.estimators), or, for heads with classifiers
 of their own (``head.trains_unimodal``: late, irfb, boost), trainable logits. A head may return a
@@ -61,8 +63,8 @@ class MultimodalModel(nn.Module):
             features.append(f)
         return features
 
-    def head(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.fusion(features)
+    def head(self, features: list[torch.Tensor], measure: list[torch.Tensor] | None = None):
+        return self.fusion(features) if measure is None else self.fusion(features, measure=measure)
 
     def forward(self, batch):
         return self.head(self.encode(batch))
@@ -134,8 +136,8 @@ class IRFBModel(nn.Module):
         unimodal, fused = self.irfb(batch)
         return list(unimodal) + [fused]
 
-    def head(self, features: list[torch.Tensor]):
-        return self.fusion(features)
+    def head(self, features: list[torch.Tensor], measure: list[torch.Tensor] | None = None):
+        return self.fusion(features) if measure is None else self.fusion(features, measure=measure)
 
     def forward(self, batch):
         return self.head(self.encode(batch))

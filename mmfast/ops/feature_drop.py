@@ -27,6 +27,7 @@ class FeatureDrop(NamedTuple):
     keep: torch.Tensor  # [M, B] float32: 1 where modality m of sample i is kept
     sample_weight: torch.Tensor  # [B] float32: 1 where at least one modality is kept
     scale: torch.Tensor  # 0-dim float32: the factor kept features were multiplied by
+    drop_probs: torch.Tensor  # [M] float32: q' = q * execute, the probabilities this batch was dropped with
 
 
 def feature_drop(features: Sequence[torch.Tensor], drop_probs: torch.Tensor, *, p_exe: float = 1.0,
@@ -76,7 +77,7 @@ def feature_drop(features: Sequence[torch.Tensor], drop_probs: torch.Tensor, *, 
     factors = keep * scale
     dropped = [f * factors[m].to(f.dtype)[:, None] for m, f in enumerate(features)]
     sample_weight = (keep.sum(dim=0) > 0).float()
-    return FeatureDrop(dropped, keep, sample_weight, scale)
+    return FeatureDrop(dropped, keep, sample_weight, scale, q)
 
 
 def weighted_mean(per_sample: torch.Tensor, sample_weight: torch.Tensor | None) -> torch.Tensor:
