@@ -1,6 +1,6 @@
 """Does the embedded dataset reproduce modality imbalance? Plain joint training against each
 encoder trained alone, through the trainer (`mmfast demo`'s joint and unimodal runs), measured
-with linear probes (reference semantics section 8: freeze the encoder, fit a fresh linear
+with linear probes (the papers' uni-modal measure: freeze the encoder, fit a fresh linear
 classifier on its features, report its test accuracy). The weak modality's encoder is worse
 inside the joint model than alone when the dataset works.
 

@@ -86,7 +86,7 @@ def _demo(args) -> int:
     from mmfast.demo import run_demo
 
     run_demo(args.out, args.data, seeds=args.seeds, dominants=args.dominant, epochs=args.epochs, clips=args.clips,
-             progress=not args.no_progress)
+             progress=not args.no_progress, study=args.study)
     return 0
 
 
@@ -126,6 +126,9 @@ def main(argv=None) -> int:
     demo.add_argument("--epochs", type=int, help="override the embedded config's epochs")
     demo.add_argument("--clips", type=int, default=480)
     demo.add_argument("--no-progress", action="store_true")
+    demo.add_argument("--study", action="store_true",
+                      help="add the study's comparison rows (late-heads joint, OLM's normalized factors, OPM's "
+                           "public-code timing)")
     args = parser.parse_args(argv)
     if args.command == "demo":
         return _demo(args)

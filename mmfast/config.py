@@ -35,7 +35,7 @@ class ModelSection:
     encoder: str = "small"  # "small" | "resnet18"
     fusion: str = "auto"  # auto (the method's default) | concat | sum | film | gated | mlp | late | irfb | boost
     width: int = 16  # small encoder width
-    irfb: dict | None = None  # fusion=irfb: IRFBEncoder options (dim, depth, heads, bottleneck_tokens, patch)
+    irfb: dict | None = None  # IRFBEncoder options (dim, depth, heads, bottleneck_tokens, patch), used when fusion=irfb
     weights: dict | None = None  # modality -> local ResNet-18 weights file
     estimator: str = "auto"  # "auto" | "split" (concat/sum only) | "zero_out"
 
@@ -46,15 +46,19 @@ class OptimSection:
     lr: float = 1e-3
     momentum: float = 0.9
     weight_decay: float = 1e-4
-    scheduler: str = "step"  # "step" | "cosine" | "none"
+    scheduler: str = "step"  # "step" | "cosine" | "plateau" (x gamma when the training loss stops falling) | "none"
     step_size: int = 70  # StepLR period in epochs
     gamma: float = 0.1
+    patience: int = 5  # plateau: epochs without a lower training loss before the rate falls (no published value)
 
 
 @dataclasses.dataclass
 class Config:
     method: str = "joint"
     hparams: dict = dataclasses.field(default_factory=dict)
+    # A dataset's published recipes: method name -> config keys (hparams, optim, data, ...) that
+    # apply when that method runs, over the file's values and under the command line's.
+    recipes: dict = dataclasses.field(default_factory=dict)
     epochs: int = 100
     seed: int = 0
     out: str = "runs/run"
@@ -81,10 +85,11 @@ CHOICES = {
     "model.encoder": ("small", "resnet18"),
     "model.fusion": ("auto", "concat", "sum", "film", "gated", "mlp", "late", "irfb", "boost"),
     "model.estimator": ("auto", "split", "zero_out"), "optim.name": ("sgd", "adamw"),
-    "optim.scheduler": ("step", "cosine", "none"), "device": ("auto", "cpu", "cuda"),
+    "optim.scheduler": ("step", "cosine", "plateau", "none"), "device": ("auto", "cpu", "cuda"),
     "precision": ("fp32", "bf16", "fp16", "auto"),
 }
-POSITIVE = ("epochs", "grad_accum", "data.batch_size", "data.num_frames", "data.size", "model.width", "optim.step_size")
+POSITIVE = ("epochs", "grad_accum", "data.batch_size", "data.num_frames", "data.size", "model.width", "optim.step_size",
+            "optim.patience")
 NON_NEGATIVE = ("seed", "checkpoint_every", "data.num_workers", "optim.lr", "optim.momentum", "optim.weight_decay",
                 "optim.gamma")
 
@@ -110,11 +115,12 @@ def load_config(source: str | Path | dict | None = None, overrides: list[str] | 
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         if not isinstance(raw, dict):
             raise ValueError(f"config {path}: the top level must be a mapping of keys")
+    given: dict = {}  # the command line's keys
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"override {item!r} must look like key=value (e.g. method=ogm_ge, data.root=DIR)")
         key, text = item.split("=", 1)
-        target = raw
+        target = given
         parts = key.strip().split(".")
         if not all(parts):
             raise ValueError(f"override {item!r}: empty key")
@@ -123,9 +129,27 @@ def load_config(source: str | Path | dict | None = None, overrides: list[str] | 
                 raise ValueError(f"override {item!r}: {part!r} is not a section")
             target = target[part]
         target[parts[-1]] = yaml.safe_load(text) if text.strip() else ""
+    raw = _merge(raw, given)
+    recipes = raw.get("recipes") or {}
+    if not isinstance(recipes, dict):
+        raise ValueError(f"config key 'recipes' must map method names to config keys, got {recipes!r}")
+    recipe = recipes.get(raw.get("method", Config.method))
+    if recipe is not None:
+        if not isinstance(recipe, dict) or {"method", "recipes"} & set(recipe):
+            raise ValueError(f"config key 'recipes.{raw.get('method')}' must be a mapping of config keys other than "
+                             f"method and recipes, got {recipe!r}")
+        raw = _merge(_merge(raw, recipe), given)  # (the command line stays on top)
     cfg = _build(Config, raw, "")
     check_config(cfg)
     return cfg
+
+
+def _merge(base: dict, top: dict) -> dict:
+    """base with top's keys over it, section by section."""
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def _build(cls, raw: dict, prefix: str):
@@ -142,10 +166,10 @@ def _build(cls, raw: dict, prefix: str):
         hint = hints[name]
         if dataclasses.is_dataclass(hint):
             values[name] = _build(hint, value or {}, f"{prefix}{name}.")
-        elif name == "hparams" or name in ("synth", "modalities", "weights", "irfb"):
+        elif name in ("hparams", "recipes") or name in ("synth", "modalities", "weights", "irfb"):
             if value is not None and not isinstance(value, dict):
                 raise ValueError(f"config key {prefix + name!r} must be a mapping, got {value!r}")
-            values[name] = dict(value) if value is not None else (None if name != "hparams" else {})
+            values[name] = dict(value) if value is not None else (None if name not in ("hparams", "recipes") else {})
         else:
             values[name] = _coerce(prefix + name, hint, value)
     return cls(**values)
@@ -205,8 +229,9 @@ def check_config(cfg: Config) -> None:
     if cfg.model.estimator == "zero_out" and fusion in ("late", "irfb", "boost"):
         raise ValueError(f"config key 'model.estimator': fusion {fusion!r} has a classifier per modality; "
                          f"use estimator=auto")
-    if cfg.model.irfb and fusion != "irfb":
-        raise ValueError(f"config key 'model.irfb' sets IRFB options but the fusion is {fusion!r}")
+    for name, recipe in cfg.recipes.items():
+        if name not in methods.NAMES:
+            raise ValueError(f"config key 'recipes': {name!r} is not a method ({', '.join(methods.NAMES)})")
     if not cfg.data.root:
         raise ValueError("config key 'data.root' is empty: set the dataset folder, e.g. data.root=data/cremad")
 

@@ -14,16 +14,41 @@ from pathlib import Path
 MODALITIES = ("audio", "visual")
 
 
-def demo_runs(dominant: str) -> list[tuple[str, str, dict]]:
-    """(label, method, hyper-parameters) of the demo's runs."""
-    runs = [("joint", "joint", {})]
-    runs += [(f"unimodal {m}", "unimodal", {"modality": m}) for m in MODALITIES]
-    runs += [(name, name, {}) for name in ("ogm", "ogm_ge", "opm", "opm_ogm")]
-    runs.append(("moddrop", "moddrop", {"probs": {dominant: 0.3}}))
+def demo_runs(dominant: str, study: bool = False) -> list[tuple[str, str, dict, tuple]]:
+    """(label, method, hyper-parameters, config overrides) of the demo's runs; `study` adds the
+    study's comparisons: the late-heads joint baseline (OLM's architecture without its
+    modulation), OLM's tempered rebalancing factors, OPM with the public code's timing and p_exe."""
+    runs = [("joint", "joint", {}, ())]
+    runs += [(f"unimodal {m}", "unimodal", {"modality": m}, ()) for m in MODALITIES]
+    runs += [(name, name, {}, ()) for name in ("ogm", "ogm_ge", "opm", "opm_ogm")]
+    runs.append(("moddrop", "moddrop", {"probs": {dominant: 0.3}}, ()))
     # OLM-Conv (late heads on the small encoders) and sustained boosting, ACA every 2 epochs
     # (T = epochs / 10, as the paper's recipes, for the config's 20 epochs).
-    runs += [("olm", "olm", {}), ("boost", "boost", {"interval": 2})]
+    runs += [("olm", "olm", {}, ()), ("boost", "boost", {"interval": 2}, ())]
+    if study:
+        runs += [("joint (late heads)", "joint", {}, ("model.fusion=late",)),
+                 ("olm (normalized λ)", "olm", {"lambda_form": "normalized"}, ()),
+                 ("opm (code timing)", "opm", {"timing": "current", "p_exe": 0.7}, ())]
     return runs
+
+
+def boost_fusions(trainer) -> dict[str, float]:
+    """Test accuracy of a trained boost model under each late fusion of its modalities' summed
+    logits: omega-weighted (its own), equal, fixed 0.4 / 0.6 (the public code's), and weights
+    fitted on the validation split (w_audio on a 0.05 grid, w_visual = 1 - w_audio; ties: the
+    most even)."""
+    import torch
+
+    val_fused, val_uni, val_y = trainer.outputs("val")
+    _, test_uni, test_y = trainer.outputs("test")
+    omega = trainer.model.fusion.omega.float()
+    acc = lambda logits, y: float((logits.argmax(dim=1) == y).float().mean())  # noqa: E731
+    mix = lambda uni, w: (torch.tensor(w, dtype=uni.dtype).view(-1, 1, 1) * uni).sum(dim=0)  # noqa: E731
+    grid = [(i / 20, 1 - i / 20) for i in range(21)]
+    fitted = max(grid, key=lambda w: (acc(mix(val_uni, w), val_y), -abs(w[0] - 0.5)))
+    return {"fused_omega": acc(mix(test_uni, omega.tolist()), test_y), "fused_equal": acc(mix(test_uni, [1, 1]), test_y),
+            "fused_fixed": acc(mix(test_uni, [0.4, 0.6]), test_y), "fused_val_fitted": acc(mix(test_uni, fitted), test_y),
+            "val_fitted_w_audio": fitted[0]}
 
 
 def _run_one(run_dir: Path, data_root: Path, method: str, hparams: dict, seed: int, epochs: int | None,
@@ -46,10 +71,13 @@ def _run_one(run_dir: Path, data_root: Path, method: str, hparams: dict, seed: i
         trainer = Trainer(load_config("embedded", overrides))
     summary = trainer.fit()
     probe = trainer.linear_probe()
+    extra = boost_fusions(trainer) if method == "boost" else {}
     epochs_rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     row = {"fused": summary["test/acc"], **{m: probe[f"probe/acc/{m}"] for m in MODALITIES},
            **{f"ratio_{m}": statistics.fmean(r[f"train/ratio/{m}"] for r in epochs_rows) for m in MODALITIES},
-           "seconds": time.perf_counter() - start, "best_epoch": summary["best_epoch"], "precision": summary["precision"]}
+           "seconds": time.perf_counter() - start, "best_epoch": summary["best_epoch"], "precision": summary["precision"],
+           **{f"drop_{m}": statistics.fmean(r.get(f"train/dropped_step/{m}", 0.0) for r in epochs_rows) for m in MODALITIES},
+           **extra}
     row_file.write_text(json.dumps(row, indent=2) + "\n")
     return row
 
@@ -62,9 +90,9 @@ def _cell(values: list[float], digits: int = 3) -> str:
 
 def run_demo(out: str | Path = "runs/demo", data_root: str | Path = "data", *, seeds=(0,), dominants=("audio",),
              epochs: int | None = None, clips: int = 480, imbalance: float = 2.5, methods=None, progress: bool = True,
-             echo=print) -> dict:
-    """Runs the demo's methods (or the labels in `methods`) for every seed and dominance
-    direction; returns {dominant: {label: [row per seed]}}."""
+             study: bool = False, echo=print) -> dict:
+    """Runs the demo's methods (or the labels in `methods`; `study`: with the study's extra rows)
+    for every seed and dominance direction; returns {dominant: {label: [row per seed]}}."""
     from .data import generate
 
     out, data_root = Path(out), Path(data_root)
@@ -75,22 +103,37 @@ def run_demo(out: str | Path = "runs/demo", data_root: str | Path = "data", *, s
         if not (root / "classes.txt").exists():
             echo(f"generating the embedded dataset ({dominant} dominant) in {root}")
             generate(root, clips=clips, dominant=dominant, imbalance=imbalance, seed=0)
-        for label, method, hparams in demo_runs(dominant):
+        for label, method, hparams, overrides in demo_runs(dominant, study):
             if methods is not None and label not in methods:
                 continue
             for seed in seeds:
-                run_dir = out / f"{dominant}_dominant" / f"seed{seed}" / label.replace(" ", "_")
-                row = _run_one(run_dir, root, method, hparams, seed, epochs, progress)
+                folder = "".join(c if c.isalnum() or c in "-_" else "_" for c in label.replace("λ", "lambda"))
+                run_dir = out / f"{dominant}_dominant" / f"seed{seed}" / folder
+                row = _run_one(run_dir, root, method, hparams, seed, epochs, progress, overrides)
                 results.setdefault(dominant, {}).setdefault(label, []).append(row)
                 echo(f"{dominant} dominant, seed {seed}, {label:<16} fused {row['fused']:.3f}  probes audio "
                      f"{row['audio']:.3f} visual {row['visual']:.3f}  ({row['seconds']:.0f} s)")
-    table = format_table(results, seeds)
+    table = format_table(results, seeds) + boost_table(results, seeds)
     echo(table)
     out.mkdir(parents=True, exist_ok=True)
     (out / "demo.json").write_text(json.dumps({"seeds": list(seeds), "results": results}, indent=2) + "\n")
     (out / "demo.md").write_text(table + "\n")
     echo(f"total {time.perf_counter() - started:.0f} s; tables in {out / 'demo.md'}, runs and plots under {out}")
     return results
+
+
+def boost_table(results: dict, seeds) -> str:
+    """The boost rows' test accuracy under each late fusion (boost_fusions), where present."""
+    lines = []
+    for dominant, rows in results.items():
+        runs = [r for r in rows.get("boost", []) if "fused_equal" in r]
+        if not runs:
+            continue
+        lines += [f"\nboost's late fusion, {dominant} dominant, seeds {', '.join(map(str, seeds))}: test accuracy",
+                  "| omega-weighted | equal | fixed 0.4 / 0.6 | fitted on val |", "|---|---|---|---|",
+                  "| " + " | ".join(_cell([r[k] for r in runs]) for k in ("fused_omega", "fused_equal", "fused_fixed",
+                                                                        "fused_val_fitted")) + " |"]
+    return "\n".join(lines)
 
 
 def format_table(results: dict, seeds) -> str:

@@ -1,4 +1,4 @@
-"""Uni-modal logit estimators (reference semantics section 1): how each modality alone would
+"""Uni-modal logit estimators (docs/methods/README.md): how each modality alone would
 classify the batch, from the features of a jointly trained model. They return the uni-modal
 logits stacked as [M, B, C], the input of mmfast.ops.balance_stats, detached (measurements).
 

@@ -1,4 +1,4 @@
-"""Evaluation metrics (reference semantics section 8): accuracy, macro-F1 and mAP (mean over
+"""Evaluation metrics (the papers' metrics, docs/methods/README.md): accuracy, macro-F1 and mAP (mean over
 classes of scikit-learn's average precision on softmax scores), for the fused logits and for each
 modality's uni-modal estimate; and the papers' linear probe: freeze an encoder, fit a fresh linear
 classifier on its training features, report its test accuracy."""

@@ -240,6 +240,8 @@ class Trainer:
             return torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=o.step_size, gamma=o.gamma)
         if o.scheduler == "cosine":
             return torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=self.cfg.epochs)
+        if o.scheduler == "plateau":  # (sustained boosting: "reduced by ten upon observing loss saturates")
+            return torch.optim.lr_scheduler.ReduceLROnPlateau(self.optimizer, factor=o.gamma, patience=o.patience)
         return None
 
     # ---- the step ----------------------------------------------------------------------------
@@ -435,7 +437,9 @@ class Trainer:
         self.balancer.end_epoch()
         if self._ddp is not None and sum(1 for _ in self.model.parameters()) != self._ddp_parameters:
             self._ddp = None  # (a classifier joined on every rank: DDP's buckets must cover it)
-        if self.scheduler is not None:
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            self.scheduler.step(metrics["train/loss"])
+        elif self.scheduler is not None:
             self.scheduler.step()
         return metrics
 
@@ -471,6 +475,28 @@ class Trainer:
         given probability (missing-modality evaluation). In a distributed run each rank
         evaluates its shard of every batch and the metrics are those of the gathered rows: the
         same on every rank and as one process computes them."""
+        fused, unimodal, labels = self.outputs(split, missing=missing, seed=seed)
+        C = len(self.classes)
+        out = {f"{split}/{k}": v for k, v in classification_metrics(fused, labels, C).items()}
+        out[f"{split}/loss"] = float(F.cross_entropy(fused, labels))
+        for m, name in enumerate(self.modalities):
+            for k, v in classification_metrics(unimodal[m], labels, C).items():
+                out[f"{split}/{k}/{name}"] = v
+            out[f"{split}/loss/{name}"] = float(F.cross_entropy(unimodal[m], labels))
+        out[f"{split}/samples"] = len(labels)
+        loader = self.loaders[split]
+        decode_skips = [n for names in self.dist.gather_objects(loader.last_epoch_skipped.names) for n in names]
+        skipped = loader.skipped_at_build.names + decode_skips  # (the same probe on every rank: built once)
+        out[f"{split}/skipped"] = len(skipped)
+        if skipped:
+            out[f"{split}/skipped_clips"] = skipped
+        return out
+
+    @torch.no_grad()
+    def outputs(self, split: str, *, missing: dict[str, float] | None = None, seed: int = 0):
+        """(fused [N, C], unimodal [M, N, C], labels [N]) of the model on every readable sample of
+        `split`, in the split's order (float32; gathered over the ranks of a distributed run).
+        `missing`: as in evaluate."""
         loader = self.loaders[split]
         self.model.eval()
         fused_all, uni_all, labels_all = [], [], []
@@ -499,21 +525,7 @@ class Trainer:
             labels_all.append(labels)
             index_all.append(batch["index"])
         fused, unimodal, labels = self._gather_rows(split, index_all, fused_all, uni_all, labels_all)
-        unimodal = unimodal.transpose(0, 1)
-        C = len(self.classes)
-        out = {f"{split}/{k}": v for k, v in classification_metrics(fused, labels, C).items()}
-        out[f"{split}/loss"] = float(F.cross_entropy(fused, labels))
-        for m, name in enumerate(self.modalities):
-            for k, v in classification_metrics(unimodal[m], labels, C).items():
-                out[f"{split}/{k}/{name}"] = v
-            out[f"{split}/loss/{name}"] = float(F.cross_entropy(unimodal[m], labels))
-        out[f"{split}/samples"] = len(labels)
-        decode_skips = [n for names in self.dist.gather_objects(loader.last_epoch_skipped.names) for n in names]
-        skipped = loader.skipped_at_build.names + decode_skips  # (the same probe on every rank: built once)
-        out[f"{split}/skipped"] = len(skipped)
-        if skipped:
-            out[f"{split}/skipped_clips"] = skipped
-        return out
+        return fused, unimodal.transpose(0, 1), labels
 
     @torch.no_grad()
     def encoder_features(self, split: str):

@@ -14,7 +14,7 @@ pytest.importorskip("sklearn")
 def test_demo_trains_every_method_and_writes_the_table(tmp_path):
     printed = []
     results = run_demo(tmp_path / "runs", tmp_path / "data", epochs=1, clips=30, progress=False, echo=printed.append)
-    labels = [label for label, _, _ in demo_runs("audio")]
+    labels = [label for label, *_ in demo_runs("audio")]
     assert list(results["audio"]) == labels
     assert {"joint", "unimodal audio", "unimodal visual", "ogm", "ogm_ge", "opm", "opm_ogm", "moddrop", "olm",
             "boost"} == set(labels)
@@ -30,3 +30,16 @@ def test_demo_trains_every_method_and_writes_the_table(tmp_path):
     assert json.loads((tmp_path / "runs" / "demo.json").read_text())["results"] == results
     again = run_demo(tmp_path / "runs", tmp_path / "data", epochs=1, clips=30, progress=False, echo=printed.append)
     assert again == results  # finished runs are reused, not trained again
+    boost = results["audio"]["boost"][0]
+    for key in ("fused_omega", "fused_equal", "fused_fixed", "fused_val_fitted"):
+        assert 0 <= boost[key] <= 1, key
+    assert "boost's late fusion, audio dominant" in table
+    assert boost["fused_omega"] == pytest.approx(boost["fused"])  # (its own fusion: the trainer's test accuracy)
+    assert results["audio"]["joint"][0]["drop_visual"] == 0 and 0 <= results["audio"]["opm"][0]["drop_audio"] <= 1
+
+
+def test_the_study_adds_its_comparison_rows():
+    labels = [label for label, *_ in demo_runs("audio", study=True)]
+    assert labels[-3:] == ["joint (late heads)", "olm (normalized λ)", "opm (code timing)"]
+    assert dict((label, over) for label, _, _, over in demo_runs("visual", study=True))["joint (late heads)"] == (
+        "model.fusion=late",)

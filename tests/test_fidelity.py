@@ -190,3 +190,20 @@ def test_ogm_modulates_irfbs_audio_stream_by_default(audio_dominant, tmp_path):
         Trainer(load_config("embedded", [f"data.root={audio_dominant}", f"out={tmp_path / 'conv'}",
                                          "data.num_workers=1", "progress=false", "method=ogm_ge",
                                          "model.fusion=irfb", "hparams.weights=conv"]))
+
+
+def test_dataset_configs_apply_their_published_recipe_to_the_method_that_runs():
+    """crema_d.yaml is the public code's CREMA-D recipe: its OGM-GE uses the code's form with its
+    alpha 0.8 over epochs 0..50, its OPM the code's timing and p_exe, boost its paper's lr,
+    plateau schedule and T = 20; the command line still wins; other methods get nothing."""
+    ogm = load_config("crema_d", ["method=ogm_ge"])
+    assert ogm.hparams == {"form": "reference", "alpha": 0.8, "end_epoch": 50} and ogm.data.batch_size == 64
+    assert load_config("crema_d", ["method=opm"]).hparams == {"timing": "current", "p_exe": 0.7}
+    boost = load_config("crema_d", ["method=boost", "optim.lr=0.02", "hparams.interval=3"])
+    assert boost.optim.scheduler == "plateau" and boost.optim.lr == 0.02 and boost.hparams["interval"] == 3
+    assert load_config("crema_d", ["method=joint"]).hparams == {} and load_config("crema_d").optim.lr == 0.001
+    paper = load_config("crema_d_tpami", ["method=ogm_ge"])
+    assert paper.hparams == {} and paper.data.batch_size == 32  # the paper's batch and the methods' paper defaults
+    vgg = load_config("vggsound", ["method=ogm_ge"])
+    assert vgg.hparams["alpha"] == 0.1 and load_config("vggsound", ["method=boost"]).data.batch_size == 16
+    assert load_config("kinetics_sounds").model.irfb == {"depth": 6}

@@ -255,8 +255,20 @@ def test_steps_read_nothing_on_the_host(gen, name, device):
 
 
 def test_hyper_parameters_lists_defaults():
-    assert hyper_parameters("ogm_ge")["alpha"] == 0.8 and hyper_parameters("ogm_ge")["noise"] is True
-    assert hyper_parameters("opm_ogm")["q_base"] == 0.5 and hyper_parameters("opm_ogm")["p_exe"] == 0.7
+    assert hyper_parameters("ogm_ge")["alpha"] is None and hyper_parameters("ogm_ge")["noise"] is True
+    assert hyper_parameters("opm_ogm")["q_base"] == 0.5 and hyper_parameters("opm_ogm")["p_exe"] == 1.0
+    assert hyper_parameters("opm")["timing"] == "next" and hyper_parameters("ogm")["weights"] == "auto"
+
+
+@pytest.mark.parametrize("form,alpha", [("paper", 1.0), ("reference", 0.8), ("star", 0.8)])
+def test_each_coefficient_form_gets_its_own_default_alpha(form, alpha):
+    """alpha 0.8 belongs to the public code's form 1 - tanh(alpha rho); the paper form has none
+    published and defaults to 1.0; an alpha given is kept whatever the form."""
+    encoders = {"audio": TinyEncoder(1), "visual": TinyEncoder(3)}
+    name = "ogm_star" if form == "star" else "ogm"
+    kwargs = {} if form == "star" else {"form": form}
+    assert mmfast.Balancer(name, encoders, **kwargs).methods[0].balance_params()["alpha"] == alpha
+    assert mmfast.Balancer(name, encoders, alpha=0.3, **kwargs).methods[0].balance_params()["alpha"] == 0.3
 
 
 def test_grad_scaler_gradients_are_unscaled_before_modulation(gen):

@@ -48,8 +48,9 @@ def forward(bal, encoders, head, x, part=None):
 # ---- OLM ---------------------------------------------------------------------------------------
 
 
-def reference_olm(z_steps, labels_steps, lr, variant, normalize=True):
-    """Slow OLM over several steps: python loops over heads and samples, Adam written out."""
+def reference_olm(z_steps, labels_steps, lr, variant, normalize=True, optimizer="adam"):
+    """Slow OLM over several steps: python loops over heads and samples, Adam (or the paper's
+    plain gradient descent) written out."""
     H = z_steps[0].shape[0]
     w, m, v = [1.0] * H, [0.0] * H, [0.0] * H
     initial = None
@@ -77,19 +78,24 @@ def reference_olm(z_steps, labels_steps, lr, variant, normalize=True):
         scale = H if normalize else 1
         for h in range(H):
             g = math.copysign(norms[h], w[h] * norms[h] - scale * lam[h] * s_bar)
-            m[h] = 0.9 * m[h] + 0.1 * g
-            v[h] = 0.999 * v[h] + 0.001 * g * g
-            step = lr * (m[h] / (1 - 0.9 ** t)) / (math.sqrt(v[h] / (1 - 0.999 ** t)) + 1e-8)
+            if optimizer == "sgd":  # Alg. 1: w <- w - eta dL_logit/dw
+                step = lr * g
+            else:
+                m[h] = 0.9 * m[h] + 0.1 * g
+                v[h] = 0.999 * v[h] + 0.001 * g * g
+                step = lr * (m[h] / (1 - 0.9 ** t)) / (math.sqrt(v[h] / (1 - 0.999 ** t)) + 1e-8)
             w[h] = max(w[h] - step, 0.01)
     return losses_out, w
 
 
-@pytest.mark.parametrize("variant,normalize", [("loss_ratio", True), ("loss_ratio", False), ("gc", True)])
-def test_olm_task_loss_and_coefficients_follow_the_formulas(variant, normalize):
+@pytest.mark.parametrize("variant,normalize,optimizer", [("loss_ratio", True, "adam"), ("loss_ratio", False, "adam"),
+                                                         ("gc", True, "adam"), ("loss_ratio", True, "sgd")])
+def test_olm_task_loss_and_coefficients_follow_the_formulas(variant, normalize, optimizer):
     gen = torch.Generator().manual_seed(1)
     encoders, head = make_net(LateHeads)
     lr = 0.05
-    bal = mmfast.Balancer("olm", encoders, head=head, variant=variant, lr=lr, normalize_lambda=normalize)
+    bal = mmfast.Balancer("olm", encoders, head=head, variant=variant, lr=lr, normalize_lambda=normalize,
+                          w_optimizer=optimizer)
     if variant == "gc":
         bal.observe_head_losses(torch.tensor([1.6, 1.5, 1.55]), torch.tensor([1.6, 1.6, 1.6]), epoch=None)
     params = [p for e in encoders.values() for p in e.parameters()] + list(head.parameters())
@@ -107,7 +113,7 @@ def test_olm_task_loss_and_coefficients_follow_the_formulas(variant, normalize):
         bal.after_backward()
         opt.step()
         bal.after_step()
-    expected_losses, expected_w = reference_olm(z_steps, y_steps, lr, variant, normalize)
+    expected_losses, expected_w = reference_olm(z_steps, y_steps, lr, variant, normalize, optimizer)
     assert losses == pytest.approx(expected_losses, rel=1e-5)
     assert bal.methods[0].w.tolist() == pytest.approx(expected_w, rel=1e-5)
 
@@ -131,6 +137,48 @@ def test_olm_gc_factors_follow_eq_6_to_8():
     assert torch.allclose(bal.methods[0].lam, got)
     bal.observe_head_losses(val * 0.5, train, epoch=1)  # the initial losses stay those measured first
     assert torch.allclose(bal.methods[0].lam, gc_factors(val0, train0, val * 0.5, train))
+
+
+def test_olm_tempered_factors_and_the_collapse_warning():
+    """lambda_form="normalized": softmax(r / sum(r)), r = G / C. With one head whose dev-train
+    gap barely moved (C near 0) the literal eq. 8 gives it every factor (entropy ~0) and training
+    drives the other heads' coefficients to the floor, which the method warns about at the epoch
+    end; the tempered form keeps every head in play."""
+    val0, train0 = torch.tensor([1.7, 1.6, 1.65]), torch.tensor([1.7, 1.7, 1.7])
+    val, train = torch.tensor([1.2, 1.5, 1.1]), torch.tensor([0.5, 1.4001, 0.6])  # visual: C = 1e-4
+    ratio = []
+    for h in range(3):
+        G = abs(float(val0[h]) - float(val[h]))
+        Cn = abs(abs(float(val[h]) - float(train[h])) - abs(float(val0[h]) - float(train0[h])))
+        ratio.append(G / max(Cn, 1e-6))
+    total = sum(ratio)
+    expected = [math.exp(r / total) / sum(math.exp(x / total) for x in ratio) for r in ratio]
+    tempered = gc_factors(val0, train0, val, train, form="normalized")
+    assert tempered.tolist() == pytest.approx(expected, rel=1e-4)
+    gen = torch.Generator().manual_seed(2)
+    for form in ("softmax", "normalized"):
+        encoders, head = make_net(LateHeads)
+        bal = mmfast.Balancer("olm", encoders, head=head, lr=0.2, lambda_form=form)
+        bal.observe_head_losses(val0, train0, epoch=None)
+        bal.observe_head_losses(val, train, epoch=0)
+        bal.start_epoch(1)
+        for _ in range(30):
+            forward(bal, encoders, head, batch(gen))
+            bal.loss().backward()
+            bal.after_backward()
+            bal.after_step()
+        entropy = float(bal.metrics["olm/lambda_entropy"])
+        if form == "softmax":
+            assert entropy < 0.01
+            with pytest.warns(RuntimeWarning, match=r"\['audio', 'fused'\] reached the floor"):
+                bal.end_epoch()
+        else:
+            assert entropy > 0.5
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                bal.end_epoch()
 
 
 def test_olm_needs_its_heads_and_the_initial_losses():
@@ -194,10 +242,10 @@ def test_boost_loss_follows_the_formulas(update):
         bal.after_backward()
 
 
-def test_boost_inference_is_the_omega_weighted_sum_of_every_classifier():
+def test_boost_inference_is_the_weighted_sum_of_every_classifier():
     encoders, head = make_net(BoostedClassifiers)
     head.add_classifier(0)
-    head.omega.copy_(torch.tensor([0.3, 0.9]))
+    head.fusion_weights.copy_(torch.tensor([0.3, 0.9]))
     features = [torch.randn(4, 6), torch.randn(4, 6)]
     fused, unimodal, extra = head(features)
     per = [[head.head(c(f)) for c in cs] for cs, f in zip(head.classifiers, features)]
@@ -211,7 +259,49 @@ def test_boost_inference_is_the_omega_weighted_sum_of_every_classifier():
     ([0.8, 0.7], 1.2, 0.01, None), ([0.6, 0.3, 0.5], 1.0, 0.01, 1),
 ])
 def test_aca_assigns_to_the_weaker_modality_outside_the_dead_zone(scores, sigma, tau, expected):
-    assert aca_assignment(scores, sigma, tau) == expected
+    assert aca_assignment(scores, sigma, tau, "weakest") == expected
+
+
+@pytest.mark.parametrize("scores,sigma,expected_paper,expected_dead_zone", [
+    ([0.8, 0.5], 1.0, 1, 1), ([0.5, 0.8], 1.0, 0, 0), ([0.505, 0.5], 1.0, 0, None), ([0.8, 0.7], 1.2, 0, 0), ([0.8, 0.665], 1.2, 0, None),
+    ([0.9, 0.5], 1.5, 1, 1), ([0.7, 0.5], 1.5, 0, 0)])
+def test_aca_rules_as_the_paper_writes_them(scores, sigma, expected_paper, expected_dead_zone):
+    """The paper (two modalities a, v): s_a - sigma s_v > tau gives v a classifier, < tau gives a
+    one; the dead-zone reading gives a one only below -tau."""
+    tau = 0.01
+    lead = scores[0] - sigma * scores[1]
+    assert expected_paper == (1 if lead > tau else 0)  # (the cases, checked against the text)
+    assert aca_assignment(scores, sigma, tau, "paper") == expected_paper
+    assert aca_assignment(scores, sigma, tau, "dead_zone") == expected_dead_zone
+    with pytest.raises(ValueError, match="two modalities"):
+        aca_assignment([0.1, 0.2, 0.3], sigma, tau, "paper")
+
+
+def test_aca_score_is_the_mean_true_class_sum_of_the_classifiers_probabilities():
+    """s^r = mean_i y_i . sum_t p_t^r(x_i), p the softmax of each classifier (the paper); the
+    'logits' option takes the softmax of the summed logits."""
+    gen = torch.Generator().manual_seed(9)
+    encoders, head = make_net(BoostedClassifiers)
+    head.add_classifier(1)
+    head.add_classifier(1)
+    results = {}
+    for score in ("probabilities", "logits"):
+        bal = mmfast.Balancer("boost", encoders, head=head, optimizer=torch.optim.SGD(head.parameters(), lr=0.0),
+                              aca_score=score)
+        x = batch(gen)
+        bal.start_epoch(0)
+        forward(bal, encoders, head, x)
+        features = [e(v) for e, v in zip(encoders.values(), x[:2])]
+        with torch.no_grad():
+            z = [torch.stack([head.head(c(f)) for c in cs]).double() for cs, f in zip(head.classifiers, features)]
+        y = x[2]
+        if score == "probabilities":
+            expected = [float(sum(torch.softmax(zt, 1)[i, y[i]] for zt in zr for i in range(len(y)))) for zr in z]
+        else:
+            expected = [float(sum(torch.softmax(zr.sum(0), 1)[i, y[i]] for i in range(len(y)))) for zr in z]
+        results[score] = bal.methods[0]._score_sum.tolist()
+        assert results[score] == pytest.approx(expected, rel=1e-5)
+    assert results["probabilities"][1] > len(x[2]) * 0.3  # (three classifiers: the sum exceeds one softmax's)
 
 
 def test_an_added_classifier_joins_the_optimizer_and_trains():
@@ -392,7 +482,7 @@ def test_three_modalities_and_the_classifier_bound():
     for name, head in (("olm", LateHeads([6, 6, 6], C)), ("boost", BoostedClassifiers([6, 6, 6], C))):
         params = [p for e in encoders.values() for p in e.parameters()] + list(head.parameters())
         opt = torch.optim.SGD(params, lr=0.1)
-        kw = {"variant": "loss_ratio"} if name == "olm" else {"tau": 0.0, "max_classifiers": 2}
+        kw = {"variant": "loss_ratio"} if name == "olm" else {"tau": 0.0, "max_classifiers": 2, "aca_rule": "weakest"}
         bal = mmfast.Balancer(name, encoders, head=head, optimizer=opt, **kw)
         for epoch in range(3):
             bal.start_epoch(epoch)
@@ -413,3 +503,58 @@ def test_three_modalities_and_the_classifier_bound():
         else:
             assert head.counts() == [1, 1, 2] and len(opt.param_groups) == 2  # bound reached after one addition
             assert [m for _, m in bal.methods[0].assignments] == ["depth", None, None]
+
+
+def test_aca_fits_omega_until_it_converges_with_the_backbones_optimizer():
+    """omega's MLP trains with the backbone's optimizer kind, momentum and weight decay (the paper:
+    "the same as that of the backbone", lr 0.001) until L_ACA stops falling, not a fixed count."""
+    gen = torch.Generator().manual_seed(4)
+    encoders, head = make_net(BoostedClassifiers)
+    opt = torch.optim.SGD(list(head.parameters()), lr=0.1, momentum=0.8, weight_decay=3e-4)
+    bal = mmfast.Balancer("boost", encoders, head=head, optimizer=opt, interval=1, aca_lr=0.05, aca_tol=1e-5)
+    boost = bal.methods[0]
+    group = boost.omega_optimizer.param_groups[0]
+    assert isinstance(boost.omega_optimizer, torch.optim.SGD)
+    assert (group["lr"], group["momentum"], group["weight_decay"]) == (0.05, 0.8, 3e-4)
+    bal.start_epoch(0)
+    forward(bal, encoders, head, batch(gen))
+    bal.loss().backward()
+    bal.after_backward()
+    boost._score_sum.copy_(torch.tensor([8.0, 3.0]))
+    boost._score_count.fill_(10.0)
+    bal.end_epoch()
+    steps = boost.aca_steps_taken[0]
+    assert 50 <= steps < boost.params.aca_max_steps and steps % 50 == 0
+    s = torch.tensor([0.8, 0.3])
+    omega = torch.sigmoid(boost.omega_net(s)).detach()
+    loss = float((torch.tensor([0.0, 1.0]) - omega).square().sum())
+    torch.testing.assert_close(head.omega, omega)
+    assert float(head.omega[1]) > 0.8 > 0.2 > float(head.omega[0]) and loss < 0.1
+    assert head.fusion_weights.tolist() == head.omega.tolist()  # inference="omega"
+    adam = mmfast.Balancer("boost", encoders, head=head, optimizer=torch.optim.AdamW(head.parameters(), lr=0.1))
+    assert isinstance(adam.methods[0].omega_optimizer, torch.optim.AdamW)
+
+
+@pytest.mark.parametrize("inference,expected", [("equal", [1.0, 1.0]), ("fixed", [0.4, 0.6])])
+def test_boost_inference_weights(inference, expected):
+    encoders, head = make_net(BoostedClassifiers)
+    mmfast.Balancer("boost", encoders, head=head, optimizer=torch.optim.SGD(head.parameters(), lr=0.1),
+                    inference=inference)
+    assert head.fusion_weights.tolist() == pytest.approx(expected)
+    with pytest.raises(ValueError, match="fixed_weights needs one weight per modality"):
+        mmfast.Balancer("boost", encoders, head=head, inference="fixed", fixed_weights=[1.0])
+
+
+def test_a_classifier_added_under_a_plateau_schedule_is_lowered_with_the_rest():
+    """The paper's schedule (x0.1 when the loss saturates): a classifier that joined the optimizer
+    is lowered with every other group."""
+    encoders, head = make_net(BoostedClassifiers)
+    opt = torch.optim.SGD(head.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.1, patience=0)
+    bal = mmfast.Balancer("boost", encoders, head=head, optimizer=opt, scheduler=sched)
+    from mmfast.methods import join_optimizer
+
+    join_optimizer(bal.state, head.add_classifier(1))
+    sched.step(1.0)
+    sched.step(2.0)  # (no improvement: lowered)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.01, 0.01])

@@ -176,7 +176,10 @@ def test_missing_modality_evaluation_and_linear_probe(dataset, tmp_path):
     (["method=ogm_ge", "model.fusion=boost"], "method 'ogm_ge' works with fusion concat"),  # (joint only, and boost)
     (["method=opm", "model.fusion=irfb"], "method 'opm' works with fusion concat or sum"),
     (["method=olm", "model.estimator=zero_out"], "has a classifier per modality"),
-    (["model.irfb={dim: 16}"], "model.irfb"),
+    (["model.irfb={dim: 15}", "model.fusion=irfb", "method=olm"], "dim must be a multiple"),
+    (["recipes={ogm_x: {hparams: {alpha: 1}}}"], "'ogm_x' is not a method"),
+    (["method=ogm_ge", "recipes={ogm_ge: {hparams: {alpha: -1}}}"], "alpha must be >= 0"),
+    (["method=ogm_ge", "recipes={ogm_ge: {method: opm}}"], "other than method and recipes"),
     (["method=boost", "hparams.update=alternating", "grad_accum=2"], "grad_accum"),
     (["method=boost", "hparams.update=both"], "boost.update must be one of"),
 ])

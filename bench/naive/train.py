@@ -1,6 +1,6 @@
 """One training step and one epoch, the research code's way (see the package docstring).
 
-Formulas: ../shared/reference-semantics.md sections 1-4 (mmfast keeps its own, vectorised, in
+Formulas: docs/methods/ogm.md and opm.md (mmfast keeps its own, vectorised, in
 mmfast/ops/balance.py). The hyper-parameters and the order of random draws match mmfast's
 methods of the same name, so with noise off both give the same parameters step for step.
 """

@@ -18,7 +18,7 @@ triangular mel filters (mel = 1127 ln(1 + f / 700)) from low_freq to Nyquist, lo
 of float32 epsilon; then padded with zeros or cut to `target_frames` frames and normalised
 (x - norm_mean) / (2 norm_std) -> [target_frames, num_mel_bins].
 
-Presets follow the published recipes (reference semantics section 8): ``crema_d()`` (22.05 kHz,
+Presets follow the published recipes (the public code's, as the dataset configs say): ``crema_d()`` (22.05 kHz,
 3 s, STFT 512/353 -> 257 x 188), ``kinetics_sounds()`` (16 kHz, 10 s, 512/353 -> 257 x 454),
 ``vggsound()`` (16 kHz, a 5 s window of the clip looped to 10 s, 256/128 -> 129 x 626),
 ``kaldi_fbank()`` (16 kHz, 10 s, 128 mel bins, 1024 frames, normalised with mean -4.503877 and

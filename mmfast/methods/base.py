@@ -36,7 +36,8 @@ GENERIC_FUSIONS = ("concat", "sum", "film", "gated", "mlp", "late", "irfb")
 POOLED_FUSIONS = ("concat", "sum", "film", "gated", "mlp", "late")  # fusion after the encoders' pooled features
 
 # The balance_stats parameters a method may ask for, with their defaults (mmfast.ops.balance).
-BALANCE_DEFAULTS = {"kind": "ratio", "alpha": 0.8, "form": "paper", "z": "tanh", "q_base": 0.5, "lam": 0.5}
+# (Used when no method of the run sets them: then only rho and the monitoring metrics are read.)
+BALANCE_DEFAULTS = {"kind": "ratio", "alpha": 1.0, "form": "paper", "z": "tanh", "q_base": 0.5, "lam": 0.5}
 
 
 class StepState:
@@ -313,7 +314,9 @@ def join_optimizer(state: StepState, params: Sequence[torch.nn.Parameter]) -> No
     reference = optimizer.param_groups[0]
     group = {k: v for k, v in reference.items() if k != "params"}
     optimizer.add_param_group({**group, "params": list(params)})
-    if scheduler is not None:
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        scheduler.min_lrs.append(scheduler.min_lrs[0])  # (it lowers every group's rate alike)
+    elif scheduler is not None:
         scheduler.base_lrs.append(reference.get("initial_lr", reference["lr"]))
-        if hasattr(scheduler, "_last_lr"):
-            scheduler._last_lr.append(reference["lr"])
+    if scheduler is not None and hasattr(scheduler, "_last_lr"):
+        scheduler._last_lr.append(reference["lr"])

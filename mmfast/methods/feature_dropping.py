@@ -1,5 +1,5 @@
-"""``opm`` and ``moddrop``: dropping whole per-sample features before fusion (reference semantics
-sections 4-5), through mmfast.ops.feature_drop.
+"""``opm`` and ``moddrop``: dropping whole per-sample features before fusion (docs/methods/opm.md),
+through mmfast.ops.feature_drop.
 
 - opm (TPAMI 2024 section 3.2.1, Alg. 1, eq. 7-8): the balance statistics are measured on the
   uni-modal estimates of the *undropped* features of every sample of the batch; the drop changes
@@ -9,8 +9,8 @@ sections 4-5), through mmfast.ops.feature_drop.
         forward over the whole mini-batch (every micro-batch), applied from the next step on;
     "current" (the public code's): measured on this batch's undropped features before the fusion
         (the loop gives Balancer(estimate=...) and drop(labels=...)), applied to this batch.
-  A batch is modulated with probability p_exe (the public code's 0.7; the paper drops every
-  batch: p_exe 1.0). Inside the epoch window, after warm-up.
+  A batch is modulated with probability p_exe (default 1.0: the paper drops on every step; the
+  public code's 0.7 is its CREMA-D recipe). Inside the epoch window, after warm-up.
 - moddrop: fixed per-modality probabilities, every batch (p_exe 1).
 Samples with every modality dropped leave the loss (state.sample_weight).
 Logged per step (epoch means in metrics.jsonl): drop_prob/<m>, the probability that dropped this
@@ -52,7 +52,7 @@ class OPM(Method):
         lam: float = 0.5  # TPAMI 2024 section 4.1 and the public code
         z: str = "tanh"  # TPAMI 2024 section 3.2.1: z(x) = tanh(x - 1)
         kind: str = "ratio"  # eq. 7
-        p_exe: float = 0.7  # the public code's; the paper modulates every batch (1.0)
+        p_exe: float = 1.0  # the paper drops on every step (Alg. 1); the public code modulates a batch w.p. 0.7
         timing: str = "next"  # "next": the paper's q_{t+1} (eq. 8); "current": the public code's
 
         def check(self):

@@ -1,5 +1,5 @@
-"""``ogm``, ``ogm_ge``, ``ogm_star``: on-the-fly gradient modulation (reference semantics
-section 3; TPAMI 2024 eq. 11-17, CVPR 2022).
+"""``ogm``, ``ogm_ge``, ``ogm_star``: on-the-fly gradient modulation (docs/methods/ogm.md;
+TPAMI 2024 eq. 11-17, CVPR 2022).
 
 After backward, every selected encoder gradient g of modality m becomes
 ``k[m] * g`` (ogm, ogm_star) or ``k[m] * g + N(0, std(g)^2)`` (ogm_ge), with k from this step's
@@ -25,6 +25,14 @@ from ..ops.balance import FORMS, KINDS, ZS
 from .base import Method, StepState, WindowParams, check_choice, check_number
 
 WEIGHT_MODES = ("auto", "conv", "all")
+# alpha of each coefficient form (one form's alpha damps very differently in the other: at rho 1.5,
+# alpha 0.8 gives k 0.63 in the paper form and 0.17 in the public code's).
+ALPHA_DEFAULTS = {
+    "paper": 1.0,  # no published value (TPAMI 2024 gives none; section 4.5.3 finds results insensitive to it);
+    #                1.0 lets k span the paper's whole range (1 - alpha, 1] down to its floor 0 (eq. 11)
+    "reference": 0.8,  # the public code's CREMA-D scripts (its VGGSound scripts: 0.1)
+    "star": 0.8,  # no published value (OGM*, TPAMI 4.4.2, gives no formula): mmfast's reading, see docs
+}
 
 
 def select_encoder_params(encoders, mode: str):
@@ -48,8 +56,8 @@ class OGM(Method):
 
     @dataclasses.dataclass
     class Params(WindowParams):
-        alpha: float = 0.8
-        form: str = "paper"  # "paper" (TPAMI), "reference" (public code: 1 - tanh(alpha * rho))
+        alpha: float | None = None  # None: the form's default, ALPHA_DEFAULTS (each names its source)
+        form: str = "paper"  # "paper" (TPAMI eq. 11), "reference" (public code: 1 - tanh(alpha * rho))
         z: str = "tanh"
         kind: str = "ratio"
         noise: bool = False  # Gaussian noise of the gradient's std (GE)
@@ -57,8 +65,10 @@ class OGM(Method):
         eps: float = 1e-8
 
         def check(self, name="ogm"):
-            check_number(name, "alpha", self.alpha, low=0)
             check_choice(name, "form", self.form, FORMS)
+            if self.alpha is None:
+                self.alpha = ALPHA_DEFAULTS[self.form]
+            check_number(name, "alpha", self.alpha, low=0)
             check_choice(name, "z", self.z, ZS)
             check_choice(name, "kind", self.kind, KINDS)
             check_choice(name, "weights", self.weights, WEIGHT_MODES)

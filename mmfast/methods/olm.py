@@ -1,4 +1,4 @@
-"""``olm``: online logit modulation (IJCAI 2024; reference semantics section 6).
+"""``olm``: online logit modulation (IJCAI 2024; docs/methods/olm.md).
 
 Heads h = the M modalities' classifiers and the fused one (model.fusion "late", or "irfb":
 OLM-Conv and OLM-Trans), logits z_h [B, C]. Per step:
@@ -8,11 +8,14 @@ OLM-Conv and OLM-Trans), logits z_h [B, C]. Per step:
     baseline      s_bar = mean_h w_h n_h                              (detached: a target)
     L_logit       sum_h | w_h n_h - H lambda_h s_bar |                (updates w only)
 
-w (H coefficients, starting at 1) has its own Adam optimizer (lr 1e-3, betas 0.9/0.999),
-stepped after the model's; written out here so that its step count stays on the device
-(torch.optim.Adam reads it on the host). The rebalancing factors lambda (sum 1) come from
+w (H coefficients, starting at 1) has its own optimizer, stepped after the model's: Adam (lr 1e-3,
+betas 0.9/0.999: the public code's; written out here so that its step count stays on the device,
+torch.optim.Adam reads it on the host) or, w_optimizer="sgd", the paper's plain gradient descent
+w <- w - lr dL/dw (Alg. 1). The rebalancing factors lambda (sum 1) come from
 
-    gc          lambda = softmax(G / C), G_h = |L_dev,h(0) - L_dev,h(n)|,
+    gc          lambda = softmax(G / C) (lambda_form="softmax", eq. 8; "normalized":
+                softmax(r / sum(r)) with r = G / C, which keeps one head with C near 0 from taking
+                every factor), G_h = |L_dev,h(0) - L_dev,h(n)|,
                 C_h = | |L_dev,h(n) - L_train,h(n)| - |L_dev,h(0) - L_train,h(0)| |   (eq. 6-8)
                 with per-head validation and training losses (evaluation passes, the same
                 transforms for both) measured once before training and after every
@@ -32,6 +35,8 @@ measured once, the training epoch is the whole training loader, and the test spl
 from __future__ import annotations
 
 import dataclasses
+import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +44,8 @@ import torch.nn.functional as F
 from .base import Method, StepState, check_choice, check_number
 
 VARIANTS = ("gc", "loss_ratio")
+LAMBDA_FORMS = ("softmax", "normalized")
+W_OPTIMIZERS = ("adam", "sgd")
 
 
 def olm_task_loss(z: torch.Tensor, w: torch.Tensor, labels: torch.Tensor,
@@ -62,11 +69,22 @@ def olm_logit_loss(w: torch.Tensor, norms: torch.Tensor, lam: torch.Tensor, norm
 
 
 def gc_factors(val0: torch.Tensor, train0: torch.Tensor, val: torch.Tensor, train: torch.Tensor,
-               eps: float = 1e-6) -> torch.Tensor:
-    """lambda = softmax(G / C) (eq. 6-8); C is floored at eps (a head whose gap did not move)."""
+               eps: float = 1e-6, form: str = "softmax") -> torch.Tensor:
+    """lambda from G (generalisation, eq. 6) and C (convergence, eq. 7) per head; C is floored at
+    eps (a head whose gap did not move). form "softmax": softmax(G / C) (eq. 8, literal: one head
+    with C near 0 takes all of it); "normalized": softmax(r / sum(r)), r = G / C normalised across
+    the heads: the same order of heads, but at most a factor e between two of them."""
     G = (val0 - val).abs()
     C = ((val - train).abs() - (val0 - train0).abs()).abs().clamp_min(eps)
-    return torch.softmax(G / C, dim=0)
+    r = G / C
+    if form == "normalized":
+        r = r / r.sum().clamp_min(1e-12)
+    return torch.softmax(r, dim=0)
+
+
+def normalized_entropy(lam: torch.Tensor) -> torch.Tensor:
+    """H(lambda) / log(H): 1 for equal factors, 0 for one head taking them all (collapse)."""
+    return -(lam * lam.clamp_min(1e-30).log()).sum() / math.log(lam.shape[0])
 
 
 def loss_ratio_factors(losses: torch.Tensor, initial: torch.Tensor) -> torch.Tensor:
@@ -92,14 +110,18 @@ class OLM(Method):
 
     @dataclasses.dataclass
     class Params:
-        variant: str = "gc"  # "gc" (eq. 6-8, validation losses) | "loss_ratio"
-        lr: float = 1e-3  # Adam learning rate of the logit coefficients
-        interval: int = 1  # gc: epochs between updates of the rebalancing factors
+        variant: str = "gc"  # "gc" (the paper's eq. 6-8, validation losses) | "loss_ratio" (the public code's)
+        lambda_form: str = "softmax"  # gc: "softmax" (eq. 8, literal) | "normalized" (tempered; docs)
+        w_optimizer: str = "adam"  # "adam" (the public code's) | "sgd" (the paper's Alg. 1: plain gradient descent)
+        lr: float = 1e-3  # of the logit coefficients: the public code's Adam rate (the paper gives no eta)
+        interval: int = 1  # gc: epochs between updates of the rebalancing factors (no published value)
         normalize_lambda: bool = True  # targets H lambda_h s_bar (see the module doc); False: lambda_h s_bar
-        w_min: float = 0.01  # lower bound of the coefficients
+        w_min: float = 0.01  # lower bound of the coefficients (no published value)
 
         def check(self):
             check_choice("olm", "variant", self.variant, VARIANTS)
+            check_choice("olm", "lambda_form", self.lambda_form, LAMBDA_FORMS)
+            check_choice("olm", "w_optimizer", self.w_optimizer, W_OPTIMIZERS)
             check_number("olm", "lr", self.lr, low=0)
             check_number("olm", "interval", self.interval, low=1, integer=True)
             check_number("olm", "w_min", self.w_min, low=0)
@@ -133,7 +155,8 @@ class OLM(Method):
         if losses["initial"]:
             self.initial = {"val": losses["val"].clone(), "train": losses["train"].clone()}
         elif self.initial:
-            self.lam = gc_factors(self.initial["val"], self.initial["train"], losses["val"], losses["train"])
+            self.lam = gc_factors(self.initial["val"], self.initial["train"], losses["val"], losses["train"],
+                                  form=self.params.lambda_form)
 
     def after_forward(self, state: StepState) -> None:
         if self.params.variant == "gc" and not self.initial:
@@ -152,6 +175,7 @@ class OLM(Method):
         for h, name in enumerate(self.heads):
             state.metrics[f"olm/w/{name}"] = self.w[h]
             state.metrics[f"olm/lambda/{name}"] = self.lam[h]
+        state.metrics["olm/lambda_entropy"] = normalized_entropy(self.lam)
 
     def after_step(self, state: StepState) -> None:
         if not self._batches:
@@ -160,10 +184,23 @@ class OLM(Method):
         w = self.w.clone().requires_grad_(True)
         grad, = torch.autograd.grad(olm_logit_loss(w, norms / self._batches, self.lam,
                                                    self.params.normalize_lambda), w)
-        adam_step_(self.w, grad, self.adam, self.params.lr)
+        if self.params.w_optimizer == "adam":
+            adam_step_(self.w, grad, self.adam, self.params.lr)
+        else:
+            self.w.sub_(self.params.lr * grad)
         self.w.clamp_(min=self.params.w_min)
         self._norms.zero_()
         self._batches = 0
+
+    def epoch_end(self, state: StepState) -> None:
+        # (an epoch end: one host read) A head held at the floor has stopped following its target:
+        # the sign of lambda's collapse (one head's C near 0 takes all of softmax(G / C)).
+        floored = [name for name, w in zip(self.heads, self.w.tolist()) if w <= self.params.w_min]
+        if floored:
+            warnings.warn(f"olm: the logit coefficient(s) of {floored} reached the floor w_min={self.params.w_min} "
+                          f"at epoch {state.epoch} (lambda {[round(v, 3) for v in self.lam.tolist()]}): the "
+                          f"rebalancing factors may have collapsed; try lambda_form='normalized'",
+                          RuntimeWarning, stacklevel=2)
 
     def state_dict(self):
         return {"w": self.w.clone(), "adam": {k: v.clone() for k, v in self.adam.items()}, "lam": self.lam.clone(),

@@ -1,5 +1,5 @@
-"""Fusion heads, each paired with the uni-modal estimator that fits it (reference semantics
-section 1). Every head maps the M modality features [B, d_m] to ``(fused [B, C], unimodal
+"""Fusion heads, each paired with the uni-modal estimator that fits it (docs/methods/README.md).
+Every head maps the M modality features [B, d_m] to ``(fused [B, C], unimodal
 [M, B, C])``; the uni-modal logits are detached measurements for the balancing methods.
 ``head(features, measure=undropped)``: the fused logits come from `features` (what a dropping
 method left), the uni-modal estimates from `measure` (the features before the drop: OPM measures

@@ -7,7 +7,7 @@ own). The training formulas live in the methods' files; these modules hold what 
 - late: one linear classifier per modality, and one on the fused representation (the
   concatenated features, or IRFB's bottleneck); the fused prediction is the fused classifier's.
 - boost: per modality a growing list of classifiers Linear(d_m, 256) -> ReLU, into one head
-  Linear(256, C) shared by all; fused prediction sum_r omega_r sum_t z_t^r.
+  Linear(256, C) shared by all; fused prediction sum_r w_r sum_t z_t^r (w: fusion_weights).
 """
 from __future__ import annotations
 
@@ -52,10 +52,11 @@ class LateHeads(nn.Module):
 class BoostedClassifiers(nn.Module):
     """Sustained boosting's classifiers: per modality r a list of n_r configurable classifiers
     Linear(d_r, hidden) -> ReLU, all feeding one head Linear(hidden, C) shared by every classifier
-    and modality; ``omega`` [M] weights the modalities (learned by the boost method's ACA).
+    and modality; ``omega`` [M] weights the modalities' predictions in the loss (learned by the
+    boost method's ACA), ``fusion_weights`` [M] in the fused prediction (set by the method).
 
     forward(features) -> (fused, unimodal, {"classifiers": [[n_r, B, C] per modality]}):
-    unimodal[r] = sum_t z_t^r, fused = sum_r omega_r unimodal[r]. ``add_classifier(r)`` grows
+    unimodal[r] = sum_t z_t^r, fused = sum_r fusion_weights_r unimodal[r]. ``add_classifier(r)`` grows
     modality r by one (returns its parameters); a state dict with other classifier counts loads
     after resizing to them (resuming across an addition, or loading the best epoch's weights)."""
 
@@ -69,6 +70,8 @@ class BoostedClassifiers(nn.Module):
         self.classifiers = nn.ModuleList(nn.ModuleList([self._classifier(d)]) for d in in_dims)
         self.head = nn.Linear(hidden, num_classes)
         self.register_buffer("omega", torch.ones(len(in_dims)))
+        # The late fusion's weights (the boost method sets them: omega, equal or fixed).
+        self.register_buffer("fusion_weights", torch.ones(len(in_dims)))
         # Modality index of every classifier added after construction, in order: the optimizer
         # gets one parameter group per addition, and a resumed run rebuilds them in this order.
         self.added: list[int] = []
@@ -106,7 +109,7 @@ class BoostedClassifiers(nn.Module):
             raise ValueError("BoostedClassifiers: its classifiers fuse undropped features only (measure=None)")
         per_classifier = self.classifier_logits(features)
         unimodal = torch.stack([z.sum(dim=0) for z in per_classifier])
-        fused = (self.omega.to(unimodal.dtype).view(-1, 1, 1) * unimodal).sum(dim=0)
+        fused = (self.fusion_weights.to(unimodal.dtype).view(-1, 1, 1) * unimodal).sum(dim=0)
         return fused, unimodal, {"classifiers": per_classifier}
 
     def get_extra_state(self):
@@ -116,6 +119,9 @@ class BoostedClassifiers(nn.Module):
         self.added = list(state["added"])
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if prefix + "fusion_weights" not in state_dict and prefix + "omega" in state_dict:
+            # (a checkpoint from before fusion_weights: its fused prediction was omega-weighted)
+            state_dict[prefix + "fusion_weights"] = state_dict[prefix + "omega"].clone()
         # Resize to the saved classifier counts before the parameters load.
         extra = state_dict.get(prefix + "_extra_state")
         if extra is not None:

@@ -111,7 +111,7 @@ class Coefficients(NamedTuple):
     drop_probs: torch.Tensor  # OPM q [M]
 
 
-def balance_coefficients(S: torch.Tensor, *, kind: str = "ratio", alpha: float = 0.8, form: str = "paper",
+def balance_coefficients(S: torch.Tensor, *, kind: str = "ratio", alpha: float = 1.0, form: str = "paper",
                          z: str = "tanh", q_base: float = 0.5, lam: float = 0.5,
                          backend: str = "auto") -> Coefficients:
     """rho, OGM k and OPM q from batch scores S [M] (M >= 2): the second stage of balance_stats
@@ -126,7 +126,7 @@ def balance_coefficients(S: torch.Tensor, *, kind: str = "ratio", alpha: float =
 
 
 def balance_stats(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None = None, *,
-                  kind: str = "ratio", alpha: float = 0.8, form: str = "paper", z: str = "tanh",
+                  kind: str = "ratio", alpha: float = 1.0, form: str = "paper", z: str = "tanh",
                   q_base: float = 0.5, lam: float = 0.5, reduce_scores=None, backend: str = "auto") -> BalanceStats:
     """All of the above from one call: S, s, rho, OGM k and OPM q (two kernel launches).
 

@@ -1,4 +1,4 @@
-"""Per-sample feature dropping before fusion: OPM and ModDrop (reference semantics sections 4-5).
+"""Per-sample feature dropping before fusion: OPM and ModDrop (docs/methods/opm.md).
 
 For features phi_m [B, d_m] of M modalities and drop probabilities q [M] (on the device; OPM's
 come from the previous step's balance statistics, ModDrop's are fixed):

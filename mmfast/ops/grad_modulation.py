@@ -1,4 +1,4 @@
-"""OGM-GE gradient modulation (../shared/reference-semantics.md section 3), fused.
+"""OGM-GE gradient modulation (docs/methods/ogm.md), fused.
 
 For each gradient tensor g of modality m, in place:
 
