@@ -50,7 +50,11 @@ from mmfast.data import generate  # noqa: E402
 from mmfast.diagnostics import count_host_reads  # noqa: E402
 from mmfast.trainer import Trainer, resolve_device, resolve_precision  # noqa: E402
 
-MMFAST_METHODS = {"joint": {}, "ogm": {}, "ogm_ge": {}, "ogm_star": {}, "opm": {}, "moddrop": {"probs": {"audio": 0.3}},
+# ogm, ogm_ge and opm as the public code runs them (its form and alpha; its OPM timing and p_exe),
+# the recipe NaiveStep follows: both sides of each comparison do the same work.
+CODE_OGM = {"form": "reference", "alpha": 0.8}
+MMFAST_METHODS = {"joint": {}, "ogm": CODE_OGM, "ogm_ge": CODE_OGM, "ogm_star": {},
+                  "opm": {"timing": "current", "p_exe": 0.7}, "moddrop": {"probs": {"audio": 0.3}},
                   "opm_ogm": {}, "olm": {}, "boost": {}, "unimodal": {"modality": "visual"}}
 NAIVE_METHODS = ("joint", "ogm", "ogm_ge", "opm")
 # Methods whose model has heads of its own (trainable per-modality classifiers): their

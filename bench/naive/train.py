@@ -17,7 +17,8 @@ NAIVE_METHODS = ("joint", "ogm", "ogm_ge", "opm")
 class NaiveStep:
     """Train `model` (an mmfast MultimodalModel with concat fusion) one batch at a time.
 
-    method: joint | ogm | ogm_ge | opm; alpha, form ("paper" or "reference"): OGM's coefficient;
+    method: joint | ogm | ogm_ge | opm; alpha, form ("paper" or "reference"): OGM's coefficient
+    (defaults: the public code's form and CREMA-D alpha);
     q_base, lam, p_exe: OPM's drop; generator: where OPM's uniforms come from (mmfast's Balancer
     draws from a device generator seeded with the run's seed, in the same order; mmfast's opm
     with timing="current" draws like the research code); start_epoch,
@@ -25,7 +26,7 @@ class NaiveStep:
     memory layout, as the research code trains. After each step, `coeffs` and `drop_probs`
     hold the Python floats the step computed (the research code's host-side values)."""
 
-    def __init__(self, model, optimizer, method: str = "joint", *, alpha: float = 0.8, form: str = "paper",
+    def __init__(self, model, optimizer, method: str = "joint", *, alpha: float = 0.8, form: str = "reference",
                  q_base: float = 0.5, lam: float = 0.5, p_exe: float = 0.7, generator: torch.Generator | None = None,
                  start_epoch: int = 0, end_epoch: int | None = None, warmup_epochs: int = 0):
         if method not in NAIVE_METHODS:
