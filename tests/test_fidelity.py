@@ -207,3 +207,61 @@ def test_dataset_configs_apply_their_published_recipe_to_the_method_that_runs():
     vgg = load_config("vggsound", ["method=ogm_ge"])
     assert vgg.hparams["alpha"] == 0.1 and load_config("vggsound", ["method=boost"]).data.batch_size == 16
     assert load_config("kinetics_sounds").model.irfb == {"depth": 6}
+
+
+DOC_PAGES = {"ogm": "ogm.md", "ogm_ge": "ogm.md", "ogm_star": "ogm.md", "opm": "opm.md", "moddrop": "opm.md",
+             "olm": "olm.md", "boost": "boost.md"}
+
+
+@pytest.mark.parametrize("method", sorted(DOC_PAGES))
+def test_every_hyper_parameter_has_its_default_and_source_on_the_methods_page(method):
+    """docs/methods/<page>.md lists each hyper-parameter of the method in its table of defaults
+    (a row starting with the name), so a new parameter cannot ship without its source."""
+    from pathlib import Path
+
+    from mmfast.methods import hyper_parameters
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "methods" / DOC_PAGES[method]).read_text(encoding="utf-8")
+    rows = [line for line in page.splitlines() if line.startswith("| `")]
+    for name in hyper_parameters(method):
+        assert any(f"`{name}`" in row.split("|")[1] for row in rows), f"{method}.{name} has no row in {DOC_PAGES[method]}"
+
+
+def test_nothing_in_the_repository_points_outside_it():
+    """The docs and code refer to files a clone has: no path into the development workspace."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        files = subprocess.run(["git", "ls-files"], cwd=root, capture_output=True, text=True, check=True).stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("not a git checkout")
+    needles = ("../shared", "reference-semantics.md", "reference semantics section")
+    offenders = [f for f in files if f.endswith((".py", ".md", ".yaml", ".txt", ".sh", ".toml", ".cpp", ".h", ".cu"))
+                 and f != "tests/test_fidelity.py"
+                 and any(n in (root / f).read_text(encoding="utf-8", errors="replace") for n in needles)]
+    assert offenders == []
+
+
+def test_boost_grows_without_a_bound_by_default():
+    """The paper sets no bound on a modality's classifiers (its Table 5 reaches 10 and 12): with
+    the paper's rule every ACA adds one, past the old cap of 4."""
+    from mmfast.models import BoostedClassifiers
+
+    torch.manual_seed(0)
+    encoders = {"audio": nn.Linear(4, 6), "visual": nn.Linear(3, 6)}
+    head = BoostedClassifiers([6, 6], 5)
+    opt = torch.optim.SGD([*head.parameters()], lr=0.1)
+    bal = mmfast.Balancer("boost", encoders, head=head, optimizer=opt, aca_max_steps=50)
+    assert bal.methods[0].params.max_classifiers is None
+    for epoch in range(6):
+        bal.start_epoch(epoch)
+        x = [torch.randn(8, 4), torch.randn(8, 3)]
+        fused, unimodal, extra = head([encoders["audio"](x[0]), encoders["visual"](x[1])])
+        bal.after_forward(unimodal, torch.randint(0, 5, (8,)), fused=fused, extras=extra)
+        bal.loss().backward()
+        bal.after_backward()
+        bal.after_step()
+        bal.end_epoch()
+    assert sum(head.counts()) == 2 + 6 and max(head.counts()) >= 4
