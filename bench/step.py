@@ -305,7 +305,7 @@ def cuda_checks(root, tmp, batch_size, steps=5, common=()):
     trainer = make_trainer(root, tmp / "cuda_graph", "ogm_ge", batch_size, None, "device=cuda", *common)
     batch = {k: v.cuda() for k, v in next(iter(trainer.loaders["train"].batches())).items()}
     inputs, labels = trainer._inputs(batch)
-    fused, unimodal, _ = trainer._forward(inputs)
+    fused, unimodal, _, _ = trainer._forward(inputs)
     torch.nn.functional.cross_entropy(fused, labels).backward()
     params, index = select_encoder_params(dict(trainer.model.encoders.items()), "conv")
     grads = [p.grad for p in params]

@@ -39,6 +39,8 @@ def boost_fusions(trainer) -> dict[str, float]:
     most even)."""
     import torch
 
+    from .methods.boost import CODE_FUSION_WEIGHTS
+
     val_fused, val_uni, val_y = trainer.outputs("val")
     _, test_uni, test_y = trainer.outputs("test")
     omega = trainer.model.fusion.omega.float()
@@ -47,7 +49,7 @@ def boost_fusions(trainer) -> dict[str, float]:
     grid = [(i / 20, 1 - i / 20) for i in range(21)]
     fitted = max(grid, key=lambda w: (acc(mix(val_uni, w), val_y), -abs(w[0] - 0.5)))
     return {"fused_omega": acc(mix(test_uni, omega.tolist()), test_y), "fused_equal": acc(mix(test_uni, [1, 1]), test_y),
-            "fused_fixed": acc(mix(test_uni, [0.4, 0.6]), test_y), "fused_val_fitted": acc(mix(test_uni, fitted), test_y),
+            "fused_fixed": acc(mix(test_uni, list(CODE_FUSION_WEIGHTS)), test_y), "fused_val_fitted": acc(mix(test_uni, fitted), test_y),
             "val_fitted_w_audio": fitted[0]}
 
 

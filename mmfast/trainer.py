@@ -104,18 +104,22 @@ def data_config(cfg: config_mod.Config, device: torch.device):
 
 def step_forward(model, unimodal_estimate, inputs, skip=(), drop=None, measure_dropped=False):
     """A training step's forward: encode, drop features (`drop`: features -> features), fuse.
-    Returns (fused, unimodal, the head's extras); unimodal_estimate(features, head's unimodal)
-    picks the uni-modal logits. The fused logits come from the dropped features, the uni-modal
-    ones from the features before the drop (OPM measures the imbalance there: TPAMI 2024 Alg. 1,
-    eq. 7), unless `measure_dropped` (missing-modality evaluation: every output sees the drop)."""
+    Returns (fused, unimodal, the head's extras, measured): unimodal are the head's uni-modal
+    logits (trainable for heads with classifiers of their own), measured the uni-modal logits the
+    balance statistics read, picked by unimodal_estimate(features, head's estimate). Everything
+    that trains sees the dropped features; `measured` comes from the features before the drop
+    (OPM measures the imbalance there: TPAMI 2024 Alg. 1, eq. 7), unless `measure_dropped`
+    (missing-modality evaluation: every output sees the drop)."""
     M = len(model.modalities)
     encoded = model.encode(inputs, skip=skip)
     features, fused_repr = encoded[:M], encoded[M:]  # (IRFB: the fused representation follows)
     dropped = features if drop is None else list(drop(features))
-    measured = dropped if measure_dropped else features
-    unchanged = all(a is b for a, b in zip(measured, dropped))  # (no drop: the head measures what it fuses)
-    fused, unimodal, *extra = model.head(dropped + fused_repr, measure=None if unchanged else measured)
-    return fused, unimodal_estimate(measured, unimodal), (extra[0] if extra else {})
+    source = dropped if measure_dropped else features
+    unchanged = all(a is b for a, b in zip(source, dropped))  # (no drop: the head measures what it fuses)
+    fused, unimodal, *extra = model.head(dropped + fused_repr, measure=None if unchanged else source)
+    extra = dict(extra[0]) if extra else {}
+    estimate = extra.pop("measured", unimodal)  # (heads with classifiers of their own measure apart)
+    return fused, unimodal, extra, unimodal_estimate(source, estimate)
 
 
 class _StepModule(torch.nn.Module):
@@ -325,10 +329,11 @@ class Trainer:
         """Forward, the method's loss, backward (gradients accumulate), the epoch sums."""
         bal = self.balancer
         with self._autocast():
-            fused, unimodal, extra = self._forward(inputs, skip=skip,
-                                                   drop=lambda f: bal.drop(f, part=part, shard=shard, labels=labels))
-        # (before the loss: methods may add loss terms or compute the task loss)
-        bal.after_forward(unimodal.float(), labels, fused=fused, extras=extra)
+            fused, unimodal, extra, measured = self._forward(
+                inputs, skip=skip, drop=lambda f: bal.drop(f, part=part, shard=shard, labels=labels))
+        # (before the loss: methods may add loss terms or compute the task loss; the methods that
+        # train classifiers of their own drop nothing, so for them measured is unimodal)
+        bal.after_forward(measured.float(), labels, fused=fused, extras=extra)
         per_sample = F.cross_entropy(fused.float(), labels, reduction="none")
         if bal.computes_task_loss:
             loss = bal.loss()
@@ -518,8 +523,8 @@ class Trainer:
                 drop = lambda features, shard=shard: feature_drop(features, probs, generator=gen,  # noqa: E731
                                                                   shard=shard).features
             with self._autocast():
-                fused, unimodal, _ = self._forward(inputs, skip=self.balancer.unused_modalities, drop=drop,
-                                                   measure_dropped=True)
+                fused, unimodal, _, _ = self._forward(inputs, skip=self.balancer.unused_modalities, drop=drop,
+                                                      measure_dropped=True)
             fused_all.append(fused.float())
             uni_all.append(unimodal.float().transpose(0, 1))  # [B, M, C]: samples first
             labels_all.append(labels)

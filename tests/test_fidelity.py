@@ -21,7 +21,12 @@ from mmfast.data import generate
 from mmfast.estimators import ConcatHead
 from mmfast.trainer import Trainer
 
-pytest.importorskip("nvidia.dali")
+try:
+    import nvidia.dali  # noqa: F401
+    HAS_DALI = True
+except ImportError:
+    HAS_DALI = False
+needs_dali = pytest.mark.skipif(not HAS_DALI, reason="trains on the embedded dataset through DALI")
 
 
 def paper_ratio(unimodal, labels):
@@ -38,6 +43,8 @@ def paper_drop_probability(rho, q_base, lam):
 
 @pytest.fixture(scope="module")
 def audio_dominant(tmp_path_factory):
+    if not HAS_DALI:
+        pytest.skip("trains on the embedded dataset through DALI")
     return generate(tmp_path_factory.mktemp("fidelity") / "cremad", clips=200, seed=11, dominant="audio")
 
 
@@ -173,15 +180,18 @@ def test_opm_timing_next_drops_with_the_previous_steps_q_and_current_with_this_b
 
 def test_ogm_modulates_irfbs_audio_stream_by_default(audio_dominant, tmp_path):
     """IRFB's audio stream has no 4-D weight (a Conv1d stem, Transformer blocks): the default
-    weights="auto" modulates its weights of dim > 1; summary.json says how much per modality."""
+    weights="auto" modulates its weights of dim > 1, and so it does for the visual stream, whose
+    conv stem holds few of its weights; summary.json says how much per modality."""
     cfg = load_config("embedded", [f"data.root={audio_dominant}", f"out={tmp_path / 'run'}", "epochs=1",
                                    "data.batch_size=16", "data.size=32", "data.num_workers=1", "progress=false",
                                    "precision=fp32", "method=ogm_ge", "model.fusion=irfb"])
     trainer = Trainer(cfg)
     ogm = trainer.balancer.methods[0]
+    for m, name in enumerate(("audio", "visual")):  # (visual: a conv stem, then Transformer blocks)
+        stream = trainer.model.encoders[name]
+        expected = {id(p) for p in stream.parameters() if p.dim() > 1}
+        assert expected and expected == {id(p) for p, i in zip(ogm.modulated, ogm.modality_index) if i == m}, name
     audio = trainer.model.encoders["audio"]
-    expected = {id(p) for p in audio.parameters() if p.dim() > 1}
-    assert expected and expected == {id(p) for p, m in zip(ogm.modulated, ogm.modality_index) if m == 0}
     summary = trainer.fit(max_steps=None)
     coverage = summary["methods"]["ogm_ge"]["modulated"]
     assert coverage["audio"]["elements"] == sum(p.numel() for p in audio.parameters() if p.dim() > 1)
@@ -265,3 +275,51 @@ def test_boost_grows_without_a_bound_by_default():
         bal.after_step()
         bal.end_epoch()
     assert sum(head.counts()) == 2 + 6 and max(head.counts()) >= 4
+
+
+@pytest.mark.parametrize("fusion", ["concat", "sum", "mlp", "late"])
+def test_with_a_drop_training_sees_the_dropped_features_and_the_measurement_the_undropped(fusion):
+    """Every head: the fused logits (and a late head's trainable per-modality logits) come from
+    what the drop left, with autograd; the uni-modal logits the statistics read come from the
+    undropped features, without autograd."""
+    from mmfast.models import LateHeads
+    from mmfast.models.fusion import make_fusion
+    from mmfast.trainer import step_forward
+
+    torch.manual_seed(1)
+
+    class Model(nn.Module):
+        modalities = ["audio", "visual"]
+
+        def __init__(self):
+            super().__init__()
+            self.audio, self.visual = nn.Linear(5, 6), nn.Linear(4, 6)
+            self.fusion = LateHeads([6, 6], 3) if fusion == "late" else make_fusion(fusion, [6, 6], 3)
+
+        def encode(self, batch, skip=()):
+            return [self.audio(batch["audio"]), self.visual(batch["visual"])]
+
+        def head(self, features, measure=None):
+            return self.fusion(features) if measure is None else self.fusion(features, measure=measure)
+
+    model = Model()
+    batch = {"audio": torch.randn(7, 5), "visual": torch.randn(7, 4)}
+    keep = torch.tensor([1.0, 0, 1, 1, 0, 1, 1])
+
+    def drop(features):  # drops audio of samples 1 and 4
+        return [features[0] * keep[:, None], features[1]]
+
+    estimate = lambda features, unimodal: unimodal  # noqa: E731
+    fused, unimodal, extra, measured = step_forward(model, estimate, batch, drop=drop)
+    features = model.encode(batch)
+    with torch.no_grad():
+        plain_fused, plain_unimodal, *_ = model.head(drop(features))
+        undropped = model.head(features)[1]
+    torch.testing.assert_close(fused, plain_fused)
+    torch.testing.assert_close(measured, undropped)
+    assert not measured.requires_grad and "measured" not in extra
+    if fusion == "late":  # (the per-modality classifiers train on what the drop left)
+        torch.testing.assert_close(unimodal, plain_unimodal)
+        assert unimodal.requires_grad
+    (fused.sum() + (unimodal.sum() if unimodal.requires_grad else 0)).backward()
+    assert model.audio.weight.grad is not None and model.fusion.parameters().__next__().grad is not None

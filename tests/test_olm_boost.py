@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import mmfast
@@ -214,6 +215,7 @@ def reference_boost_loss(classifiers, omega, labels, lam, trained):
             residual = y.clone()
             for j in range(n - 1):
                 residual -= lam * y * torch.softmax(z[j, i], dim=0)
+            residual = residual.clamp_min(0.0)  # (the paper: residual labels are non-negative)
             log_p = torch.log_softmax(z[n - 1, i], dim=0)
             eps = -(residual * log_p).sum()
             eps_o = -torch.log_softmax(z[:, i].sum(dim=0), dim=0)[int(labels[i])]
@@ -558,3 +560,19 @@ def test_a_classifier_added_under_a_plateau_schedule_is_lowered_with_the_rest():
     sched.step(1.0)
     sched.step(2.0)  # (no improvement: lowered)
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.01, 0.01])
+
+
+def test_boost_residual_labels_stay_non_negative_with_many_confident_classifiers():
+    """Eight classifiers that all put ~0.999 on the true class: 1 - 0.2 * 7 * 0.999 < 0, which the
+    paper's residual label may not be; the newest classifier's own term then weighs 0."""
+    from mmfast.methods.boost import boost_modality_loss
+
+    labels = torch.tensor([0, 1])
+    z = torch.full((8, 2, C), -3.0)
+    z[:, 0, 0] = z[:, 1, 1] = 3.0
+    loss = boost_modality_loss(z, torch.tensor(1.0), labels, 0.2)
+    expected = reference_boost_loss([z], torch.tensor([1.0]), labels, 0.2, [0])
+    assert float(loss.mean()) == pytest.approx(expected, rel=1e-5)
+    eps_o = F.cross_entropy(z.sum(0), labels, reduction="none")
+    eps_p = F.cross_entropy(z[:-1].sum(0), labels, reduction="none")
+    torch.testing.assert_close(loss, eps_o + eps_p)  # (eps = 0: a residual label of 0)

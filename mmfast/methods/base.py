@@ -27,6 +27,7 @@ import torch
 
 from ..distributed import Distributed
 from ..ops import BalanceStats, balance_coefficients, modality_scores
+from ..ops.balance import ALPHA_DEFAULTS
 
 EVENTS = ("fit_start", "epoch_start", "before_fusion", "after_forward", "after_backward", "after_step", "epoch_end",
           "head_losses")
@@ -37,7 +38,8 @@ POOLED_FUSIONS = ("concat", "sum", "film", "gated", "mlp", "late")  # fusion aft
 
 # The balance_stats parameters a method may ask for, with their defaults (mmfast.ops.balance).
 # (Used when no method of the run sets them: then only rho and the monitoring metrics are read.)
-BALANCE_DEFAULTS = {"kind": "ratio", "alpha": 1.0, "form": "paper", "z": "tanh", "q_base": 0.5, "lam": 0.5}
+BALANCE_DEFAULTS = {"kind": "ratio", "alpha": ALPHA_DEFAULTS["paper"], "form": "paper", "z": "tanh", "q_base": 0.5,
+                    "lam": 0.5}
 
 
 class StepState:

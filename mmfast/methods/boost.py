@@ -3,7 +3,8 @@ classifiers t = 1..n_r with logits z_t^r, one shared head, modality weights omeg
 
 Loss of modality r, with z_hat_t = omega_r z_t^r (p_hat = omega p) and n = n_r:
 
-    residual label   y_hat = y - lam sum_{j<n} y (.) softmax(z_hat_j)     (detached: a target)
+    residual label   y_hat = max(y - lam sum_{j<n} y (.) softmax(z_hat_j), 0)   (detached: a target;
+                     the paper asks for non-negative residual labels)
     eps              CE(z_hat_n, y_hat) = (1 - lam sum_{j<n} p_j[y]) (-log softmax(z_hat_n)[y])
     eps_o            CE(sum_{j<=n} z_hat_j, y)
     eps_p            CE(sum_{j<n} z_hat_j, y)   (none while n = 1)
@@ -14,23 +15,28 @@ modality's loss (the shared head moves between them).
 
 ACA after every `interval` epochs (T: the paper's 20 for CREMA-D, 10 for Kinetics-Sounds), from
 the per-modality scores accumulated since the last ACA:
-    aca_score="probabilities" (the paper): s^r = mean_i y_i . sum_t softmax(z_t^r)_i
-    aca_score="logits" (mmfast before 2026-12): s^r = mean_i softmax(sum_t z_t^r)_i[y_i]
+    aca_score="logits" (default): s^r = mean_i softmax(sum_t z_t^r)_i[y_i], the probability of the
+        modality's boosted prediction (in [0, 1]);
+    aca_score="probabilities" (the paper's text): s^r = mean_i y_i . sum_t softmax(z_t^r)_i. Read
+        literally this sum grows with the number of classifiers (up to n_r), so a modality that
+        received classifiers soon outscores the other and the assignment alternates, which the
+        paper's Table 5 contradicts (1 audio, 10 video classifiers after adaptive assignment):
+        the default keeps the score of the summed prediction.
 Assignment (aca_rule): "paper" as written for two modalities a (the first) and v (the second):
-s^a - sigma s^v > tau gives v a classifier, < tau gives a one (so every ACA adds one, as Table 5's
-adaptive run of 1 + 10 classifiers after ~10 calls shows); "dead_zone": the same with "< -tau"
+s^a - sigma s^v > tau gives v a classifier, < tau gives a one (so every ACA adds one, consistent
+with Table 5's adaptive run ending with 1 + 10 classifiers); "dead_zone": the same with "< -tau"
 (no addition inside the zone); "weakest" (any M): the weakest modality gets one when the strongest
 other leads it by more than tau, max_r!=w s^r - sigma s^w > tau. Up to `max_classifiers` (none
 by default: the paper sets no bound); the new classifier joins the optimizer (the public code
 never trains its new classifiers). omega = sigmoid(MLP(s)) with a 3-layer ReLU MLP fitted to the
 indicator g of the weakest modality (L_ACA = ||g - omega||^2) "until converge" (Alg. 1): up to
 aca_max_steps steps of the backbone's optimizer kind (SGD with its momentum and weight decay, the
-paper's "same as the backbone"), learning rate aca_lr (the paper's 0.001), stopping once L_ACA
+paper's "same as the backbone", 5.2.2), learning rate aca_lr (the paper's 0.001), stopping once L_ACA
 falls by less than aca_tol over 50 steps; the sigmoid keeps omega in (0, 1), the range the paper
 reports.
 Inference (the paper leaves the late fusion open): fused = sum_r w_r sum_t z_t^r with w the
 head's fusion_weights: `inference` "omega" (mmfast's reading: the learned omega), "equal" (w = 1)
-or "fixed" (fixed_weights, the public code's 0.4 / 0.6).
+or "fixed" (fixed_weights, default CODE_FUSION_WEIGHTS, the public code's 0.4 / 0.6).
 """
 from __future__ import annotations
 
@@ -48,6 +54,7 @@ UPDATES = ("joint", "alternating")
 ACA_RULES = ("paper", "dead_zone", "weakest")
 ACA_SCORES = ("probabilities", "logits")
 INFERENCE = ("omega", "equal", "fixed")
+CODE_FUSION_WEIGHTS = (0.4, 0.6)  # the public code's fixed late fusion (audio, visual)
 
 
 def boost_modality_loss(z: torch.Tensor, omega: torch.Tensor, labels: torch.Tensor, lam: float) -> torch.Tensor:
@@ -60,7 +67,9 @@ def boost_modality_loss(z: torch.Tensor, omega: torch.Tensor, labels: torch.Tens
     loss = F.cross_entropy(z.sum(dim=0).float(), labels, reduction="none")  # eps_o
     previous = z[:-1].float()
     p_true = torch.softmax(previous.detach(), dim=-1).gather(-1, labels.view(1, -1, 1).expand(n - 1, -1, 1))
-    residual = 1.0 - lam * p_true.squeeze(-1).sum(dim=0)  # y_hat at the true class (0 elsewhere)
+    # y_hat at the true class (0 elsewhere), kept >= 0 as the paper requires of residual labels
+    # (with many confident classifiers lam * sum p would pass 1).
+    residual = (1.0 - lam * p_true.squeeze(-1).sum(dim=0)).clamp_min(0.0)
     return loss + residual * newest + F.cross_entropy(previous.sum(dim=0), labels, reduction="none")
 
 
@@ -104,20 +113,20 @@ class Boost(Method):
 
     @dataclasses.dataclass
     class Params:
-        lam: float = 0.2  # residual-label lambda: the paper's for every dataset (5.1); the public CREMA-D code 0.5
+        lam: float = 0.2  # residual-label lambda: the paper's for every dataset (5.2.2); the public CREMA-D code 0.5
         interval: int = 1  # T, epochs between ACA calls: no general default (paper: 20 CREMA-D, 10 KS; set per recipe)
-        sigma: float = 1.0  # the paper's default (4.3)
-        tau: float = 0.01  # the paper's default (4.3)
+        sigma: float = 1.0  # the paper's default (4.2)
+        tau: float = 0.01  # the paper's default (4.2)
         max_classifiers: int | None = None  # per modality; None: no bound (the paper sets none; Table 5 reaches 12)
         update: str = "joint"  # "joint" (the paper) | "alternating" (the public code)
         aca_rule: str = "paper"  # "paper" | "dead_zone" | "weakest" (module docstring)
-        aca_score: str = "probabilities"  # "probabilities" (the paper) | "logits"
+        aca_score: str = "logits"  # "logits" (the summed prediction's; see above) | "probabilities" (the text)
         aca_lr: float = 1e-3  # the paper's
         aca_max_steps: int = 5000  # "until converge": no published bound
         aca_tol: float = 1e-6  # convergence: L_ACA falls by less than this over 50 steps (no published value)
         aca_hidden: int = 32  # no published value ("a three-layer network with ReLU")
         inference: str = "omega"  # fused prediction weights: "omega" | "equal" | "fixed"
-        fixed_weights: list | None = None  # inference="fixed": one weight per modality (None: 0.4, 0.6)
+        fixed_weights: list | None = None  # inference="fixed": one weight per modality (None: CODE_FUSION_WEIGHTS)
 
         def check(self):
             check_number("boost", "lam", self.lam, low=0, high=1)
@@ -156,7 +165,7 @@ class Boost(Method):
         if self.params.aca_rule != "weakest" and M != 2:
             raise ValueError(f"boost.aca_rule={self.params.aca_rule!r} is written for two modalities; with {M} "
                              f"({', '.join(state.modalities)}) use aca_rule='weakest'")
-        # "The optimization algorithm of ACA is the same as that of the backbone" (the paper, 5.1):
+        # "The optimization algorithm of ACA is the same as that of the backbone" (the paper, 5.2.2):
         # its kind, momentum and weight decay; the paper's SGD(0.9, 1e-4) when the loop gave none.
         backbone = state.optimizer
         group = backbone.param_groups[0] if backbone is not None else {"momentum": 0.9, "weight_decay": 1e-4}
@@ -167,7 +176,7 @@ class Boost(Method):
         else:
             self.omega_optimizer = type(backbone)(self.omega_net.parameters(), lr=self.params.aca_lr,
                                                   weight_decay=group.get("weight_decay", 0.0))
-        fixed = self.params.fixed_weights if self.params.fixed_weights is not None else [0.4, 0.6]
+        fixed = list(self.params.fixed_weights if self.params.fixed_weights is not None else CODE_FUSION_WEIGHTS)
         if self.params.inference == "fixed" and len(fixed) != M:
             raise ValueError(f"boost.fixed_weights needs one weight per modality ({M}), got {fixed}")
         if self.params.inference == "equal":

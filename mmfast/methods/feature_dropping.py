@@ -48,8 +48,8 @@ class OPM(Method):
 
     @dataclasses.dataclass
     class Params(WindowParams):
-        q_base: float = 0.5  # TPAMI 2024 section 4.1 and the public code
-        lam: float = 0.5  # TPAMI 2024 section 4.1 and the public code
+        q_base: float = 0.5  # TPAMI 2024 Fig. 7 (section 4.4.4) and the public code
+        lam: float = 0.5  # TPAMI 2024 Fig. 7 (section 4.4.4) and the public code
         z: str = "tanh"  # TPAMI 2024 section 3.2.1: z(x) = tanh(x - 1)
         kind: str = "ratio"  # eq. 7
         p_exe: float = 1.0  # the paper drops on every step (Alg. 1); the public code modulates a batch w.p. 0.7

@@ -9,8 +9,9 @@ the run's seed and the device step counter. Inside the inclusive epoch window
 [start_epoch, end_epoch] and after warmup_epochs; elsewhere gradients are untouched.
 
 Which gradients (``weights``): "auto" (default) takes, per encoder, its 4-D convolution weights
-(the public code's choice) when it has any and every weight of dim > 1 when it has none (a
-Transformer, MLP or Conv1d stream: the paper modulates every encoder parameter, section 3.2.2);
+(the public code's choice) when convolutions hold most of its weight elements (a CNN), and every
+weight of dim > 1 otherwise (a Transformer, MLP or Conv1d stream, also with a conv stem: the paper
+modulates every encoder parameter, section 3.2.2);
 "conv" the 4-D weights only; "all" every encoder weight of dim > 1. A run in which some modality
 would get no modulated gradient is refused, naming it. Their order (modality by modality, then
 the encoder's parameters() order) fixes each tensor's noise stream. ``coverage`` (also in the
@@ -21,28 +22,28 @@ from __future__ import annotations
 import dataclasses
 
 from ..ops import grad_modulate_
-from ..ops.balance import FORMS, KINDS, ZS
+from ..ops.balance import ALPHA_DEFAULTS, FORMS, KINDS, ZS
 from .base import Method, StepState, WindowParams, check_choice, check_number
 
 WEIGHT_MODES = ("auto", "conv", "all")
-# alpha of each coefficient form (one form's alpha damps very differently in the other: at rho 1.5,
-# alpha 0.8 gives k 0.63 in the paper form and 0.17 in the public code's).
-ALPHA_DEFAULTS = {
-    "paper": 1.0,  # no published value (TPAMI 2024 gives none; section 4.5.3 finds results insensitive to it);
-    #                1.0 lets k span the paper's whole range (1 - alpha, 1] down to its floor 0 (eq. 11)
-    "reference": 0.8,  # the public code's CREMA-D scripts (its VGGSound scripts: 0.1)
-    "star": 0.8,  # no published value (OGM*, TPAMI 4.4.2, gives no formula): mmfast's reading, see docs
-}
+# (ALPHA_DEFAULTS, in mmfast/ops/balance.py beside the formulas, says where each comes from.)
+
+
+def is_convolutional(weights) -> bool:
+    """Whether 4-D (convolution) weights hold most of these weights' elements: a CNN encoder."""
+    conv = sum(p.numel() for p in weights if p.dim() == 4)
+    return conv > 0 and 2 * conv > sum(p.numel() for p in weights if p.dim() > 1)
 
 
 def select_encoder_params(encoders, mode: str):
     """(parameters, modality index of each) of the encoders (a name -> module mapping, in
     modality order): 4-D weights for mode 'conv', every weight of dim > 1 for 'all', and for
-    'auto' an encoder's 4-D weights where it has some, else its weights of dim > 1."""
+    'auto' a convolutional encoder's 4-D weights (most of its weight elements are convolutions),
+    every weight of dim > 1 of any other encoder (a Transformer with a conv stem included)."""
     params, index = [], []
     for m, encoder in enumerate(encoders.values()):
         trainable = [p for p in encoder.parameters() if p.requires_grad]
-        conv_only = mode == "conv" or (mode == "auto" and any(p.dim() == 4 for p in trainable))
+        conv_only = mode == "conv" or (mode == "auto" and is_convolutional(trainable))
         for p in trainable:
             if p.dim() == 4 if conv_only else p.dim() > 1:
                 params.append(p)

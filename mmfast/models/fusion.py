@@ -35,7 +35,8 @@ class SumHead(nn.Module):
         if measure is None:
             return partial.sum(dim=0), partial.detach()
         with torch.no_grad():
-            return partial.sum(dim=0), torch.stack([fc(f) for fc, f in zip(self.fcs, measure)])
+            measured = torch.stack([fc(f) for fc, f in zip(self.fcs, measure)])
+        return partial.sum(dim=0), measured
 
 
 class _ZeroOutHead(nn.Module):

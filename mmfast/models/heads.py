@@ -21,8 +21,10 @@ class LateHeads(nn.Module):
     """features: M modality features [B, d_m], optionally followed by a fused representation
     [B, fused_dim] (IRFB's bottleneck). Returns (fused logits, uni-modal logits [M, B, C]); both
     train. Without a fused representation the fused classifier sees the concatenated features.
-    measure: the M features the per-modality classifiers see when a dropping method changed
-    `features` (the undropped ones: a drop changes only what the fusion sees)."""
+    measure: the M undropped features when a dropping method changed `features`: every output
+    that trains sees what the drop left (a dropped sample teaches no classifier of its
+    modality), and a third item {"measured": [M, B, C]} holds the classifiers' logits on the
+    undropped features, without autograd, for the balance statistics."""
 
     trains_unimodal = True
 
@@ -41,12 +43,15 @@ class LateHeads(nn.Module):
         if len(features) != expected:
             raise ValueError(f"LateHeads: expected {expected} feature tensors ({M} modalities"
                              f"{' and the fused representation' if self.has_fused_input else ''}), got {len(features)}")
-        own = features[:M] if measure is None else list(measure)
-        if len(own) != M:
-            raise ValueError(f"LateHeads: measure must hold the {M} modalities' features, got {len(own)}")
-        unimodal = torch.stack([fc(f) for fc, f in zip(self.unimodal, own)])
-        fused_input = features[M] if self.has_fused_input else torch.cat(list(features), dim=1)
-        return self.fused(fused_input), unimodal
+        unimodal = torch.stack([fc(f) for fc, f in zip(self.unimodal, features)])
+        fused_input = features[M] if self.has_fused_input else torch.cat(list(features[:M]), dim=1)
+        if measure is None:
+            return self.fused(fused_input), unimodal
+        if len(measure) != M:
+            raise ValueError(f"LateHeads: measure must hold the {M} modalities' features, got {len(measure)}")
+        with torch.no_grad():
+            measured = torch.stack([fc(f) for fc, f in zip(self.unimodal, measure)])
+        return self.fused(fused_input), unimodal, {"measured": measured}
 
 
 class BoostedClassifiers(nn.Module):

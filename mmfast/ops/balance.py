@@ -1,8 +1,8 @@
 """How well each modality alone predicts the batch, and what the balancing methods make of it.
 
 Reference semantics sections 2-4 (OGM, OGM-GE, OPM; TPAMI 2024 eq. 6-8, 11-17). For uni-modal
-logits o_m [M, B, C] (mmfast.estimators), labels y [B] and an optional sample mask w ([B] or
-[M, B], e.g. OPM's kept samples):
+logits o_m [M, B, C] (mmfast.estimators; the methods measure the undropped features of every
+sample), labels y [B] and an optional sample mask w ([B] or [M, B], e.g. a part of the batch):
 
     s[m, i] = softmax(o_m[i])[y_i]                       per-sample true-class probability
     S[m]    = sum_i w[m, i] * s[m, i]                      batch score (samples with w = 0 skipped)
@@ -40,6 +40,14 @@ from ..dispatch import choose_backend
 KINDS = ("ratio", "difference")
 FORMS = ("paper", "reference", "star")
 ZS = ("tanh", "sigmoid")
+# alpha of each coefficient form (one form's alpha damps very differently in the other: at rho 1.5,
+# alpha 0.8 gives k 0.63 in the paper form and 0.17 in the public code's).
+ALPHA_DEFAULTS = {
+    "paper": 1.0,  # no published value (TPAMI 2024 gives none; section 4.5.3 finds results insensitive to it);
+    #                1.0 lets k span the paper's whole range (1 - alpha, 1] down to its floor 0 (eq. 11)
+    "reference": 0.8,  # the public code's CREMA-D scripts (its VGGSound scripts: 0.1)
+    "star": 0.8,  # no published value (OGM*, TPAMI 4.4.2, gives no formula): mmfast's reading
+}
 
 
 class BalanceStats(NamedTuple):
@@ -111,7 +119,8 @@ class Coefficients(NamedTuple):
     drop_probs: torch.Tensor  # OPM q [M]
 
 
-def balance_coefficients(S: torch.Tensor, *, kind: str = "ratio", alpha: float = 1.0, form: str = "paper",
+def balance_coefficients(S: torch.Tensor, *, kind: str = "ratio", alpha: float = ALPHA_DEFAULTS["paper"],
+                         form: str = "paper",
                          z: str = "tanh", q_base: float = 0.5, lam: float = 0.5,
                          backend: str = "auto") -> Coefficients:
     """rho, OGM k and OPM q from batch scores S [M] (M >= 2): the second stage of balance_stats
@@ -126,7 +135,7 @@ def balance_coefficients(S: torch.Tensor, *, kind: str = "ratio", alpha: float =
 
 
 def balance_stats(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None = None, *,
-                  kind: str = "ratio", alpha: float = 1.0, form: str = "paper", z: str = "tanh",
+                  kind: str = "ratio", alpha: float = ALPHA_DEFAULTS["paper"], form: str = "paper", z: str = "tanh",
                   q_base: float = 0.5, lam: float = 0.5, reduce_scores=None, backend: str = "auto") -> BalanceStats:
     """All of the above from one call: S, s, rho, OGM k and OPM q (two kernel launches).
 
