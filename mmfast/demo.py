@@ -34,22 +34,22 @@ def demo_runs(dominant: str, study: bool = False) -> list[tuple[str, str, dict, 
 
 def boost_fusions(trainer) -> dict[str, float]:
     """Test accuracy of a trained boost model under each late fusion of its modalities' summed
-    logits: omega-weighted (its own), equal, fixed 0.4 / 0.6 (the public code's), and weights
-    fitted on the validation split (w_audio on a 0.05 grid, w_visual = 1 - w_audio; ties: the
-    most even)."""
+    logits: omega-weighted, equal, fixed 0.4 / 0.6 (the public code's), and weights fitted on
+    the validation split (mmfast.methods.boost.fit_fusion_weights)."""
     import torch
 
-    from .methods.boost import CODE_FUSION_WEIGHTS
+    from .methods.boost import CODE_FUSION_WEIGHTS, fit_fusion_weights
 
-    val_fused, val_uni, val_y = trainer.outputs("val")
+    _, val_uni, val_y = trainer.outputs("val")
     _, test_uni, test_y = trainer.outputs("test")
-    omega = trainer.model.fusion.omega.float()
-    acc = lambda logits, y: float((logits.argmax(dim=1) == y).float().mean())  # noqa: E731
-    mix = lambda uni, w: (torch.tensor(w, dtype=uni.dtype).view(-1, 1, 1) * uni).sum(dim=0)  # noqa: E731
-    grid = [(i / 20, 1 - i / 20) for i in range(21)]
-    fitted = max(grid, key=lambda w: (acc(mix(val_uni, w), val_y), -abs(w[0] - 0.5)))
-    return {"fused_omega": acc(mix(test_uni, omega.tolist()), test_y), "fused_equal": acc(mix(test_uni, [1, 1]), test_y),
-            "fused_fixed": acc(mix(test_uni, list(CODE_FUSION_WEIGHTS)), test_y), "fused_val_fitted": acc(mix(test_uni, fitted), test_y),
+    fitted = fit_fusion_weights(val_uni, val_y).tolist()
+
+    def acc(weights):
+        fused = (torch.tensor(weights, dtype=test_uni.dtype).view(-1, 1, 1) * test_uni).sum(dim=0)
+        return float((fused.argmax(dim=1) == test_y).float().mean())
+
+    return {"fused_omega": acc(trainer.model.fusion.omega.float().tolist()), "fused_equal": acc([1.0, 1.0]),
+            "fused_fixed": acc(list(CODE_FUSION_WEIGHTS)), "fused_val_fitted": acc(fitted),
             "val_fitted_w_audio": fitted[0]}
 
 

@@ -567,6 +567,9 @@ class Trainer:
             if metrics is None:
                 return None
             if "val" in self.loaders:
+                if self.balancer.wants_validation():  # (boost fits its late fusion on the split first)
+                    _, unimodal, labels = self.outputs("val")
+                    self.balancer.observe_validation(unimodal, labels)
                 metrics.update(self.evaluate("val"))
             if self.balancer.wants_head_losses(self.epoch):
                 self._observe_head_losses(self.epoch, metrics)

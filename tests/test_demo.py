@@ -34,7 +34,11 @@ def test_demo_trains_every_method_and_writes_the_table(tmp_path):
     for key in ("fused_omega", "fused_equal", "fused_fixed", "fused_val_fitted"):
         assert 0 <= boost[key] <= 1, key
     assert "boost's late fusion, audio dominant" in table
-    assert boost["fused_omega"] == pytest.approx(boost["fused"])  # (its own fusion: the trainer's test accuracy)
+    # (its own fusion, fitted on the validation split of its best epoch: the trainer's test accuracy,
+    # to one clip: the trainer mixes the logits in its precision, bf16 on some machines)
+    test_clips = json.loads((tmp_path / "runs" / "audio_dominant" / "seed0" / "boost" / "summary.json").read_text())[
+        "test/samples"]
+    assert boost["fused_val_fitted"] == pytest.approx(boost["fused"], abs=1.01 / test_clips)
     assert results["audio"]["joint"][0]["drop_visual"] == 0 and 0 <= results["audio"]["opm"][0]["drop_audio"] <= 1
 
 

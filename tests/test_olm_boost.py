@@ -171,8 +171,11 @@ def test_olm_tempered_factors_and_the_collapse_warning():
         entropy = float(bal.metrics["olm/lambda_entropy"])
         if form == "softmax":
             assert entropy < 0.01
-            with pytest.warns(RuntimeWarning, match=r"\['audio', 'fused'\] reached the floor"):
+            with pytest.warns(RuntimeWarning) as caught:
                 bal.end_epoch()
+            messages = [str(w.message) for w in caught]
+            assert any("collapsed onto the 'visual' head" in m for m in messages), messages
+            assert any("['audio', 'fused'] reached the floor" in m for m in messages), messages
         else:
             assert entropy > 0.5
             import warnings
@@ -513,7 +516,8 @@ def test_aca_fits_omega_until_it_converges_with_the_backbones_optimizer():
     gen = torch.Generator().manual_seed(4)
     encoders, head = make_net(BoostedClassifiers)
     opt = torch.optim.SGD(list(head.parameters()), lr=0.1, momentum=0.8, weight_decay=3e-4)
-    bal = mmfast.Balancer("boost", encoders, head=head, optimizer=opt, interval=1, aca_lr=0.05, aca_tol=1e-5)
+    bal = mmfast.Balancer("boost", encoders, head=head, optimizer=opt, interval=1, aca_lr=0.05, aca_tol=1e-5,
+                          inference="omega")
     boost = bal.methods[0]
     group = boost.omega_optimizer.param_groups[0]
     assert isinstance(boost.omega_optimizer, torch.optim.SGD)
@@ -576,3 +580,31 @@ def test_boost_residual_labels_stay_non_negative_with_many_confident_classifiers
     eps_o = F.cross_entropy(z.sum(0), labels, reduction="none")
     eps_p = F.cross_entropy(z[:-1].sum(0), labels, reduction="none")
     torch.testing.assert_close(loss, eps_o + eps_p)  # (eps = 0: a residual label of 0)
+
+
+def test_boost_val_fitted_fusion_is_the_most_accurate_simplex_weighting_on_validation(gen):
+    """inference="val_fitted" (the default): after each epoch the late-fusion weights become the
+    point of the simplex grid (step 1/20) whose fused prediction is most accurate on the
+    validation logits, the most even among ties; equal weights until then."""
+    from mmfast.methods.boost import fit_fusion_weights, simplex_grid
+
+    grid = simplex_grid(3)
+    assert grid.shape == (231, 3) and torch.allclose(grid.sum(dim=1), torch.ones(231))
+    unimodal, labels = torch.randn(2, 40, C, generator=gen), torch.randint(0, C, (40,), generator=gen)
+    unimodal[1] += 3 * F.one_hot(labels, C)  # (the second modality is the better one)
+    best, best_key = None, None
+    for i in range(21):  # brute force over w_a = i / 20
+        w = (i / 20, 1 - i / 20)
+        acc = float(((w[0] * unimodal[0] + w[1] * unimodal[1]).argmax(1) == labels).float().mean())
+        key = (acc, -abs(w[0] - 0.5))
+        if best_key is None or key > best_key:
+            best, best_key = w, key
+    assert fit_fusion_weights(unimodal, labels).tolist() == pytest.approx(best)
+    encoders, head = make_net(BoostedClassifiers)
+    bal = mmfast.Balancer("boost", encoders, head=head, optimizer=torch.optim.SGD(head.parameters(), lr=0.1))
+    assert bal.wants_validation() and head.fusion_weights.tolist() == [1.0, 1.0]
+    bal.observe_validation(unimodal, labels)
+    assert head.fusion_weights.tolist() == pytest.approx(best)
+    with pytest.raises(ValueError, match="labels must be"):
+        bal.observe_validation(unimodal, labels[:3])
+    assert not mmfast.Balancer("boost", encoders, head=head, inference="omega").wants_validation()

@@ -128,6 +128,23 @@ class Balancer:
                                   "initial": epoch is None, "epoch": epoch}
         self._emit("head_losses")
 
+    def wants_validation(self) -> bool:
+        """Whether a method needs the validation split's uni-modal logits after each epoch."""
+        return any(m.wants_validation() for m in self.methods)
+
+    def observe_validation(self, unimodal: torch.Tensor, labels: torch.Tensor) -> None:
+        """The validation split's uni-modal logits [M, N, C] and labels [N] (after an epoch,
+        before its validation metrics: boost's inference="val_fitted" fits its fusion on them)."""
+        M = len(self.state.modalities)
+        if not isinstance(unimodal, torch.Tensor) or unimodal.dim() != 3 or unimodal.shape[0] != M:
+            raise ValueError(f"Balancer.observe_validation: unimodal must be [M={M}, N, C], got "
+                             f"{tuple(getattr(unimodal, 'shape', ())) or unimodal!r}")
+        if not isinstance(labels, torch.Tensor) or labels.shape != unimodal.shape[1:2]:
+            raise ValueError(f"Balancer.observe_validation: labels must be [N={unimodal.shape[1]}], got "
+                             f"{tuple(getattr(labels, 'shape', ())) or labels!r}")
+        self.state.validation = {"unimodal": unimodal.detach().float(), "labels": labels}
+        self._emit("validation")
+
     def drop(self, features: Sequence[torch.Tensor], *, part: Sequence[str] | None = None,
              shard: tuple[int, int] | None = None, labels: torch.Tensor | None = None) -> list[torch.Tensor]:
         """The features to fuse: dropped and rescaled by OPM/ModDrop, unchanged otherwise (measure

@@ -13,6 +13,8 @@ step:
     epoch_end      at the end of each epoch
     head_losses    per-head validation and training losses were measured (``state.head_losses``):
                    once before training and at the epochs a method asks for (OLM's rebalancing)
+    validation     the validation split's uni-modal logits and labels (``state.validation``), after
+                   each epoch, before the epoch's validation metrics (boost fits its late fusion)
 
 Everything a method reads or writes during a step lives on the device: hooks must not read
 tensors on the host (no ``.item()``, no Python branching on tensor values). Epoch numbers are
@@ -30,7 +32,7 @@ from ..ops import BalanceStats, balance_coefficients, modality_scores
 from ..ops.balance import ALPHA_DEFAULTS
 
 EVENTS = ("fit_start", "epoch_start", "before_fusion", "after_forward", "after_backward", "after_step", "epoch_end",
-          "head_losses")
+          "head_losses", "validation")
 # Model fusions (mmfast.models.FUSION_NAMES) a method accepts unless it says otherwise: not
 # "boost", whose classifiers only the boost method trains.
 GENERIC_FUSIONS = ("concat", "sum", "film", "gated", "mlp", "late", "irfb")
@@ -92,6 +94,7 @@ class StepState:
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler = None
         self.head_losses: dict[str, Any] = {}
+        self.validation: dict[str, torch.Tensor] = {}
         self.part: tuple[str, ...] | None = None
         self.seed = int(seed)
         self.device = torch.device(device)
@@ -221,6 +224,11 @@ class Method:
         head_losses event) before training (epoch None) or after epoch `epoch`."""
         return False
 
+    def wants_validation(self) -> bool:
+        """Whether the loop should hand over the validation split's uni-modal logits after each
+        epoch, before it measures the epoch's validation metrics (the validation event)."""
+        return False
+
     def fit_start(self, state: StepState) -> None: ...
     def epoch_start(self, state: StepState) -> None: ...
     def before_fusion(self, state: StepState) -> None: ...
@@ -229,6 +237,7 @@ class Method:
     def after_step(self, state: StepState) -> None: ...
     def epoch_end(self, state: StepState) -> None: ...
     def head_losses(self, state: StepState) -> None: ...
+    def validation(self, state: StepState) -> None: ...
 
     def summary(self) -> dict[str, Any]:
         """What the run's summary.json records of this method (after fit_start): JSON values."""

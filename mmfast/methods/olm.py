@@ -45,6 +45,7 @@ from .base import Method, StepState, check_choice, check_number
 
 VARIANTS = ("gc", "loss_ratio")
 LAMBDA_FORMS = ("softmax", "normalized")
+COLLAPSED_ENTROPY = 0.1  # lambda's normalised entropy below which a warning names the collapse (no published value)
 W_OPTIMIZERS = ("adam", "sgd")
 
 
@@ -142,6 +143,7 @@ class OLM(Method):
         self.initial: dict[str, torch.Tensor] = {}  # gc: "val", "train"; loss_ratio: "train" (first step)
         self._norms = torch.zeros(H, device=state.device)
         self._batches = 0  # micro-batches since the last coefficient step (host count)
+        self._warned_collapse: int | None = None
 
     def wants_head_losses(self, epoch: int | None) -> bool:
         if self.params.variant != "gc":
@@ -193,12 +195,20 @@ class OLM(Method):
         self._batches = 0
 
     def epoch_end(self, state: StepState) -> None:
-        # (an epoch end: one host read) A head held at the floor has stopped following its target:
-        # the sign of lambda's collapse (one head's C near 0 takes all of softmax(G / C)).
+        # (an epoch end: host reads) lambda's collapse (one head's C near 0 takes all of
+        # softmax(G / C)), and a head held at the floor, which no longer follows its target.
+        lam = self.lam.tolist()
+        entropy = float(normalized_entropy(self.lam))
+        if entropy < COLLAPSED_ENTROPY and self._warned_collapse != state.epoch:
+            self._warned_collapse = state.epoch
+            warnings.warn(f"olm: the rebalancing factors collapsed onto the {self.heads[max(range(len(lam)), key=lam.__getitem__)]!r} "
+                          f"head at epoch {state.epoch} (lambda {[round(v, 3) for v in lam]}, entropy {entropy:.3f}): "
+                          f"the other heads' targets go to 0; lambda_form='normalized' keeps every head in play",
+                          RuntimeWarning, stacklevel=2)
         floored = [name for name, w in zip(self.heads, self.w.tolist()) if w <= self.params.w_min]
         if floored:
             warnings.warn(f"olm: the logit coefficient(s) of {floored} reached the floor w_min={self.params.w_min} "
-                          f"at epoch {state.epoch} (lambda {[round(v, 3) for v in self.lam.tolist()]}): the "
+                          f"at epoch {state.epoch} (lambda {[round(v, 3) for v in lam]}): the "
                           f"rebalancing factors may have collapsed; try lambda_form='normalized'",
                           RuntimeWarning, stacklevel=2)
 
