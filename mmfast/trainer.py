@@ -264,14 +264,18 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
+    def _zero_out_estimate(self) -> bool:
+        return self.cfg.model.estimator == "zero_out" and self.fusion in ("concat", "sum")
+
     def _unimodal(self, features, fused_unimodal):
-        if self.cfg.model.estimator == "zero_out" and self.fusion in ("concat", "sum"):
+        if self._zero_out_estimate():
             return zero_out_logits(lambda fs: self.model.head(fs)[0], features)
         return fused_unimodal
 
     def _estimate(self, features):
-        """The uni-modal logits of M pooled features (a method that measures before the fusion)."""
-        return self._unimodal(features, self.model.head(features)[1])
+        """The uni-modal logits of M pooled features (a method that measures before the fusion);
+        the head runs once, for the estimate it gives or for the zero-out passes."""
+        return self._unimodal(features, None if self._zero_out_estimate() else self.model.head(features)[1])
 
     def _forward(self, inputs, skip=(), drop=None, measure_dropped=False):
         """Encode, drop the modalities' features (`drop`: features -> features), fuse (step_forward).
