@@ -24,26 +24,62 @@ def _synth(args) -> int:
 
 def _train(args) -> int:
     from mmfast.config import load_config
+    from mmfast.run_dir import RunDirError
     from mmfast.trainer import NonFiniteError, Trainer, resume
 
+    trainer = None
+    out = args.resume
     try:
         if args.resume:
-            if args.config or args.overrides:
-                raise ValueError("--resume continues a run with its saved config; give no --config or overrides")
-            trainer = resume(args.resume)
+            if args.config:
+                raise ValueError("--resume continues a run with the config saved in it; give no --config (overrides "
+                                 "may change what a resume may: epochs=N, progress=false, ...)")
+            trainer = resume(args.resume, args.overrides)
         else:
             if not args.config:
                 raise ValueError("give --config CONFIG (a YAML file or one of the shipped configs) or --resume RUN_DIR")
-            trainer = Trainer(load_config(args.config, args.overrides))
+            cfg = load_config(args.config, args.overrides)
+            out = cfg.out
+            trainer = Trainer(cfg)
         summary = trainer.fit()
-    except (ValueError, FileExistsError, FileNotFoundError, NonFiniteError) as exc:
+    except KeyboardInterrupt:
+        print(f"mmfast train: interrupted; {_resume_hint(trainer, out)}", file=sys.stderr)
+        return 130
+    except (ValueError, FileExistsError, FileNotFoundError, NonFiniteError, RunDirError) as exc:
         print(f"mmfast train: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # (a write outside the run directory's own checks: a data folder, a plot)
+        print(f"mmfast train: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:
+        if not _in_process_group():
+            raise
+        import os
+
+        timeout = trainer.cfg.dist_timeout_s if trainer is not None else "dist_timeout_s"
+        print(f"mmfast train: rank {os.environ.get('RANK', '?')}: a collective failed: another rank died, or stalled "
+              f"longer than dist_timeout_s ({timeout} s); {_resume_hint(trainer, out)}. The backend said: "
+              f"{str(exc).strip().splitlines()[0][:400]}", file=sys.stderr)
+        return 1
     finally:
         _leave_process_group()
     if trainer.dist.is_main:  # (under torchrun: one summary, from rank 0)
         print(json.dumps(summary, indent=2))
     return 0
+
+
+def _resume_hint(trainer, out) -> str:
+    """What an interrupted run left: the checkpoint a resume continues from, or none."""
+    if trainer is None or out is None:
+        return "nothing was trained"
+    kept = trainer._kept_checkpoint()
+    return f"{kept}; continue with: mmfast train --resume {out}"
+
+
+def _in_process_group() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
 
 
 def _leave_process_group() -> None:
@@ -62,20 +98,26 @@ def _parse_missing(text: str) -> dict:
         except ValueError:
             raise ValueError(f"--missing {text!r}: expected modality=probability pairs, e.g. audio=0.3,visual=0.1") \
                 from None
+        if not 0.0 <= out[name.strip()] <= 1.0:
+            raise ValueError(f"--missing {text!r}: the drop probability of {name.strip()!r} must be in [0, 1], "
+                             f"got {value.strip()}")
     return out
 
 
 def _eval(args) -> int:
-    from mmfast.trainer import resume
+    from mmfast.run_dir import RunDirError
+    from mmfast.trainer import NonFiniteError, resume
 
     try:
-        trainer = resume(args.run_dir)
+        missing = _parse_missing(args.missing) if args.missing else None
+        trainer = resume(args.run_dir, read_only=True)
         trainer.load_best()
         split = "test" if "test" in trainer.loaders else "val"
-        result = trainer.evaluate(split, missing=_parse_missing(args.missing) if args.missing else None)
+        result = {"run": str(args.run_dir), "best_epoch": trainer.best["epoch"]}
+        result.update(trainer.evaluate(split, missing=missing))
         if args.linear_probe:
             result.update(trainer.linear_probe(test_split=split))
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, RunDirError, NonFiniteError) as exc:
         print(f"mmfast eval: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(result, indent=2))
@@ -111,9 +153,13 @@ def main(argv=None) -> int:
     train = sub.add_parser("train", help="train a model with a balancing method (see README)")
     train.add_argument("--config", help="a YAML file or a shipped config: embedded, crema_d, kinetics_sounds, "
                                         "vggsound, ave")
-    train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint "
+                                                           "(RUN_DIR is where it reads and writes, whatever its "
+                                                           "config says)")
     train.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. method=ogm_ge epochs=2 "
-                                                    "seed=1 out=runs/x data.root=DIR hparams.alpha=0.8")
+                                                    "seed=1 out=runs/x data.root=DIR hparams.alpha=0.8; with "
+                                                    "--resume only keys that do not change the training "
+                                                    "(epochs, progress, checkpoint_every, ...)")
     evaluate = sub.add_parser("eval", help="evaluate the best checkpoint of a run")
     evaluate.add_argument("run_dir")
     evaluate.add_argument("--missing", help="drop modalities at test time, e.g. audio=0.3,visual=0.1")

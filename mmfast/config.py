@@ -4,6 +4,8 @@ the key. ``hparams`` holds the method's hyper-parameters (mmfast.methods.hyper_p
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import typing
 from pathlib import Path
 from typing import Any
@@ -71,6 +73,10 @@ class Config:
     compile: bool = False  # torch.compile each encoder in place (nn.Module.compile; state dicts unchanged)
     retain_freed_memory: bool = True  # CPU runs: glibc malloc keeps freed memory for reuse (mmfast/cpu_memory.py)
     checkpoint_every: int = 0  # steps between mid-epoch checkpoints (0: epoch ends only)
+    # Distributed runs: seconds a collective waits for a stalled rank before the run stops (gloo's
+    # and NCCL's default is 30 minutes). No published value: 10 minutes covers rank 0 writing a
+    # checkpoint and ranks that finish probing a dataset at different times.
+    dist_timeout_s: float = 600.0
     progress: bool = True  # tqdm progress bar
     data: DataSection = dataclasses.field(default_factory=DataSection)
     model: ModelSection = dataclasses.field(default_factory=ModelSection)
@@ -98,9 +104,12 @@ def shipped_configs() -> list[str]:
     return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
 
 
-def load_config(source: str | Path | dict | None = None, overrides: list[str] | tuple = ()) -> Config:
+def load_config(source: str | Path | dict | None = None, overrides: list[str] | tuple = (), *,
+                apply_recipe: bool = True) -> Config:
     """A Config from a YAML path, a shipped config name, a dict or None (defaults), with dotted
-    ``key=value`` overrides (values parsed as YAML: 2, 0.5, true, [a, b], {audio: 0.3})."""
+    ``key=value`` overrides (values parsed as YAML: 2, 0.5, true, [a, b], {audio: 0.3}).
+    apply_recipe=False reads a run's saved config.yaml, whose values hold the recipe already
+    (applying it again would undo a user's edit of a key the recipe sets)."""
     if source is None:
         raw: dict = {}
     elif isinstance(source, dict):
@@ -112,9 +121,7 @@ def load_config(source: str | Path | dict | None = None, overrides: list[str] | 
             if not path.exists():
                 raise ValueError(f"config {str(source)!r} is neither a YAML file nor a shipped config "
                                  f"({', '.join(shipped_configs())})")
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        if not isinstance(raw, dict):
-            raise ValueError(f"config {path}: the top level must be a mapping of keys")
+        raw = _read_yaml(path)
     given: dict = {}  # the command line's keys
     for item in overrides:
         if "=" not in item:
@@ -133,7 +140,7 @@ def load_config(source: str | Path | dict | None = None, overrides: list[str] | 
     recipes = raw.get("recipes") or {}
     if not isinstance(recipes, dict):
         raise ValueError(f"config key 'recipes' must map method names to config keys, got {recipes!r}")
-    recipe = recipes.get(raw.get("method", Config.method))
+    recipe = recipes.get(raw.get("method", Config.method)) if apply_recipe else None
     if recipe is not None:
         if not isinstance(recipe, dict) or {"method", "recipes"} & set(recipe):
             raise ValueError(f"config key 'recipes.{raw.get('method')}' must be a mapping of config keys other than "
@@ -142,6 +149,22 @@ def load_config(source: str | Path | dict | None = None, overrides: list[str] | 
     cfg = _build(Config, raw, "")
     check_config(cfg)
     return cfg
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"config {path} cannot be read: {err}") from None
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+        raise ValueError(f"config {path} is not valid YAML{at}: {getattr(err, 'problem', None) or err}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"config {path}: the top level must be a mapping of keys")
+    return raw
 
 
 def _merge(base: dict, top: dict) -> dict:
@@ -186,10 +209,15 @@ def _coerce(key: str, hint, value):
             return value
         if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if t is float and isinstance(value, str) and _NUMBER.match(value.strip()):
+            return float(value)  # (YAML 1.1 reads 1e6 and 5E-4 as strings: a reader means the number)
         if t is str and isinstance(value, str):
             return value
     names = "/".join(getattr(t, "__name__", str(t)) for t in allowed)
     raise ValueError(f"config key {key!r} must be {names}, got {type(value).__name__} {value!r}")
+
+
+_NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)$")
 
 
 def get(cfg: Config, key: str) -> Any:
@@ -213,6 +241,11 @@ def check_config(cfg: Config) -> None:
     for key in NON_NEGATIVE:
         if get(cfg, key) < 0:
             raise ValueError(f"config key {key!r} must be >= 0, got {get(cfg, key)!r}")
+    for key, value in _float_keys(cfg):
+        if not math.isfinite(value):
+            raise ValueError(f"config key {key!r} must be a finite number, got {value!r}")
+    if not cfg.dist_timeout_s > 0:
+        raise ValueError(f"config key 'dist_timeout_s' must be > 0 seconds, got {cfg.dist_timeout_s!r}")
     if cfg.method not in methods.NAMES:
         raise ValueError(f"config key 'method' must be one of {methods.NAMES}, got {cfg.method!r}")
     try:
@@ -236,6 +269,17 @@ def check_config(cfg: Config) -> None:
         raise ValueError("config key 'data.root' is empty: set the dataset folder, e.g. data.root=data/cremad")
 
 
+def _float_keys(section, prefix: str = ""):
+    """(dotted key, value) of every float field."""
+    hints = typing.get_type_hints(type(section))
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _float_keys(value, f"{prefix}{f.name}.")
+        elif hints[f.name] is float:
+            yield f"{prefix}{f.name}", value
+
+
 def resolved_fusion(cfg: Config) -> str:
     """model.fusion, with "auto" resolved to the method's default (concat; late for olm; boost)."""
     from . import methods
@@ -244,4 +288,7 @@ def resolved_fusion(cfg: Config) -> str:
 
 
 def dump_config(cfg: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+    """cfg as YAML at path, written atomically (mmfast.run_dir)."""
+    from .run_dir import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -62,7 +62,7 @@ def _run_one(run_dir: Path, data_root: Path, method: str, hparams: dict, seed: i
     if row_file.exists():
         return json.loads(row_file.read_text())
     start = time.perf_counter()
-    if (run_dir / "checkpoints" / "last.pt").exists():
+    if (run_dir / "config.yaml").exists():  # (an interrupted demo continues each run where it stopped)
         trainer = resume(run_dir)
     else:
         overrides = [f"method={method}", f"seed={seed}", f"out={run_dir}", f"data.root={data_root}",

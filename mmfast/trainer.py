@@ -17,16 +17,20 @@ sub-step per modality: ``balancer.update_parts()``.) Heads with a classifier per
 Nothing in a step reads a tensor on the host: losses, accuracies, ratios and coefficients are
 summed on the device and read once per logging interval (the progress bar) and at epoch ends.
 The run directory (``cfg.out``) holds config.yaml, metrics.jsonl (one flat JSON object per
-epoch), summary.json, checkpoints/{last,best}.pt (written atomically) and plots.
+epoch), summary.json, checkpoints/{last,previous,best}.pt and plots; mmfast/run_dir.py keeps
+them true to the training (one writer, atomic writes, last.pt as the epoch end's commit point,
+repair on resume).
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
 import random
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -41,29 +45,14 @@ from .cpu_memory import retain_freed_memory
 from .distributed import init_from_env, sync_batch_norm
 from .models import build_model
 from .ops import feature_drop
+from . import run_dir as run_files
+from .run_dir import RunDirError, fault_point
 
 CHECKPOINT_VERSION = 1
 
 
 class NonFiniteError(RuntimeError):
     """A non-finite loss or gradient; the message names the step."""
-
-
-def atomic_save(obj, path: Path) -> None:
-    """torch.save through a temporary file, fsync and rename: a crash leaves the old file whole."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    with contextlib.suppress(OSError):
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -102,6 +91,21 @@ def data_config(cfg: config_mod.Config, device: torch.device):
                       device=device.type)
 
 
+def all_finite(tensors: list) -> torch.Tensor:
+    """Whether every element of `tensors` is finite, as a device bool: one foreach max-norm (a
+    NaN or Inf anywhere makes it non-finite; unlike the 2-norm, huge finite values do not)."""
+    return torch.isfinite(torch.nn.utils.get_total_norm(tensors, norm_type=math.inf, foreach=True))
+
+
+def dataset_identity(index) -> dict:
+    """What a checkpoint records of the dataset it trained on: clips per split and a hash of the
+    classes, the modalities and every split's (clip, label) list, in order."""
+    h = hashlib.sha256(json.dumps([index.classes, index.kinds]).encode())
+    for split in sorted(index.splits):
+        h.update(json.dumps([split, [(c.clip_id, c.label) for c in index.splits[split]]]).encode())
+    return {"fingerprint": h.hexdigest(), "clips": {k: len(v) for k, v in sorted(index.splits.items())}}
+
+
 def step_forward(model, unimodal_estimate, inputs, skip=(), drop=None, measure_dropped=False):
     """A training step's forward: encode, drop features (`drop`: features -> features), fuse.
     Returns (fused, unimodal, the head's extras, measured): unimodal are the head's uni-modal
@@ -137,34 +141,146 @@ class _StepModule(torch.nn.Module):
 
 
 class Trainer:
-    def __init__(self, cfg: config_mod.Config, *, resume: bool = False):
-        from .data import build_loader, generate, read_layout
+    """The one training loop. `mode`: "fresh" starts a run in cfg.out (refused where a run is
+    already), "resume" continues the run in cfg.out from its checkpoint (use ``resume(DIR)``,
+    which reads DIR's config), "read" loads a run's checkpoint without writing (``resume(DIR,
+    read_only=True)``: evaluation). A training holds the run directory's lock from here to the
+    end of fit() (``close()`` or the process's end release it otherwise)."""
 
+    def __init__(self, cfg: config_mod.Config, *, resume: bool = False, mode: str | None = None):
+        mode = mode or ("resume" if resume else "fresh")
+        if mode not in ("fresh", "resume", "read"):
+            raise ValueError(f"Trainer mode must be fresh, resume or read, got {mode!r}")
         config_mod.check_config(cfg)
-        self.cfg = cfg
+        self.cfg, self.mode = cfg, mode
         # Under torchrun (WORLD_SIZE > 1): join the process group; each rank trains on its shard
         # of every global batch (data.batch_size) and only rank 0 writes (mmfast/distributed.py).
-        self.dist = init_from_env(cfg.device)
+        self.dist = init_from_env(cfg.device, timeout_s=cfg.dist_timeout_s)
+        self.out = Path(cfg.out)
+        self._lock = run_files.RunLock(self.out)
+        try:
+            state = self._open_run_dir()
+            self._build(cfg)
+            if mode == "fresh":  # (only once the run could be built: a failed start leaves no run state)
+                self._on_main(lambda: config_mod.dump_config(cfg, self.out / "config.yaml"))
+            if state is not None:
+                self._check_dataset(state)
+                self._load_state(state)
+            self._wall_time_before = state.get("wall_time_s", 0.0) if state is not None else 0.0
+            if mode == "resume":
+                self._on_main(lambda: self._repair(state))
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release the run directory's lock (fit() does at its end)."""
+        self._lock.release()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        with contextlib.suppress(Exception):
+            self.close()
+
+    def _on_main(self, fn):
+        """fn() on rank 0, its result on every rank; an error raised there is raised on every
+        rank, with rank 0's message (a run directory is rank 0's to read and write)."""
+        if not self.dist.enabled:
+            return fn()
+        result, error = None, None
+        if self.dist.is_main:
+            try:
+                result = fn()
+            except Exception as err:  # (told to every rank before it is raised)
+                error = err
+        result, message = self.dist.broadcast_object((result, None if error is None else (type(error), str(error))))
+        if error is not None:
+            raise error
+        if message is not None:
+            kind = message[0] if message[0] in (RunDirError, ValueError, FileExistsError, FileNotFoundError) \
+                else RuntimeError
+            raise kind(f"(rank 0) {message[1]}")
+        return result
+
+    def _open_run_dir(self) -> dict | None:
+        """Lock and check the run directory for the mode; returns the checkpoint state to
+        continue from (None: a fresh start)."""
+        if self.mode == "fresh":
+            self._on_main(self._claim_fresh)
+            self._resumed_from = None
+            return None
+        path, notes = self._on_main(self._choose_checkpoint)
+        for note in notes:
+            warnings.warn(note, stacklevel=3)
+        self._resumed_from = path
+        if path is None:
+            return None
+        state = run_files.load_checkpoint(path, resolve_device(self.cfg.device))
+        if state.get("version", 0) > CHECKPOINT_VERSION:
+            raise RunDirError(f"{path} was written by a newer mmfast (checkpoint version {state['version']})")
+        run_files.check_resume_config(state["config"], self.cfg.to_dict(), completed_epochs=state["epoch"],
+                                      where=path)
+        return state
+
+    def _claim_fresh(self) -> None:
+        with run_files.writing(self.out):
+            if self.out.exists() and not self.out.is_dir():
+                raise RunDirError(f"out={self.out} is a file, not a run directory")
+            self.out.mkdir(parents=True, exist_ok=True)
+        self._lock.acquire()
+        present = run_files.run_state(self.out)
+        if present:
+            raise FileExistsError(f"{self.out} already holds a run ({', '.join(present)}); resume it with --resume "
+                                  f"{self.out} or choose another out=")
+
+    def _choose_checkpoint(self):
+        if not (self.out / "config.yaml").exists():
+            raise FileNotFoundError(f"{self.out} holds no run (no config.yaml)")
+        if self.mode == "resume":
+            self._lock.acquire()
+            run_files.remove_temporaries(self.out)
+        path, _, notes = run_files.read_checkpoint(self.out, "cpu")
+        if path is None:
+            if self.mode == "read":
+                raise FileNotFoundError(f"{self.out} holds no checkpoint yet (the run was stopped before its first)")
+            rows = run_files.read_metrics(self.out / "metrics.jsonl")
+            if rows or (self.out / "summary.json").exists():
+                raise RunDirError(f"{self.out} records finished epochs (metrics.jsonl, summary.json) but holds no "
+                                  f"checkpoint: it cannot be resumed")
+        return path, notes
+
+    def _build(self, cfg) -> None:
+        from .data import build_loader, generate, read_layout
+
         self.device = resolve_device(cfg.device)
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
         if cfg.retain_freed_memory and self.device.type == "cpu":  # (no page faults on each step's buffers)
             retain_freed_memory()
-        self.out = Path(cfg.out)
         self._seed_everything(cfg.seed)
         root = Path(cfg.data.root)
-        if cfg.data.synth is not None and not (root.exists() and any(root.iterdir())):
+        if cfg.data.synth is not None and not (root.exists() and any(root.iterdir()) if root.is_dir() else
+                                               root.exists()):
             generate(root, **cfg.data.synth)
+        if not root.is_dir():
+            raise ValueError(f"config key 'data.root' must be a dataset folder: {root} "
+                             f"{'is a file' if root.exists() else 'does not exist'}")
         dcfg = data_config(cfg, self.device)
         index = read_layout(dcfg.root, dcfg.layout, modalities=dcfg.modalities, on_error=dcfg.on_error,
                             allow_overlap=dcfg.allow_overlap)
+        self.dataset = dataset_identity(index)
         self.modalities = dict(index.kinds)
         self.classes = list(index.classes)
         self.loaders = {"train": build_loader(dcfg, "train", cfg.data.backend)}
         if self.dist.enabled:
             self.loaders["train"].set_shard(self.dist.rank, self.dist.world_size)
         for split in ("val", "test"):
-            if index.splits.get(split):
+            if split in index.splits:  # (a split file that lists no clip is refused by the loader)
                 self._add_eval_loader(split, build_loader(dcfg, split, cfg.data.backend, train=False))
         self.fusion = config_mod.resolved_fusion(cfg)
         self.model = build_model(self.modalities, len(self.classes), encoder=cfg.model.encoder, fusion=self.fusion,
@@ -198,23 +314,38 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
         self.epoch, self.batch_in_epoch, self.global_step = 0, 0, 0
         self.best = {"epoch": None, "val/acc": -math.inf}
+        self.history: list[dict] = []  # the epochs' metrics lines (checkpoints carry them: repair)
         self._epoch_sums: dict[str, torch.Tensor] = {}
         self._epoch_counts: dict[str, int] = {}
         self._bad_step = torch.full((), -1, dtype=torch.int64, device=self.device)
         self._skipped_steps = torch.zeros((), dtype=torch.int64, device=self.device)  # GradScaler skips, this epoch
-        if resume:
-            self._load_checkpoint(self.out / "checkpoints" / "last.pt")
-        else:
-            taken = (self.out / "metrics.jsonl").exists()
-            if self.dist.is_main and not taken:
-                self.out.mkdir(parents=True, exist_ok=True)
-                config_mod.dump_config(cfg, self.out / "config.yaml")
-            self.dist.barrier()  # (every rank has checked before rank 0 writes its first line)
-            if taken:
-                raise FileExistsError(f"{self.out} already holds a run (metrics.jsonl); resume it with --resume "
-                                      f"or choose another out=")
+        self._kept = None  # (path, epoch, step) of the newest checkpoint known good, for the divergence message
         self._ddp = None  # DistributedDataParallel around the step's forward; built on first use
         self._prepared = False
+
+    def _check_dataset(self, state: dict) -> None:
+        """The dataset must be the one the checkpoint trained on (the same split lists): a
+        changed data.root is accepted only where it points at the same clips."""
+        saved = state.get("dataset")
+        if saved is None or saved["fingerprint"] == self.dataset["fingerprint"]:
+            return
+        old_root = state["config"]["data"]["root"]
+        moved = f"data.root changed from {old_root!r} to {self.cfg.data.root!r}, and the dataset there" \
+            if old_root != self.cfg.data.root else f"the dataset at data.root={self.cfg.data.root!r}"
+        raise RunDirError(f"{moved} differs from the one the checkpoint trained on (clips per split "
+                          f"{saved['clips']} then, {self.dataset['clips']} now, or other clips or labels); a "
+                          f"resume continues the same training: start a new run to train on this dataset")
+
+    def _repair(self, state: dict | None) -> None:
+        """Rank 0, at a resume: make metrics.jsonl and best.pt agree with the checkpoint, move a
+        finished run's summary aside if the run will train further, and keep config.yaml the
+        config the run continues with (out: this directory)."""
+        if state is not None:
+            for change in run_files.repair(self.out, state, self._resumed_from):
+                warnings.warn(f"{self.out}: {change}", stacklevel=4)
+        saved = config_mod.load_config(self.out / "config.yaml", apply_recipe=False).to_dict()
+        if saved != self.cfg.to_dict():
+            config_mod.dump_config(self.cfg, self.out / "config.yaml")
 
     # ---- construction ------------------------------------------------------------------------
 
@@ -387,14 +518,28 @@ class Trainer:
 
     def _grads_finite(self) -> torch.Tensor | None:
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        return torch.isfinite(torch.nn.utils.get_total_norm(grads, foreach=True)) if grads else None
+        return all_finite(grads) if grads else None
 
     def _check_finite(self) -> None:
-        """A logging point: read the device flag once."""
+        """A checkpoint or an epoch end: read the device flags once. A non-finite loss or gradient
+        (flagged at its step) or a non-finite parameter or buffer (an update that overflowed
+        from finite gradients) stops the run before anything is saved or validated."""
         bad = int(self._bad_step)
         if bad >= 0:
             raise NonFiniteError(f"non-finite loss or gradient at training step {bad} (epoch {self.epoch}); the run "
-                                 f"stops here, the last good checkpoint in {self.out / 'checkpoints'} is kept")
+                                 f"stops here and writes no checkpoint: {self._kept_checkpoint()}")
+        state = [t for t in self.model.state_dict().values() if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        if state and not bool(all_finite(state)):
+            raise NonFiniteError(f"the model's parameters are non-finite after training step {self.global_step - 1} "
+                                 f"(epoch {self.epoch}; the losses and gradients before it were finite: an update "
+                                 f"overflowed, optim.lr={self.cfg.optim.lr:g}); the run stops here and writes no "
+                                 f"checkpoint: {self._kept_checkpoint()}")
+
+    def _kept_checkpoint(self) -> str:
+        if self._kept is None or self._kept[0] is None:
+            return "no checkpoint was written before it"
+        path, epoch, step = self._kept
+        return f"the last good checkpoint is {path} ({step} steps trained, epoch {epoch})"
 
     # ---- epochs ------------------------------------------------------------------------------
 
@@ -424,12 +569,11 @@ class Trainer:
             if last:
                 if self.cfg.progress and self.dist.is_main and self.global_step % 10 == 0:
                     bar.set_postfix(self._live_postfix())
+                fault_point("train_step")
                 if self.cfg.checkpoint_every and self.global_step % self.cfg.checkpoint_every == 0:
-                    self._check_finite()
                     self.save_checkpoint("last.pt")
                 if max_steps is not None and self.global_step >= max_steps:
                     bar.close()
-                    self._check_finite()
                     self.save_checkpoint("last.pt")
                     return None
         bar.close()
@@ -441,8 +585,7 @@ class Trainer:
             self._skipped_steps.zero_()
             if skipped and skipped >= math.ceil(len(loader) / accum):
                 raise NonFiniteError(f"every optimizer step of epoch {self.epoch} was skipped by the GradScaler "
-                                     f"(non-finite gradients at every loss scale); the last good checkpoint in "
-                                     f"{self.out / 'checkpoints'} is kept")
+                                     f"(non-finite gradients at every loss scale); {self._kept_checkpoint()}")
         self.balancer.end_epoch()
         if self._ddp is not None and sum(1 for _ in self.model.parameters()) != self._ddp_parameters:
             self._ddp = None  # (a classifier joined on every rank: DDP's buckets must cover it)
@@ -485,6 +628,9 @@ class Trainer:
         evaluates its shard of every batch and the metrics are those of the gathered rows: the
         same on every rank and as one process computes them."""
         fused, unimodal, labels = self.outputs(split, missing=missing, seed=seed)
+        if not (torch.isfinite(fused).all() and torch.isfinite(unimodal).all()):
+            raise NonFiniteError(f"the model's outputs on split {split!r} are non-finite (epoch {self.epoch}, "
+                                 f"{self.global_step} steps trained); {self._kept_checkpoint()}")
         C = len(self.classes)
         out = {f"{split}/{k}": v for k, v in classification_metrics(fused, labels, C).items()}
         out[f"{split}/loss"] = float(F.cross_entropy(fused, labels))
@@ -517,6 +663,10 @@ class Trainer:
             unknown = sorted(set(missing) - set(self.modalities))
             if unknown:
                 raise ValueError(f"missing-modality evaluation names {unknown}, not modalities {list(self.modalities)}")
+            for name, prob in missing.items():
+                if not (isinstance(prob, (int, float)) and 0.0 <= prob <= 1.0):
+                    raise ValueError(f"missing-modality evaluation: the drop probability of {name!r} must be in "
+                                     f"[0, 1], got {prob!r}")
             probs = torch.tensor([float(missing.get(m, 0.0)) for m in self.modalities], device=self.device)
             gen = torch.Generator(device=self.device).manual_seed(seed)
         index_all = []
@@ -563,8 +713,19 @@ class Trainer:
     def fit(self, *, max_steps: int | None = None) -> dict | None:
         """Train for cfg.epochs (continuing a resumed run), select on val, test once at the end.
         max_steps stops early (as if killed) once the run has made that many optimizer steps in
-        all: for resume tests."""
-        started = time.perf_counter()
+        all: for resume tests. The run directory's lock is released when fit returns or raises."""
+        if self.mode == "read":
+            raise RuntimeError("this Trainer reads a run (resume(..., read_only=True)); it cannot train")
+        self._segment_start = time.perf_counter()
+        try:
+            self._on_main(self._lock.acquire)  # (held since construction unless a fit before released it)
+            if self.epoch < self.cfg.epochs:
+                self._on_main(self._set_stale_summary_aside)
+            return self._fit(max_steps)
+        finally:
+            self.close()
+
+    def _fit(self, max_steps):
         self.prepare()
         while self.epoch < self.cfg.epochs:
             metrics = self.train_epoch(max_steps=max_steps)
@@ -578,26 +739,54 @@ class Trainer:
             if self.balancer.wants_head_losses(self.epoch):
                 self._observe_head_losses(self.epoch, metrics)
             metrics = {"epoch": self.epoch, **metrics}
-            self._log(metrics)
             improved = "val" not in self.loaders or metrics["val/acc"] > self.best["val/acc"]
             if improved:
                 self.best = {"epoch": self.epoch, "val/acc": metrics.get("val/acc", math.nan)}
+            self.history.append(metrics)
             self.epoch += 1
             self.batch_in_epoch = 0
-            self.save_checkpoint("last.pt")
-            if improved:
-                self.save_checkpoint("best.pt")
-        summary = {"best_epoch": self.best["epoch"], "wall_time_s": time.perf_counter() - started,
-                   "precision": self.precision, "methods": self.balancer.summary()}
+            self._commit_epoch(metrics, improved)
+        summary = {"best_epoch": self.best["epoch"], "epochs": self.epoch, "global_step": self.global_step,
+                   "wall_time_s": self._wall_time(), "precision": self.precision, "methods": self.balancer.summary()}
         if "test" in self.loaders:
             self.load_best()
             summary.update(self.evaluate("test"))
         if self.dist.is_main:
-            (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            run_files.atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2) + "\n")
             from .plots import plot_run
 
             plot_run(self.out)
         return summary
+
+    def _commit_epoch(self, metrics: dict, improved: bool) -> None:
+        """The epoch end's writes, in the order that makes any crash repairable (mmfast/run_dir.py):
+        last.pt (the commit: it records the epoch's metrics and the best epoch), best.pt, then
+        the metrics line."""
+        fault_point("epoch_end.before_last")
+        self.save_checkpoint("last.pt")
+        fault_point("epoch_end.between_last_and_best")
+        if improved:
+            self.save_checkpoint("best.pt")
+        fault_point("epoch_end.before_metrics")
+        self._log(metrics)
+
+    def _wall_time(self) -> float:
+        """Seconds of fit() over every segment of the run: the resumed checkpoint's count plus this
+        segment's (time a crash threw away after the last checkpoint is not counted)."""
+        return self._wall_time_before + time.perf_counter() - self._segment_start
+
+    def _set_stale_summary_aside(self) -> None:
+        """A finished run trained further: its summary.json would describe weights best.pt no
+        longer holds until the new end; it is kept under the number of epochs it describes."""
+        path = self.out / "summary.json"
+        if path.exists():
+            with contextlib.suppress(ValueError, OSError):
+                epochs = json.loads(path.read_text())["epochs"]
+                with run_files.writing(path):
+                    os.replace(path, run_files.stale_summary_name(self.out, epochs))
+                return
+            with run_files.writing(path):
+                os.replace(path, self.out / "summary-stale.json")
 
     def prepare(self) -> None:
         """What training needs before its first step: the per-head initial losses for methods
@@ -654,8 +843,7 @@ class Trainer:
     def _log(self, metrics: dict) -> None:
         if not self.dist.is_main:
             return
-        with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(metrics) + "\n")
+        run_files.append_line(self.out / "metrics.jsonl", json.dumps(metrics))
         writer = self._tensorboard()
         if writer is not None:
             for key, value in metrics.items():
@@ -685,25 +873,46 @@ class Trainer:
                 "balancer": self.balancer.state_dict(), "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                 "global_step": self.global_step, "best": self.best, "rng": rng,
                 "epoch_sums": self._epoch_sums, "epoch_counts": self._epoch_counts,
-                "skipped_steps": self._skipped_steps}
+                "skipped_steps": self._skipped_steps, "history": self.history, "dataset": self.dataset,
+                "wall_time_s": self._wall_time()}
 
     def save_checkpoint(self, name: str) -> None:
-        """Rank 0 writes (every rank holds the same state); the others wait for the file."""
+        """Rank 0 writes (every rank holds the same state); the others wait for the file. Only
+        finite state is written: a non-finite loss, gradient, parameter or buffer stops the run
+        (NonFiniteError) and the checkpoint on disk stays the last good one."""
+        self._check_finite()
+        path = self.out / "checkpoints" / name
         if self.dist.is_main:
-            atomic_save(self.state_dict(), self.out / "checkpoints" / name)
+            previous = path.with_name("previous.pt") if name == "last.pt" else None
+            try:
+                run_files.atomic_save(self.state_dict(), path, keep_previous=previous)
+            except RunDirError as err:
+                raise RunDirError(f"{err}; {self._kept_checkpoint()}") from err.__cause__
         self.dist.barrier()
+        if name == "last.pt":
+            self._kept = (path, self.epoch, self.global_step)
 
     def load_best(self) -> None:
-        """The model weights of the best epoch (selected on the validation split)."""
-        self._load_checkpoint(self.out / "checkpoints" / "best.pt", weights_only=True)
-
-    def _load_checkpoint(self, path: Path, *, weights_only: bool = False) -> None:
-        if not path.exists():
-            raise FileNotFoundError(f"no checkpoint at {path} to resume from")
-        state = torch.load(path, map_location=self.device, weights_only=False)
-        self.model.load_state_dict(state["model"])  # (a head whose classifier count changed resizes first)
-        if weights_only:
+        """The model weights of the best epoch (selected on the validation split). best.pt must
+        hold the run's best epoch; where an epoch end was cut short between last.pt and best.pt,
+        the checkpoint read at start-up holds that epoch's end and its weights are used."""
+        path = self.out / "checkpoints" / "best.pt"
+        held = run_files.best_epoch_of(path) if path.exists() else "missing"
+        if held == self.best["epoch"]:
+            self.model.load_state_dict(run_files.load_checkpoint(path, self.device)["model"])
             return
+        source = self._resumed_from
+        if source is not None:
+            state = run_files.load_checkpoint(source, self.device)
+            if state["best"]["epoch"] == self.best["epoch"] and state["epoch"] == self.best["epoch"] + 1 \
+                    and state["batch_in_epoch"] == 0:
+                self.model.load_state_dict(state["model"])
+                return
+        raise RunDirError(f"{path} holds epoch {held}, but the run's best is epoch {self.best['epoch']} and no "
+                          f"checkpoint holds that epoch's weights")
+
+    def _load_state(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])  # (a head whose classifier count changed resizes first)
         # Classifiers added during training (boost) joined the optimizer as groups, in order.
         added = getattr(self.model.fusion, "added_parameter_groups", lambda: [])()
         for params in added[len(self.optimizer.param_groups) - 1:]:
@@ -716,6 +925,7 @@ class Trainer:
         self.balancer.load_state_dict(state["balancer"])
         self.epoch, self.batch_in_epoch = state["epoch"], state["batch_in_epoch"]
         self.global_step, self.best = state["global_step"], state["best"]
+        self.history = list(state.get("history") or [])
         self._epoch_sums, self._epoch_counts = state["epoch_sums"], state["epoch_counts"]
         self._skipped_steps.copy_(state["skipped_steps"])
         torch.set_rng_state(state["rng"]["torch"])
@@ -723,12 +933,22 @@ class Trainer:
         random.setstate(state["rng"]["python"])
         if "cuda" in state["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        self._kept = (self._resumed_from, self.epoch, self.global_step)
 
 
-def resume(out: str | Path) -> Trainer:
-    """A Trainer continuing the run in `out` from its last checkpoint, with its saved config."""
+def resume(out: str | Path, overrides: list[str] | tuple = (), *, read_only: bool = False) -> Trainer:
+    """A Trainer continuing the run in directory `out` from its last checkpoint (previous.pt when
+    last.pt cannot be read), with the config saved there: everything is read from and written to
+    `out`, whatever path the config names. `overrides`: dotted key=value changes a resume may
+    carry (mmfast.run_dir.RESUMABLE: more epochs, progress, ...); other changes, here or edited
+    into config.yaml, are refused naming the key. read_only: for evaluation (no lock, no
+    repair, no writes)."""
     out = Path(out)
     path = out / "config.yaml"
+    if not out.is_dir():
+        raise FileNotFoundError(f"{out} is not a run directory")
     if not path.exists():
         raise FileNotFoundError(f"{out} holds no run (no config.yaml)")
-    return Trainer(config_mod.load_config(path), resume=True)
+    cfg = config_mod.load_config(path, overrides, apply_recipe=False)
+    cfg.out = str(out)
+    return Trainer(cfg, mode="read" if read_only else "resume")

@@ -270,3 +270,48 @@ def test_gather_rows_takes_uneven_and_empty_shards(tmp_path):
         assert torch.equal(got["uneven"], torch.tensor([[0.0, 1.0], [2.0, 3.0], [4.0, 5.0], [-1.0, -1.0]]))
         assert torch.equal(got["one_empty"], torch.arange(4)) and got["one_empty"].dtype == torch.int64
         assert got["all_empty"] is None and got["objects"] == [["clip0"], ["clip1"]]
+
+
+def launch_cli(tmp_path, dataset, faults: dict, overrides=(), timeout=300):
+    """`mmfast train` in 2 processes as torchrun starts them; faults: rank -> MMFAST_FAULT.
+    Returns (rank 0's return code, its stderr, seconds from start to rank 0's exit)."""
+    import time
+
+    port = free_port()
+    procs = []
+    start = time.perf_counter()
+    for rank in range(2):
+        env = dict(os.environ, OMP_NUM_THREADS="1", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        env.pop("MMFAST_FAULT", None)
+        if rank in faults:
+            env["MMFAST_FAULT"] = faults[rank]
+        args = ["train", "--config", "embedded", *base_overrides(dataset, "ogm_ge"), f"out={tmp_path / 'run'}",
+                *overrides]
+        procs.append(subprocess.Popen([sys.executable, "-m", "mmfast", *args], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    try:
+        _, err = procs[0].communicate(timeout=timeout)
+        seconds = time.perf_counter() - start
+    finally:
+        for p in procs:
+            p.kill()
+            p.communicate()
+    return procs[0].returncode, err, seconds
+
+
+def test_a_rank_that_dies_ends_the_run_within_seconds(dataset, tmp_path):
+    """Rank 1 is killed after its second step; rank 0's next collective fails at once (the
+    connection closes) and it exits with a message, long before dist_timeout_s (600 s)."""
+    code, err, seconds = launch_cli(tmp_path, dataset, {1: "train_step@2"})
+    assert code == 1 and "a collective failed" in err and "Traceback" not in err, err[-3000:]
+    assert seconds < 120, seconds  # (start-up included; the collective itself fails within a second or so)
+
+
+def test_a_stalled_rank_ends_the_run_after_dist_timeout_s(dataset, tmp_path):
+    """Rank 1 stalls (sleeps) after its second step: rank 0 waits dist_timeout_s, not gloo's 30
+    minutes, then exits naming the timeout."""
+    code, err, seconds = launch_cli(tmp_path, dataset, {1: "train_step@2:stall"}, ["dist_timeout_s=5"])
+    assert code == 1 and "stalled longer than dist_timeout_s (5.0 s)" in err and "Traceback" not in err, err[-3000:]
+    assert "Timed out" in err or "timed out" in err.lower(), err[-3000:]
+    assert seconds < 120, seconds
