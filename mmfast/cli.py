@@ -52,7 +52,7 @@ def _train(args) -> int:
         print(f"mmfast train: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     except RuntimeError as exc:
-        if not _in_process_group():
+        if not (_in_process_group() and _is_collective_failure(exc)):
             raise
         import os
 
@@ -71,9 +71,21 @@ def _train(args) -> int:
 def _resume_hint(trainer, out) -> str:
     """What an interrupted run left: the checkpoint a resume continues from, or none."""
     if trainer is None or out is None:
-        return "nothing was trained"
+        return "stopped before training started"
     kept = trainer._kept_checkpoint()
     return f"{kept}; continue with: mmfast train --resume {out}"
+
+
+def _is_collective_failure(exc: RuntimeError) -> bool:
+    """A collective that failed because a peer died or timed out (gloo and NCCL raise plain
+    RuntimeErrors or DistBackendErrors; the text tells which)."""
+    import torch.distributed as dist
+
+    if isinstance(exc, getattr(dist, "DistError", ())):
+        return True
+    text = str(exc)
+    return any(s in text for s in ("gloo", "Gloo", "NCCL", "Connection reset", "Connection closed", "Timed out",
+                                   "timed out", "Broken pipe"))
 
 
 def _in_process_group() -> bool:

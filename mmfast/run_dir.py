@@ -29,7 +29,9 @@ import os
 import shutil
 import signal
 import socket
+import sys
 import time
+import weakref
 import warnings
 from pathlib import Path
 
@@ -88,6 +90,7 @@ def fault_point(name: str) -> None:
         return
     del _faults[name]
     action = armed[1]
+    print(f"mmfast fault: {name} {action} at {time.time():.3f}", file=sys.stderr, flush=True)
     if action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
     elif action == "stall":
@@ -129,6 +132,7 @@ def atomic_write(path: Path, data: bytes | memoryview, *, keep_previous: Path | 
     tmp = path.with_name(path.name + ".tmp")
     with writing(path):
         path.parent.mkdir(parents=True, exist_ok=True)
+        link = None
         try:
             with open(tmp, "wb") as f:
                 half = len(data) // 2
@@ -148,8 +152,10 @@ def atomic_write(path: Path, data: bytes | memoryview, *, keep_previous: Path | 
                 os.replace(link, keep_previous)
             os.replace(tmp, path)
         except BaseException:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
+            for leftover in (tmp, link):
+                if leftover is not None:
+                    with contextlib.suppress(OSError):
+                        leftover.unlink()
             raise
         _fsync_dir(path.parent)
 
@@ -194,10 +200,28 @@ def run_state(out: Path) -> list[str]:
 
 # ---- the lock --------------------------------------------------------------------------------
 
+_held_locks = weakref.WeakSet()  # this process's held locks (closed in forked children)
+
+
+def _close_inherited_locks() -> None:
+    """In a forked child (a DataLoader worker): drop the copies of the parent's lock files, so
+    the lock ends with the parent, not with its longest-lived worker."""
+    for lock in list(_held_locks):
+        with contextlib.suppress(OSError):
+            lock._file.close()
+        lock._file = None
+    _held_locks.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_inherited_locks)
+
+
 class RunLock:
     """An exclusive, non-blocking flock on OUT/.lock, held until release() or the process's end
-    (the OS releases it when the process dies: a killed run does not block its resume). The
-    file names the holder (pid, host, start time) for the error a second writer gets."""
+    (the OS releases it when the process dies: a killed run does not block its resume; forked
+    children do not inherit it). The file names the holder (pid, host, start time) for the error
+    a second writer gets."""
 
     def __init__(self, out: Path):
         self.path = Path(out) / LOCK
@@ -219,21 +243,26 @@ class RunLock:
             f.seek(0)
             holder = f.read().strip() or "another process"
             f.close()
-            if err.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                raise RunDirError(f"{self.path.parent} is in use by another run ({holder}); one run writes a run "
-                                  f"directory at a time: wait for it to end or choose another out=") from None
-            raise RunDirError(f"cannot lock {self.path}: {err.strerror}") from None
+            if err.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise RunDirError(f"cannot lock {self.path}: {err.strerror}") from None
+            if holder.startswith(f"pid {os.getpid()} on {socket.gethostname()},"):
+                raise RunDirError(f"{self.path.parent} is held by a Trainer of this process that was not closed: call "
+                                  f"its close() (fit() does at its end) or use `with Trainer(...)`") from None
+            raise RunDirError(f"{self.path.parent} is in use by another run ({holder}); one run writes a run "
+                              f"directory at a time: wait for it to end or choose another out=") from None
         with writing(self.path):
             f.truncate(0)
             f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
             f.flush()
         self._file = f
+        _held_locks.add(self)
 
     def release(self) -> None:
         if self._file is not None:
             with contextlib.suppress(OSError):
                 self._file.close()  # (closing the descriptor drops the flock)
             self._file = None
+        _held_locks.discard(self)
 
 
 # ---- reading and repairing -------------------------------------------------------------------
@@ -291,45 +320,86 @@ def read_metrics(path: Path) -> list | None:
     return rows
 
 
-def best_epoch_of(path: Path):
-    """The best epoch best.pt records, or a string saying why it cannot be read."""
+def best_record(path: Path) -> dict | str:
+    """{"best": best.pt's best epoch record, "global_step": its step}, or why it cannot be read."""
+    if not path.exists():
+        return "missing"
     try:
-        return _load(path, "cpu")["best"]["epoch"]
+        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        return {"best": state["best"], "global_step": state["global_step"]}
     except Exception as err:
         return f"unreadable ({type(err).__name__})"
 
 
-def repair(out: Path, state: dict, source: Path) -> list[str]:
+def best_epoch_of(path: Path):
+    """The best epoch best.pt records, or a string saying why it cannot be read."""
+    record = best_record(path)
+    return record["best"]["epoch"] if isinstance(record, dict) else record
+
+
+def _as_lines(rows: list) -> list[str]:
+    return [json.dumps(row) for row in rows]  # (NaN == NaN and tuples == lists, as in the file)
+
+
+def history_from_file(out: Path, epochs: int) -> list | None:
+    """A checkpoint without a metric history (written before checkpoints carried one): the first
+    `epochs` lines of metrics.jsonl, if they are epochs 0..epochs-1; else None (no repair)."""
+    rows = read_metrics(Path(out) / "metrics.jsonl")
+    if rows is None or len(rows) < epochs or [r.get("epoch") for r in rows[:epochs]] != list(range(epochs)):
+        return None
+    return rows[:epochs]
+
+
+def repair(out: Path, state: dict, source: Path) -> tuple[list[str], dict | None]:
     """Make the run's derived files agree with the checkpoint `state` (read from `source`) it
-    resumes from; returns what was changed. metrics.jsonl must hold the checkpoint's history
-    line for line; best.pt must hold the checkpoint's best epoch, copied from `source` when that
-    checkpoint was written at the end of that very epoch (a crash between last.pt and best.pt)."""
+    resumes from; returns (what was changed, a best record to adopt or None). metrics.jsonl
+    must hold the checkpoint's history line for line. best.pt must hold the checkpoint's best
+    epoch: copied from `source` when that checkpoint was written at the end of that very epoch
+    (a crash between last.pt and best.pt). A best.pt written after `source` (a resume from
+    previous.pt) holds a later best the run's lineage really reached: its record is adopted, so
+    model selection goes on from it and the weights it names exist."""
     out = Path(out)
     done = [f"removed {name}, a write cut short" for name in remove_temporaries(out)]
     history = state.get("history")
     if history is not None:
         metrics = out / "metrics.jsonl"
         found = read_metrics(metrics)
-        if found != history:
+        if found is None or _as_lines(found) != _as_lines(history):
             count = "an unreadable line" if found is None else f"{len(found)} lines"
-            atomic_write_text(metrics, "".join(json.dumps(row) + "\n" for row in history))
+            atomic_write_text(metrics, "".join(line + "\n" for line in _as_lines(history)))
             done.append(f"metrics.jsonl rewritten from {source.name}: {len(history)} epochs (it held {count})")
     best = state["best"]["epoch"]
     best_path = out / "checkpoints" / "best.pt"
-    if best is None:
-        return done
-    held = best_epoch_of(best_path) if best_path.exists() else "missing"
-    if held == best:
-        return done
-    if state["epoch"] == best + 1 and state["batch_in_epoch"] == 0:
-        with writing(best_path):
-            atomic_write(best_path, source.read_bytes())
+    record = best_record(best_path)
+    if isinstance(record, dict) and record["best"]["epoch"] == best:
+        return done, None
+    if best is not None and state["epoch"] == best + 1 and state["batch_in_epoch"] == 0:
+        atomic_write(best_path, source.read_bytes())
+        held = record["best"]["epoch"] if isinstance(record, dict) else record
         done.append(f"best.pt rewritten from {source.name} (it held epoch {held}; the best is epoch {best})")
-    else:
-        warnings.warn(f"{best_path} holds epoch {held}, the checkpoint's best is epoch {best}; the resumed run "
-                      f"retrains from epoch {state['epoch']} and rewrites best.pt at its next best epoch",
-                      stacklevel=2)
-    return done
+        return done, None
+    if isinstance(record, dict) and record["global_step"] > state["global_step"]:
+        done.append(f"best.pt holds epoch {record['best']['epoch']}, reached after {source.name}: the run goes on "
+                    f"selecting from it")
+        return done, record["best"]
+    if best is not None:
+        raise RunDirError(f"{best_path} ({record if isinstance(record, str) else 'epoch ' + str(record['best']['epoch'])}) "
+                          f"does not hold the best epoch {best} that {source} records, and no checkpoint holds its "
+                          f"weights")
+    return done, None
+
+
+def set_aside(path: Path, why: str) -> Path:
+    """Rename a file the run must no longer use (an unreadable last.pt, a stale summary) so that
+    nothing overwrites it: PATH -> PATH's stem.WHY[.N]PATH's suffix."""
+    target = path.with_name(f"{path.stem}.{why}{path.suffix}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.stem}.{why}.{n}{path.suffix}")
+    with writing(target):
+        os.replace(path, target)
+    return target
 
 
 # ---- what a resume may change ------------------------------------------------------------------
@@ -342,6 +412,7 @@ RESUMABLE = {
     "device": "where the run computes", "retain_freed_memory": "an allocator setting",
     "dist_timeout_s": "the collectives' timeout", "data.root": "where the dataset is (the same clip lists)",
     "recipes": "recipes applied at the start already",
+    "model.weights": "read at start-up only (the checkpoint's weights replace them)",
 }
 
 
@@ -374,8 +445,8 @@ def check_resume_config(saved: dict, current: dict, *, completed_epochs: int, wh
                               f"(another out=) to train with {key}={after!r}")
     epochs = new.get("epochs", old.get("epochs"))
     if epochs < completed_epochs:
-        raise RunDirError(f"config key 'epochs' is {epochs}, but the checkpoint {where} has trained {completed_epochs} "
-                          f"epochs already")
+        raise RunDirError(f"config key 'epochs' is {epochs}, but the checkpoint {where} has trained "
+                          f"{completed_epochs} epochs already (the last one in part, if it stopped mid-epoch)")
     if epochs != old.get("epochs") and new.get("optim.scheduler") == "cosine":
         raise RunDirError(f"config key 'epochs' changed ({old.get('epochs')} -> {epochs}) under optim.scheduler=cosine: "
                           f"the cosine schedule's length is epochs, so the run would not continue the same schedule")
@@ -385,6 +456,3 @@ def _is_nan(x) -> bool:
     return isinstance(x, float) and x != x
 
 
-def stale_summary_name(out: Path, epochs: int) -> Path:
-    """Where a finished run's summary.json goes when a resume trains it further."""
-    return Path(out) / f"summary-after-{epochs}-epochs.json"

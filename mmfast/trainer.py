@@ -48,7 +48,7 @@ from .ops import feature_drop
 from . import run_dir as run_files
 from .run_dir import RunDirError, fault_point
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: history, dataset identity, wall time, precision
 
 
 class NonFiniteError(RuntimeError):
@@ -158,6 +158,7 @@ class Trainer:
         self.dist = init_from_env(cfg.device, timeout_s=cfg.dist_timeout_s)
         self.out = Path(cfg.out)
         self._lock = run_files.RunLock(self.out)
+        self._chosen_state = None
         try:
             state = self._open_run_dir()
             self._build(cfg)
@@ -168,7 +169,9 @@ class Trainer:
                 self._load_state(state)
             self._wall_time_before = state.get("wall_time_s", 0.0) if state is not None else 0.0
             if mode == "resume":
-                self._on_main(lambda: self._repair(state))
+                adopted = self._on_main(lambda: self._repair(state))
+                if adopted is not None:
+                    self.best = adopted
         except BaseException:
             self.close()
             raise
@@ -202,8 +205,8 @@ class Trainer:
         if error is not None:
             raise error
         if message is not None:
-            kind = message[0] if message[0] in (RunDirError, ValueError, FileExistsError, FileNotFoundError) \
-                else RuntimeError
+            passed = (RunDirError, NonFiniteError, ValueError, FileExistsError, FileNotFoundError, KeyError)
+            kind = message[0] if message[0] in passed else RunDirError
             raise kind(f"(rank 0) {message[1]}")
         return result
 
@@ -220,11 +223,15 @@ class Trainer:
         self._resumed_from = path
         if path is None:
             return None
-        state = run_files.load_checkpoint(path, resolve_device(self.cfg.device))
+        state, self._chosen_state = self._chosen_state, None  # (one process: read once)
+        if state is None:
+            state = run_files.load_checkpoint(path, resolve_device(self.cfg.device))
         if state.get("version", 0) > CHECKPOINT_VERSION:
             raise RunDirError(f"{path} was written by a newer mmfast (checkpoint version {state['version']})")
-        run_files.check_resume_config(state["config"], self.cfg.to_dict(), completed_epochs=state["epoch"],
-                                      where=path)
+        completed = state["epoch"] + (1 if state["batch_in_epoch"] else 0)
+        run_files.check_resume_config(state["config"], self.cfg.to_dict(), completed_epochs=completed, where=path)
+        if state.get("history") is None:  # (written before checkpoints carried it)
+            state["history"] = run_files.history_from_file(self.out, state["epoch"])
         return state
 
     def _claim_fresh(self) -> None:
@@ -239,12 +246,14 @@ class Trainer:
                                   f"{self.out} or choose another out=")
 
     def _choose_checkpoint(self):
+        """Rank 0: (the checkpoint to continue from, notes). A resume sets an unreadable last.pt
+        aside, so that the next save does not rotate it over the good previous.pt."""
+        self._chosen_state = None
         if not (self.out / "config.yaml").exists():
             raise FileNotFoundError(f"{self.out} holds no run (no config.yaml)")
         if self.mode == "resume":
             self._lock.acquire()
-            run_files.remove_temporaries(self.out)
-        path, _, notes = run_files.read_checkpoint(self.out, "cpu")
+        path, state, notes = run_files.read_checkpoint(self.out, resolve_device(self.cfg.device))
         if path is None:
             if self.mode == "read":
                 raise FileNotFoundError(f"{self.out} holds no checkpoint yet (the run was stopped before its first)")
@@ -252,6 +261,11 @@ class Trainer:
             if rows or (self.out / "summary.json").exists():
                 raise RunDirError(f"{self.out} records finished epochs (metrics.jsonl, summary.json) but holds no "
                                   f"checkpoint: it cannot be resumed")
+        last = self.out / "checkpoints" / "last.pt"
+        if self.mode == "resume" and path is not None and path != last and last.exists():
+            notes.append(f"{last} set aside as {run_files.set_aside(last, 'unreadable').name}")
+        if not self.dist.enabled:
+            self._chosen_state = state
         return path, notes
 
     def _build(self, cfg) -> None:
@@ -320,6 +334,7 @@ class Trainer:
         self._bad_step = torch.full((), -1, dtype=torch.int64, device=self.device)
         self._skipped_steps = torch.zeros((), dtype=torch.int64, device=self.device)  # GradScaler skips, this epoch
         self._kept = None  # (path, epoch, step) of the newest checkpoint known good, for the divergence message
+        self._segment_start = time.perf_counter()  # (fit() restarts it; wall time counts fit's segments)
         self._ddp = None  # DistributedDataParallel around the step's forward; built on first use
         self._prepared = False
 
@@ -327,9 +342,15 @@ class Trainer:
         """The dataset must be the one the checkpoint trained on (the same split lists): a
         changed data.root is accepted only where it points at the same clips."""
         saved = state.get("dataset")
-        if saved is None or saved["fingerprint"] == self.dataset["fingerprint"]:
-            return
         old_root = state["config"]["data"]["root"]
+        if saved is None:
+            if old_root != self.cfg.data.root:
+                raise RunDirError(f"data.root changed from {old_root!r} to {self.cfg.data.root!r}, and the checkpoint "
+                                  f"(written before checkpoints recorded their dataset) cannot tell whether it holds "
+                                  f"the same clips: resume with data.root={old_root}")
+            return
+        if saved["fingerprint"] == self.dataset["fingerprint"]:
+            return
         moved = f"data.root changed from {old_root!r} to {self.cfg.data.root!r}, and the dataset there" \
             if old_root != self.cfg.data.root else f"the dataset at data.root={self.cfg.data.root!r}"
         raise RunDirError(f"{moved} differs from the one the checkpoint trained on (clips per split "
@@ -340,12 +361,17 @@ class Trainer:
         """Rank 0, at a resume: make metrics.jsonl and best.pt agree with the checkpoint, move a
         finished run's summary aside if the run will train further, and keep config.yaml the
         config the run continues with (out: this directory)."""
-        if state is not None:
-            for change in run_files.repair(self.out, state, self._resumed_from):
-                warnings.warn(f"{self.out}: {change}", stacklevel=4)
+        adopted = None
+        if state is None:
+            changes = [f"removed {name}, a write cut short" for name in run_files.remove_temporaries(self.out)]
+        else:
+            changes, adopted = run_files.repair(self.out, state, self._resumed_from)
+        for change in changes:
+            warnings.warn(f"{self.out}: {change}", stacklevel=4)
         saved = config_mod.load_config(self.out / "config.yaml", apply_recipe=False).to_dict()
         if saved != self.cfg.to_dict():
             config_mod.dump_config(self.cfg, self.out / "config.yaml")
+        return adopted
 
     # ---- construction ------------------------------------------------------------------------
 
@@ -768,7 +794,7 @@ class Trainer:
         if improved:
             self.save_checkpoint("best.pt")
         fault_point("epoch_end.before_metrics")
-        self._log(metrics)
+        self._on_main(lambda: self._log(metrics))
 
     def _wall_time(self) -> float:
         """Seconds of fit() over every segment of the run: the resumed checkpoint's count plus this
@@ -777,16 +803,14 @@ class Trainer:
 
     def _set_stale_summary_aside(self) -> None:
         """A finished run trained further: its summary.json would describe weights best.pt no
-        longer holds until the new end; it is kept under the number of epochs it describes."""
+        longer holds until the new end; it is kept as summary.after-K-epochs.json."""
         path = self.out / "summary.json"
         if path.exists():
-            with contextlib.suppress(ValueError, OSError):
-                epochs = json.loads(path.read_text())["epochs"]
-                with run_files.writing(path):
-                    os.replace(path, run_files.stale_summary_name(self.out, epochs))
-                return
-            with run_files.writing(path):
-                os.replace(path, self.out / "summary-stale.json")
+            try:
+                epochs = int(json.loads(path.read_text())["epochs"])
+            except (ValueError, KeyError, TypeError, OSError):  # (written before summaries named it)
+                epochs = None
+            run_files.set_aside(path, "stale" if epochs is None else f"after-{epochs}-epochs")
 
     def prepare(self) -> None:
         """What training needs before its first step: the per-head initial losses for methods
@@ -874,7 +898,7 @@ class Trainer:
                 "global_step": self.global_step, "best": self.best, "rng": rng,
                 "epoch_sums": self._epoch_sums, "epoch_counts": self._epoch_counts,
                 "skipped_steps": self._skipped_steps, "history": self.history, "dataset": self.dataset,
-                "wall_time_s": self._wall_time()}
+                "wall_time_s": self._wall_time(), "precision": self.precision}
 
     def save_checkpoint(self, name: str) -> None:
         """Rank 0 writes (every rank holds the same state); the others wait for the file. Only
@@ -882,13 +906,15 @@ class Trainer:
         (NonFiniteError) and the checkpoint on disk stays the last good one."""
         self._check_finite()
         path = self.out / "checkpoints" / name
-        if self.dist.is_main:
+
+        def write():
             previous = path.with_name("previous.pt") if name == "last.pt" else None
             try:
                 run_files.atomic_save(self.state_dict(), path, keep_previous=previous)
             except RunDirError as err:
                 raise RunDirError(f"{err}; {self._kept_checkpoint()}") from err.__cause__
-        self.dist.barrier()
+
+        self._on_main(write)  # (rank 0's error, a full disk, is raised on every rank)
         if name == "last.pt":
             self._kept = (path, self.epoch, self.global_step)
 
@@ -897,7 +923,9 @@ class Trainer:
         hold the run's best epoch; where an epoch end was cut short between last.pt and best.pt,
         the checkpoint read at start-up holds that epoch's end and its weights are used."""
         path = self.out / "checkpoints" / "best.pt"
-        held = run_files.best_epoch_of(path) if path.exists() else "missing"
+        if self.best["epoch"] is None:
+            raise RunDirError(f"{self.out}: no epoch has finished yet, so there is no best checkpoint")
+        held = run_files.best_epoch_of(path)
         if held == self.best["epoch"]:
             self.model.load_state_dict(run_files.load_checkpoint(path, self.device)["model"])
             return
@@ -912,6 +940,11 @@ class Trainer:
                           f"checkpoint holds that epoch's weights")
 
     def _load_state(self, state: dict) -> None:
+        trained_in = state.get("precision")
+        if self.mode == "resume" and trained_in is not None and trained_in != self.precision:
+            raise RunDirError(f"the checkpoint {self._resumed_from} trained in {trained_in}, and precision="
+                              f"{self.cfg.precision} resolves to {self.precision} here (another device): resume with "
+                              f"precision={trained_in}")
         self.model.load_state_dict(state["model"])  # (a head whose classifier count changed resizes first)
         # Classifiers added during training (boost) joined the optimizer as groups, in order.
         added = getattr(self.model.fusion, "added_parameter_groups", lambda: [])()
@@ -949,6 +982,9 @@ def resume(out: str | Path, overrides: list[str] | tuple = (), *, read_only: boo
         raise FileNotFoundError(f"{out} is not a run directory")
     if not path.exists():
         raise FileNotFoundError(f"{out} holds no run (no config.yaml)")
+    if any(item.split("=", 1)[0].strip() == "out" for item in overrides):
+        raise ValueError(f"a resumed run reads and writes the directory given ({out}); out= cannot change it (copy "
+                         f"the directory to continue elsewhere)")
     cfg = config_mod.load_config(path, overrides, apply_recipe=False)
     cfg.out = str(out)
     return Trainer(cfg, mode="read" if read_only else "resume")

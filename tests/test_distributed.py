@@ -274,12 +274,12 @@ def test_gather_rows_takes_uneven_and_empty_shards(tmp_path):
 
 def launch_cli(tmp_path, dataset, faults: dict, overrides=(), timeout=300):
     """`mmfast train` in 2 processes as torchrun starts them; faults: rank -> MMFAST_FAULT.
-    Returns (rank 0's return code, its stderr, seconds from start to rank 0's exit)."""
+    Returns (rank 0's return code, its stderr, seconds from the fault to rank 0's exit)."""
+    import re
     import time
 
     port = free_port()
     procs = []
-    start = time.perf_counter()
     for rank in range(2):
         env = dict(os.environ, OMP_NUM_THREADS="1", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -292,12 +292,14 @@ def launch_cli(tmp_path, dataset, faults: dict, overrides=(), timeout=300):
                                       stderr=subprocess.PIPE, text=True))
     try:
         _, err = procs[0].communicate(timeout=timeout)
-        seconds = time.perf_counter() - start
+        ended = time.time()
     finally:
         for p in procs:
             p.kill()
-            p.communicate()
-    return procs[0].returncode, err, seconds
+        faulty = procs[1].communicate()[1]
+    fault = re.search(r"mmfast fault: \S+ \w+ at ([0-9.]+)", faulty)
+    assert fault, f"rank 1 never reached its fault point:\n{faulty[-3000:]}"
+    return procs[0].returncode, err, ended - float(fault.group(1))
 
 
 def test_a_rank_that_dies_ends_the_run_within_seconds(dataset, tmp_path):
@@ -305,7 +307,7 @@ def test_a_rank_that_dies_ends_the_run_within_seconds(dataset, tmp_path):
     connection closes) and it exits with a message, long before dist_timeout_s (600 s)."""
     code, err, seconds = launch_cli(tmp_path, dataset, {1: "train_step@2"})
     assert code == 1 and "a collective failed" in err and "Traceback" not in err, err[-3000:]
-    assert seconds < 120, seconds  # (start-up included; the collective itself fails within a second or so)
+    assert seconds < 20, seconds
 
 
 def test_a_stalled_rank_ends_the_run_after_dist_timeout_s(dataset, tmp_path):
@@ -313,5 +315,5 @@ def test_a_stalled_rank_ends_the_run_after_dist_timeout_s(dataset, tmp_path):
     minutes, then exits naming the timeout."""
     code, err, seconds = launch_cli(tmp_path, dataset, {1: "train_step@2:stall"}, ["dist_timeout_s=5"])
     assert code == 1 and "stalled longer than dist_timeout_s (5.0 s)" in err and "Traceback" not in err, err[-3000:]
-    assert "Timed out" in err or "timed out" in err.lower(), err[-3000:]
-    assert seconds < 120, seconds
+    assert "timed out" in err.lower(), err[-3000:]
+    assert 4 <= seconds < 30, seconds

@@ -66,6 +66,10 @@ def metrics_lines(out):
     return [{k: v for k, v in row.items() if not k.startswith(VOLATILE)} for row in rows]
 
 
+def metrics_lines_raw(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
 def summary_of(out):
     saved = json.loads((Path(out) / "summary.json").read_text())
     saved.pop("wall_time_s")
@@ -123,6 +127,21 @@ def test_a_kill_at_any_point_of_the_epoch_end_resumes_to_the_uninterrupted_run(n
     assert_same_weights(weights(out / "checkpoints" / "last.pt"), weights(uninterrupted / "checkpoints" / "last.pt"))
 
 
+def test_with_a_val_split_a_kill_at_the_epoch_end_keeps_the_selected_best(dataset, tmp_path):
+    """Model selection on val (the best epoch need not be the last): killed between last.pt and
+    best.pt at every epoch end in turn, the resumed run selects and tests what the uninterrupted
+    one does."""
+    reference = tmp_path / "reference"
+    assert cli(*train_args(dataset, reference)).returncode == 0
+    for epoch in (1, 2, 3):
+        out = tmp_path / f"killed{epoch}"
+        assert cli(*train_args(dataset, out), fault=f"epoch_end.between_last_and_best@{epoch}").returncode == -9
+        resumed = cli("train", "--resume", str(out))
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert summary_of(out) == summary_of(reference)
+        assert_same_weights(weights(out / "checkpoints" / "best.pt"), weights(reference / "checkpoints" / "best.pt"))
+
+
 def test_a_best_pt_cut_short_is_rebuilt_and_eval_uses_the_true_best(no_val_dataset, uninterrupted, tmp_path):
     """Killed between last.pt and best.pt at the last epoch end: eval (which writes nothing)
     already reports the best epoch's weights; the resume rewrites best.pt and the summary."""
@@ -130,6 +149,10 @@ def test_a_best_pt_cut_short_is_rebuilt_and_eval_uses_the_true_best(no_val_datas
     assert cli(*train_args(no_val_dataset, out), fault="epoch_end.between_last_and_best@3").returncode == -9
     assert torch.load(out / "checkpoints" / "best.pt", weights_only=False)["best"]["epoch"] == 1  # stale
     reader = resume(out, read_only=True)
+    with torch.no_grad():
+        for t in reader.model.state_dict().values():
+            if isinstance(t, torch.Tensor) and t.is_floating_point():
+                t.zero_()  # (so that a load_best that loads nothing shows)
     reader.load_best()
     assert_same_weights(reader.model.state_dict(), weights(uninterrupted / "checkpoints" / "best.pt"))
     assert torch.load(out / "checkpoints" / "best.pt", weights_only=False)["best"]["epoch"] == 1  # (eval wrote nothing)
@@ -166,8 +189,8 @@ def test_summary_wall_time_sums_the_segments(dataset, tmp_path):
     again = resume(out).fit()  # a finished run: only the test pass runs
     assert again["wall_time_s"] >= trained and again["wall_time_s"] > 0.5 * first["wall_time_s"]
     more = resume(out, ["epochs=2"]).fit()  # trained further: both epochs' time
-    assert more["wall_time_s"] > trained
-    assert json.loads((out / "summary-after-1-epochs.json").read_text())["epochs"] == 1  # the old ending, kept
+    assert more["wall_time_s"] >= trained + metrics_lines_raw(out)[1]["time/epoch_s"]
+    assert json.loads((out / "summary.after-1-epochs.json").read_text())["epochs"] == 1  # the old ending, kept
     assert more["epochs"] == 2 and len(metrics_lines(out)) == 2
 
 
@@ -194,12 +217,50 @@ def test_a_copied_run_directory_is_its_own_run(dataset, tmp_path):
 def test_one_writer_per_run_directory(dataset, tmp_path):
     out = tmp_path / "run"
     first = Trainer(config(dataset, out, "epochs=1"))
-    with pytest.raises(RunDirError, match="in use by another run"):
+    with pytest.raises(RunDirError, match="held by a Trainer of this process that was not closed"):
         resume(out)
     with pytest.raises((RunDirError, FileExistsError)):
         Trainer(config(dataset, out, "epochs=1"))
     first.fit()  # (the lock is released at the end of fit)
     resume(out).close()
+
+
+def test_another_process_holding_the_run_is_named_and_its_death_frees_the_run(dataset, tmp_path):
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-m", "mmfast", *train_args(dataset, out, "checkpoint_every=1")],
+                              env=dict(os.environ, MMFAST_FAULT="train_step@2:stall", OMP_NUM_THREADS="1"),
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        for line in holder.stderr:  # (until it stalls, holding the lock)
+            if "mmfast fault: train_step stall" in line:
+                break
+        with pytest.raises(RunDirError, match=f"in use by another run \\(pid {holder.pid} on"):
+            resume(out)
+    finally:
+        holder.kill()
+        holder.wait()
+    resume(out).close()  # (the OS released the killed holder's lock)
+
+
+def test_forked_data_workers_do_not_keep_the_lock(dataset, tmp_path):
+    """The naive loader forks its persistent workers (in a process without DALI) while the
+    lock is held; they live on after fit() and must not hold the lock."""
+    script = f"""
+import sys
+from mmfast.config import load_config
+from mmfast.data import naive
+from mmfast.trainer import Trainer, resume
+cfg = load_config("embedded", {[f"data.root={dataset}", f"out={tmp_path / 'naive'}", *COMMON, "epochs=1",
+                                "data.backend=naive", "data.num_workers=1"]!r})
+trainer = Trainer(cfg)
+assert naive._worker_start_method() == "fork"
+trainer.fit()
+resume(cfg.out).close()
+print("resumed")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 0 and "resumed" in done.stdout, done.stderr[-3000:]
 
 
 def test_a_fresh_run_refuses_a_directory_with_any_run_state(dataset, tmp_path):
@@ -230,15 +291,14 @@ def test_divergence_is_caught_before_a_checkpoint_is_written(dataset, tmp_path):
         trainer.fit()
     message = str(caught.value)
     assert "training step" in message
-    saved = sorted((out / "checkpoints").glob("*.pt")) if (out / "checkpoints").exists() else []
+    saved = sorted((out / "checkpoints").glob("*.pt"))
+    assert saved  # (the first steps' updates were finite and saved)
     for path in saved:  # only finite state on disk
         state = torch.load(path, weights_only=False)["model"]
         assert all(torch.isfinite(v).all() for v in state.values() if isinstance(v, torch.Tensor)
                    and v.is_floating_point()), path
-    if saved:
-        assert str(out / "checkpoints" / "last.pt") in message
-    else:
-        assert "no checkpoint was written" in message
+    kept = torch.load(out / "checkpoints" / "last.pt", weights_only=False)["global_step"]
+    assert f"the last good checkpoint is {out / 'checkpoints' / 'last.pt'} ({kept} steps trained" in message
     # epoch-end checkpoints only: the same clear stop, never scikit-learn's "Input contains NaN"
     quiet = tmp_path / "quiet"
     with pytest.raises(NonFiniteError, match="no checkpoint was written"):
@@ -358,3 +418,26 @@ def test_bad_values_are_refused(dataset, tmp_path, finished):
     (empty_val / "val.csv").write_text("")
     with pytest.raises(DataError, match="split 'val' is empty"):
         Trainer(config(empty_val, tmp_path / "ev"))
+
+
+def test_a_checkpoint_from_before_histories_keeps_the_metrics_and_refuses_a_moved_dataset(dataset, tmp_path):
+    """Version-1 checkpoints carry no metric history, dataset identity, wall time or precision:
+    the history is read from metrics.jsonl (so a later repair does not cut it down), and a
+    changed data.root is refused, since nothing tells whether it holds the same clips."""
+    out = tmp_path / "old"
+    Trainer(config(dataset, out, "epochs=1")).fit()
+    for name in ("last.pt", "best.pt"):
+        path = out / "checkpoints" / name
+        state = torch.load(path, weights_only=False)
+        for key in ("history", "dataset", "wall_time_s", "precision"):
+            del state[key]
+        state["version"] = 1
+        torch.save(state, path)
+    moved = tmp_path / "moved"
+    shutil.copytree(dataset, moved)
+    with pytest.raises(RunDirError, match="cannot tell whether it holds the same clips"):
+        resume(out, [f"data.root={moved}"])
+    resume(out, ["epochs=2"]).fit()
+    assert [row["epoch"] for row in metrics_lines(out)] == [0, 1]
+    state = torch.load(out / "checkpoints" / "last.pt", weights_only=False)
+    assert [row["epoch"] for row in state["history"]] == [0, 1]

@@ -57,7 +57,8 @@ def test_resume_mid_epoch_gives_bitwise_the_same_parameters(dataset, tmp_path, m
     killed = Trainer(make_config(dataset, tmp_path / "killed", f"method={method}", *extra))
     assert killed.fit(max_steps=steps) is None  # stopped in the middle of an epoch (3 steps an epoch)
     assert (killed.epoch, killed.batch_in_epoch) == divmod(steps, 3)
-    resumed = resume(tmp_path / "killed")
+    # (decoding threads may change on resume: the clips and their augmentations do not depend on them)
+    resumed = resume(tmp_path / "killed", ["data.num_workers=2"] if method == "opm" else [])
     assert resumed.batch_in_epoch == steps % 3 and int(resumed.balancer.state.step) == steps
     decoded = []
     loader = resumed.loaders["train"]
