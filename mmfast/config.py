@@ -292,3 +292,95 @@ def dump_config(cfg: Config, path: Path) -> None:
     from .run_dir import atomic_write_text
 
     atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+# What each key means (the configuration reference, docs/config.md, is generated from this and
+# the dataclasses: reference_markdown refuses a key without an entry here).
+KEY_HELP = {
+    "method": "The balancing method: a name in `mmfast.methods.NAMES` (the Methods pages).",
+    "hparams": "The method's hyper-parameters, e.g. `hparams.alpha=0.8` (each method's page lists them, with "
+               "their sources).",
+    "recipes": "A dataset's published recipes: method name -> config keys (hparams, optim, data, ...) applied when "
+               "that method runs, over the file's values and under the command line's.",
+    "epochs": "Training epochs. A resume may raise it.",
+    "seed": "Seeds Python, NumPy and torch, the data plan (clip order, augmentations) and the methods' generators.",
+    "out": "The run directory (config, checkpoints, metrics, summary). A resume uses the directory given instead.",
+    "device": "Where the run computes: `auto` is CUDA when a GPU is visible, else the CPU.",
+    "precision": "Autocast dtype: `fp16` adds a GradScaler (gradients unscaled before modulation); `auto` is "
+                 "bf16 where the device computes in bf16 natively (AVX512-BF16 or AMX CPUs, GPUs of compute "
+                 "capability 8.0 or later), else fp32.",
+    "channels_last": "Convolution inputs and weights in channels-last memory format.",
+    "grad_accum": "Micro-batches per optimizer step (the methods measure over the whole step).",
+    "sync_bn": "Distributed runs: batch norm over the global batch.",
+    "compile": "torch.compile each encoder in place (state dicts unchanged).",
+    "retain_freed_memory": "CPU runs: glibc malloc keeps freed memory for reuse, so each step's large buffers are "
+                           "not page-faulted in again (process-wide).",
+    "checkpoint_every": "Optimizer steps between mid-epoch checkpoints; 0 writes them at epoch ends only.",
+    "dist_timeout_s": "Distributed runs: seconds a collective waits for a stalled rank before the run stops (gloo's "
+                      "and NCCL's own default is 30 minutes; no published value).",
+    "progress": "A tqdm progress bar on a terminal (elsewhere one line per epoch).",
+    "data.root": "The dataset folder.",
+    "data.layout": "How the dataset is stored: crema_d, kinetics_sounds, vggsound, ave or generic.",
+    "data.backend": "The loader: DALI pipelines or the naive PyTorch reference loader.",
+    "data.modalities": "Generic layout only: modality name -> kind (audio, video or frames).",
+    "data.audio": "The audio recipe preset (sample rate, window, hop, spectrogram shape).",
+    "data.num_frames": "Video frames per clip.",
+    "data.size": "Frame side in pixels after the crop.",
+    "data.batch_size": "The global batch (split across the ranks of a distributed run).",
+    "data.num_workers": "Decoding threads (DALI) or worker processes (naive loader).",
+    "data.on_error": "A clip that cannot be read: `raise` stops, `skip` leaves it out and counts it.",
+    "data.allow_overlap": "Accept a clip listed in two splits.",
+    "data.synth": "Generate the embedded dataset at `data.root` when absent, with these options "
+                  "(`mmfast.data.generate`).",
+    "model.encoder": "The encoders: a CPU-scale CNN or ResNet-18.",
+    "model.fusion": "The fusion head; `auto` is the method's default (concat; late for olm; boost for boost).",
+    "model.width": "Width of the small encoder.",
+    "model.irfb": "IRFB encoder options (dim, depth, heads, bottleneck_tokens, patch), for fusion irfb.",
+    "model.weights": "modality -> a local ResNet-18 weights file.",
+    "model.estimator": "How uni-modal logits are estimated: `auto` (the head's own), `split` (the fused linear's "
+                       "weight split; concat and sum) or `zero_out` (the head run with the other modalities zeroed).",
+    "optim.name": "The optimizer.",
+    "optim.lr": "Learning rate.",
+    "optim.momentum": "SGD momentum.",
+    "optim.weight_decay": "Weight decay.",
+    "optim.scheduler": "Learning-rate schedule: StepLR, cosine over `epochs`, x gamma when the training loss stops "
+                       "falling (`plateau`), or none.",
+    "optim.step_size": "StepLR period in epochs.",
+    "optim.gamma": "StepLR and plateau factor.",
+    "optim.patience": "Plateau: epochs without a lower training loss before the rate falls (no published value).",
+}
+
+
+def reference_markdown() -> str:
+    """The configuration reference (docs/config.md): every key with its type, default, allowed
+    values and meaning, read from the dataclasses and KEY_HELP, so the page cannot drift."""
+    rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
+
+    def walk(cls, prefix):
+        hints = typing.get_type_hints(cls)
+        defaults = cls()
+        for f in dataclasses.fields(cls):
+            key, hint = prefix + f.name, hints[f.name]
+            if dataclasses.is_dataclass(hint):
+                walk(hint, key + ".")
+                continue
+            if key not in KEY_HELP:
+                raise KeyError(f"config key {key!r} has no entry in mmfast.config.KEY_HELP")
+            type_name = " or ".join(getattr(t, "__name__", str(t)) for t in (typing.get_args(hint) or (hint,)))
+            meaning = KEY_HELP[key]
+            if key in CHOICES:
+                meaning += f" One of {', '.join(f'`{c}`' for c in CHOICES[key])}."
+            if key in POSITIVE:
+                meaning += " At least 1."
+            elif key in NON_NEGATIVE:
+                meaning += " At least 0."
+            if hint is float:
+                meaning += " Finite."
+            rows.append(f"| `{key}` | {type_name.replace('NoneType', 'None')} | `{getattr(defaults, f.name)!r}` | "
+                        f"{meaning.replace('|', '/')} |")
+
+    walk(Config, "")
+    unknown = set(KEY_HELP) - {r.split("`")[1] for r in rows[2:]}
+    if unknown:
+        raise KeyError(f"mmfast.config.KEY_HELP documents keys that do not exist: {sorted(unknown)}")
+    return "\n".join(rows) + "\n"
