@@ -1,12 +1,13 @@
 # make demo : set up .venv, build the extension, train every method on the embedded dataset (mmfast demo)
 # make bench: every benchmark, one JSON and one markdown table (bench/results/bench.{json,md})
-# make test : set up .venv, build the extension, run the test suite (what CI runs)
+# make test : set up .venv, build the extension and the docs site (strict), run the test suite (what CI runs)
+# make docs : build the documentation site into build/site (mkdocs serve: a live preview)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEPS_STAMP := $(VENV)/.deps-installed
 
-.PHONY: setup build test demo bench clean
+.PHONY: setup build test docs demo bench clean
 
 setup: build
 
@@ -18,8 +19,12 @@ $(DEPS_STAMP): requirements-dev.txt
 build: $(DEPS_STAMP)
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-build-isolation --no-deps -e .
 
-test: build
+test: build docs
 	$(PY) -m pytest -q tests
+
+# The documentation site (build/site); --strict: a broken link or reference fails the build.
+docs: $(DEPS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --quiet
 
 demo: build
 	$(PY) -m mmfast demo

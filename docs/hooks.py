@@ -5,6 +5,7 @@ builds from the config dataclasses. mmfast/config.py is loaded from its file, so
 docs needs neither the native extension nor torch.
 """
 import importlib.util
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -12,10 +13,13 @@ MARKER = "<!-- config-reference -->"
 
 
 def _config_module():
-    spec = importlib.util.spec_from_file_location("mmfast_config_for_docs", ROOT / "mmfast" / "config.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    name = "mmfast_config_for_docs"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "mmfast" / "config.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # (dataclasses look their module up while the file runs)
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 
 def on_page_markdown(markdown, page, config, files):

@@ -54,7 +54,7 @@ class RunDirError(ValueError):
 # ---- fault injection (tests) -------------------------------------------------------------------
 
 def _parse_faults(text: str | None) -> dict:
-    """'point[@n][:action],...' -> {point: [n, action]}; the action runs the n-th time (default 1)."""
+    """`point[@n][:action],...` -> {point: [n, action]}; the action runs the n-th time (default 1)."""
     faults = {}
     for item in filter(None, (text or "").split(",")):
         where, _, action = item.rpartition(":")
@@ -70,7 +70,7 @@ _faults = _parse_faults(os.environ.get("MMFAST_FAULT"))
 
 
 def set_faults(text: str | None) -> None:
-    """Arm fault points in this process, as MMFAST_FAULT does for a new one: 'point[@n][:action]'
+    """Arm fault points in this process, as MMFAST_FAULT does for a new one: `point[@n][:action]`
     joined by commas. Actions: kill (SIGKILL, the default), stall (sleep for an hour),
     interrupt (KeyboardInterrupt), enospc (a full disk), erofs (a read-only file system)."""
     global _faults

@@ -29,6 +29,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -582,7 +583,7 @@ class Trainer:
         start = time.perf_counter()
         accum = self.cfg.grad_accum
         bar = tqdm(total=len(loader), initial=self.batch_in_epoch, desc=f"epoch {self.epoch}", leave=False,
-                   disable=not (self.cfg.progress and self.dist.is_main))
+                   disable=not self._live_bar())
         # Resumed mid-epoch: the pass starts at the next batch of the same plan (a function of
         # seed and epoch); loader.position counts plan batches, also one whose clips all failed.
         for batch in loader.batches(start=self.batch_in_epoch):
@@ -593,7 +594,7 @@ class Trainer:
             bar.update(position - self.batch_in_epoch)
             self.batch_in_epoch = position
             if last:
-                if self.cfg.progress and self.dist.is_main and self.global_step % 10 == 0:
+                if self._live_bar() and self.global_step % 10 == 0:
                     bar.set_postfix(self._live_postfix())
                 fault_point("train_step")
                 if self.cfg.checkpoint_every and self.global_step % self.cfg.checkpoint_every == 0:
@@ -620,6 +621,19 @@ class Trainer:
         elif self.scheduler is not None:
             self.scheduler.step()
         return metrics
+
+    def _live_bar(self) -> bool:
+        """A live progress bar: on a terminal only (a log file gets one line per epoch instead)."""
+        return self.cfg.progress and self.dist.is_main and sys.stderr.isatty()
+
+    def _epoch_line(self, metrics: dict) -> None:
+        """progress without a terminal: one line per epoch on stderr."""
+        if not (self.cfg.progress and self.dist.is_main) or sys.stderr.isatty():
+            return
+        val = f", val acc {metrics['val/acc']:.3f}" if "val/acc" in metrics else ""
+        best = " (best)" if self.best["epoch"] == metrics["epoch"] else ""
+        print(f"{self.out.name} epoch {metrics['epoch'] + 1}/{self.cfg.epochs}: train loss {metrics['train/loss']:.3f}, "
+              f"acc {metrics['train/acc']:.3f}{val}{best}, {metrics['time/epoch_s']:.1f} s", file=sys.stderr, flush=True)
 
     def _live_postfix(self) -> dict:
         sums, n = self._epoch_sums, max(float(self._epoch_sums["samples"]), 1.0)
@@ -772,6 +786,7 @@ class Trainer:
             self.epoch += 1
             self.batch_in_epoch = 0
             self._commit_epoch(metrics, improved)
+            self._epoch_line(metrics)
         summary = {"best_epoch": self.best["epoch"], "epochs": self.epoch, "global_step": self.global_step,
                    "wall_time_s": self._wall_time(), "precision": self.precision, "methods": self.balancer.summary()}
         if "test" in self.loaders:

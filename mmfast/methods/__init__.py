@@ -23,7 +23,7 @@ from __future__ import annotations
 from .balancer import Balancer
 from .base import EVENTS, Method, StepState, join_optimizer, merge_balance_params
 from .ogm import select_encoder_params
-from .registry import COMBINATIONS, METHODS, NAMES, create, fusions, hyper_parameters
+from .registry import COMBINATIONS, METHODS, NAMES, create, fusions, hyper_parameters, register
 
 __all__ = ["Balancer", "COMBINATIONS", "EVENTS", "METHODS", "NAMES", "Method", "StepState", "create", "fusions",
-           "hyper_parameters", "join_optimizer", "merge_balance_params", "select_encoder_params"]
+           "hyper_parameters", "join_optimizer", "merge_balance_params", "register", "select_encoder_params"]

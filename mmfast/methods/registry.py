@@ -19,6 +19,27 @@ COMBINATIONS: dict[str, tuple[str, ...]] = {"opm_ogm": ("opm", "ogm_ge")}
 NAMES = tuple(METHODS) + tuple(COMBINATIONS)
 
 
+def register(cls: type[Method]) -> type[Method]:
+    """Make a Method subclass available by its ``name`` everywhere a method name is accepted
+    (configs, ``create``, ``Balancer``); usable as a class decorator. Refuses a name already taken
+    and a class without a name or a dataclass ``Params``."""
+    global NAMES
+    if not (isinstance(cls, type) and issubclass(cls, Method)):
+        raise TypeError(f"register: expected a subclass of mmfast.methods.Method, got {cls!r}")
+    if not isinstance(cls.name, str) or not cls.name.isidentifier():
+        raise ValueError(f"register: {cls.__name__}.name must be an identifier, got {cls.name!r}")
+    if cls.name in METHODS or cls.name in COMBINATIONS:
+        raise ValueError(f"register: the method name {cls.name!r} is taken (by {METHODS.get(cls.name, 'a combination')})")
+    if not dataclasses.is_dataclass(cls.Params):
+        raise TypeError(f"register: {cls.__name__}.Params must be a dataclass of its hyper-parameters")
+    METHODS[cls.name] = cls
+    NAMES = tuple(METHODS) + tuple(COMBINATIONS)
+    import mmfast.methods as package  # (its NAMES is what configs check names against)
+
+    package.NAMES = NAMES
+    return cls
+
+
 def hyper_parameters(name: str) -> dict[str, Any]:
     """The hyper-parameters of a method name with their defaults."""
     parts = COMBINATIONS.get(name, (name,))
