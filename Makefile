@@ -1,5 +1,5 @@
 # make demo : set up .venv, build the extension, train every method on the embedded dataset (mmfast demo)
-# make bench: every benchmark, one JSON and one markdown table (bench/results/bench.{json,md})
+# make bench: every benchmark, one dated results file (bench/results/<date>-<machine>.md, and its .json)
 # make test : set up .venv, build the extension and the docs site (strict), run the test suite (what CI runs)
 # make docs : build the documentation site into build/site (mkdocs serve: a live preview)
 PYTHON ?= python3

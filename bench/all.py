@@ -1,13 +1,15 @@
 """Every benchmark in one run (`make bench`): one JSON with each benchmark's report and one
 markdown file with their tables, both under bench/results/ by default.
 
-    python bench/all.py [--out bench/results] [--quick]
+    python bench/all.py [--out bench/results] [--quick]   # writes bench/results/<date>-<machine>.{md,json}
 
 --quick runs each benchmark at tiny sizes (a smoke run: its numbers mean nothing).
 """
 from __future__ import annotations
 
 import argparse
+import datetime
+import re
 import json
 import sys
 from pathlib import Path
@@ -75,10 +77,22 @@ def main(argv=None):
         path = out / f"{name}.json"
         result = run([*(QUICK[name] if args.quick else []), "--json", str(path)])
         reports[name] = result if isinstance(result, dict) else json.loads(path.read_text())
-    write_json(str(out / "bench.json"), {"machine": machine(), "benchmarks": reports})
-    (out / "bench.md").write_text(tables(reports))
-    print(f"wrote {out / 'bench.md'}")
+    stem = results_name(machine())
+    write_json(str(out / f"{stem}.json"), {"machine": machine(), "benchmarks": reports})
+    (out / f"{stem}.md").write_text(tables(reports))
+    print(f"wrote {out / stem}.md")
     return reports
+
+
+def results_name(info: dict, today: datetime.date | None = None) -> str:
+    """A dated results file's stem: <YYYY-MM-DD>-<cpu>-<vector isa>[-<gpu>] (the history of the
+    figures is these files, one per run of make bench)."""
+    slug = lambda text: re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")  # noqa: E731
+    cpu = re.sub(r"\((r|tm)\)|\bprocessor\b|\bcpu\b|@.*", "", info["cpu"], flags=re.I)
+    parts = [(today or datetime.date.today()).isoformat(), "-".join(slug(cpu).split("-")[:3]), slug(info["vector_isa"])]
+    if info.get("gpu"):
+        parts.append(slug(info["gpu"]))
+    return "-".join(p for p in parts if p)
 
 
 if __name__ == "__main__":

@@ -65,9 +65,8 @@ if [ "$build" -eq 1 ]; then
   step build "$py" -m pip install --no-build-isolation --no-deps --no-index -e . || { echo "build failed"; exit 1; }
 fi
 step build_info "$py" -c "import json, mmfast; print(json.dumps(mmfast.build_info(), indent=1))"
-step tests "$py" -m pytest -q -rs -p no:cacheprovider tests/test_grad_modulation.py tests/test_balance.py \
-  tests/test_feature_drop.py tests/test_triton_launch.py tests/test_methods.py tests/test_olm_boost.py \
-  tests/test_estimators.py tests/test_models.py tests/test_irfb.py
+step tests "$py" -m pytest -q -rs -p no:cacheprovider tests/ops tests/kernels/test_triton_launch.py \
+  tests/methods/test_methods.py tests/methods/test_olm_boost.py tests/models
 if [ "$gpu" = 1 ]; then
   step bench_grad_modulation "$py" bench/grad_modulation.py --device cuda --json "$out/grad_modulation.json"
   step bench_grad_modulation_bf16 "$py" bench/grad_modulation.py --device cuda --dtype bfloat16 \

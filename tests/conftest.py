@@ -1,4 +1,5 @@
-import contextlib
+"""Fixtures for every test: a fresh random generator with its seed printed on failure, the
+native CPU kernels' instruction-set switch. Without a GPU, Triton kernels run in the interpreter."""
 import os
 
 import pytest
@@ -9,9 +10,6 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# Where the Triton kernels are tested: CUDA when present, else the CPU (interpreted).
-TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
 
 @pytest.fixture
 def gen(request):
@@ -21,24 +19,6 @@ def gen(request):
     request.node.user_properties.append(("torch_seed", seed))
     print(f"torch seed for {request.node.name}: {seed}")
     return g
-
-
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-@contextlib.contextmanager
-def no_device_sync(device):
-    """On a CUDA device: any host synchronisation inside raises (torch's sync debug mode);
-    elsewhere nothing (the host-read counter is the CPU's check)."""
-    if torch.device(device).type != "cuda":
-        yield
-        return
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        yield
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
 
 
 @pytest.fixture

@@ -413,6 +413,8 @@ def test_bad_values_are_refused(dataset, tmp_path, finished):
         with pytest.raises(ValueError, match="drop probability of 'audio' must be in"):
             reader.evaluate("test", missing={"audio": bad})
     run_cli_expecting_message("eval", str(finished), "--missing", "audio=2", needle="must be in [0, 1]")
+    with pytest.raises(ValueError, match="out= cannot change it"):
+        resume(finished, [f"out={tmp_path / 'elsewhere'}"])
     empty_val = tmp_path / "emptyval"
     shutil.copytree(dataset, empty_val)
     (empty_val / "val.csv").write_text("")

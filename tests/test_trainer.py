@@ -189,25 +189,6 @@ def test_configuration_errors_fail_at_start_up_naming_the_key(dataset, tmp_path,
         Trainer(make_config(dataset, tmp_path / "bad", *overrides))
 
 
-def test_command_line_train_resume_and_eval(dataset, tmp_path):
-    import subprocess
-    import sys
-
-    out = tmp_path / "cli"
-    common = [sys.executable, "-m", "mmfast"]
-    args = ["train", "--config", "embedded", "method=ogm_ge", "epochs=1", "seed=1", f"out={out}", f"data.root={dataset}",
-            "data.batch_size=8", "data.size=32", "data.num_workers=1", "progress=false"]
-    done = subprocess.run(common + args, capture_output=True, text=True, cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert json.loads(done.stdout)["best_epoch"] == 0
-    evaluated = subprocess.run(common + ["eval", str(out), "--missing", "audio=0.5"], capture_output=True, text=True)
-    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
-    assert json.loads(evaluated.stdout)["test/samples"] == 6
-    bad = subprocess.run(common + ["train", "--config", "embedded", f"data.root={dataset}", "hparams.alpha=-1",
-                                   "method=ogm"], capture_output=True, text=True)
-    assert bad.returncode == 2 and "config key 'hparams': ogm.alpha must be >= 0" in bad.stderr
-    again = subprocess.run(common + ["train", "--resume", str(out)], capture_output=True, text=True)
-    assert again.returncode == 0, again.stderr[-2000:]  # a finished run resumes to its end at once
 
 
 def test_tensorboard_events_when_tensorboard_is_installed(dataset, tmp_path, monkeypatch):

@@ -17,7 +17,8 @@ four places in their step::
         bal.end_epoch()
 
 The uni-modal estimates measure the imbalance on the features *before* the drop (every sample,
-undropped: TPAMI 2024 Alg. 1, eq. 7); only the fused logits see what the drop left. mmfast's
+undropped: TPAMI 2024 Alg. 1, eq. 7); what trains sees what the drop left (the fused logits, and
+late heads' own classifiers). mmfast's
 heads take both (``measure=``); with a head of your own, compute the estimates from the features
 you passed to ``drop``. OPM with ``timing="current"`` (the public code's: this batch's
 probabilities drop this batch) measures inside ``drop``: give the Balancer ``estimate=`` (features

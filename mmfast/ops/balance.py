@@ -1,6 +1,6 @@
 """How well each modality alone predicts the batch, and what the balancing methods make of it.
 
-Reference semantics sections 2-4 (OGM, OGM-GE, OPM; TPAMI 2024 eq. 6-8, 11-17). For uni-modal
+OGM, OGM-GE and OPM as TPAMI 2024 defines them (eq. 6-8, 11-17; docs/reference-semantics.md). For uni-modal
 logits o_m [M, B, C] (mmfast.estimators; the methods measure the undropped features of every
 sample), labels y [B] and an optional sample mask w ([B] or [M, B], e.g. a part of the batch):
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import mmfast
-from conftest import no_device_sync, requires_cuda
+from support import no_device_sync, requires_cuda
 from mmfast.diagnostics import HOST_READS, count_host_reads
 from mmfast.estimators import ConcatHead
 from mmfast.methods import NAMES, hyper_parameters
@@ -320,7 +320,7 @@ def test_readme_balancer_example_runs(capsys):
     import re
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
     blocks = [b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "mmfast.Balancer(" in b]
     assert len(blocks) == 1, "README should hold exactly one Balancer example"
     namespace = {}

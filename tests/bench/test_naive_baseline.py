@@ -15,7 +15,7 @@ from mmfast.data import generate
 from mmfast.trainer import Trainer
 
 pytest.importorskip("nvidia.dali")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 from naive import NaiveStep  # noqa: E402
 
 STEPS = 4

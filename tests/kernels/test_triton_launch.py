@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import mmfast.kernels
-from conftest import TRITON_DEVICE
+from support import TRITON_DEVICE
 from mmfast.dispatch import triton_available
 from mmfast.ops import modality_scores_reference
 

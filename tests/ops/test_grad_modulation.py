@@ -13,7 +13,7 @@ from mmfast.ops import (
     philox4x32_10_reference,
 )
 
-from conftest import no_device_sync, requires_cuda
+from support import no_device_sync, requires_cuda
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # Tolerances for "equal up to float rounding of the transform": a few float32 ulps of the noise

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import mmfast
-from conftest import no_device_sync, requires_cuda
+from support import no_device_sync, requires_cuda
 from mmfast.methods.boost import aca_assignment
 from mmfast.methods.olm import gc_factors
 from mmfast.models import BoostedClassifiers, LateHeads

@@ -1,11 +1,14 @@
-"""The benchmark scripts run end to end (tiny sizes; their numbers are measured in bench/, not here)."""
+"""The benchmark scripts run end to end at tiny sizes, and the figures they produce are sane:
+every number finite, every time, rate and speedup positive, the fields present. (Their values
+are measured in bench/, not here.)"""
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
+BENCH = Path(__file__).resolve().parents[2] / "bench"
 
 
 def load(name):
@@ -15,15 +18,38 @@ def load(name):
     return module
 
 
+TIMES = ("_ms", "_s", "per_s", "seconds")
+
+
+def assert_sane(report, where="report"):
+    """Every number finite; every time, rate and speedup positive (recursively)."""
+    if isinstance(report, dict):
+        for key, value in report.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                assert math.isfinite(value), f"{where}.{key} = {value}"
+                if "speedup" in str(key) or str(key).endswith(TIMES):
+                    assert value > 0, f"{where}.{key} = {value}"
+            assert_sane(value, f"{where}.{key}")
+    elif isinstance(report, list):
+        for i, value in enumerate(report):
+            if isinstance(value, float):
+                assert math.isfinite(value), f"{where}[{i}] = {value}"
+            assert_sane(value, f"{where}[{i}]")
+
+
 def test_grad_modulation_bench_runs(tmp_path):
     out = load("grad_modulation").main(["--repeat", "1", "--json", str(tmp_path / "g.json")])
     assert out["tensors"] == 40 and out["speedup_noise"] > 0 and (tmp_path / "g.json").exists()
     assert out["speedup_noise_channels_last"] > 0 and "fused_noise_tensor_step" in out["cases"]
+    assert all(case["median_ms"] > 0 for case in out["cases"].values())
+    assert_sane(json.loads((tmp_path / "g.json").read_text()))
 
 
 def test_scores_bench_runs(tmp_path):
     load("scores").main(["--repeat", "1", "--json", str(tmp_path / "s.json")])
-    assert (tmp_path / "s.json").exists()
+    report = json.loads((tmp_path / "s.json").read_text())
+    assert report["rows"] and all(r["naive"]["median_ms"] > 0 and r["native"]["median_ms"] > 0 for r in report["rows"])
+    assert_sane(report)
 
 
 def test_imbalance_bench_runs(tmp_path):
@@ -32,13 +58,17 @@ def test_imbalance_bench_runs(tmp_path):
     out = load("imbalance").main(["--clips", "24", "--epochs", "1", "--json", str(tmp_path / "i.json")])
     assert set(out["results"]["audio"]) == {"joint", "unimodal audio", "unimodal visual"}
     assert isinstance(out["reproduced"]["audio"], bool) and (tmp_path / "i.json").exists()
+    assert_sane(json.loads((tmp_path / "i.json").read_text()))
 
 
 def test_data_bench_runs(tmp_path):
     pytest.importorskip("nvidia.dali")
     load("data").main(["--clips", "24", "--epochs", "1", "--size", "32", "--batch-size", "4",
                        "--json", str(tmp_path / "d.json")])
-    assert (tmp_path / "d.json").exists()
+    report = json.loads((tmp_path / "d.json").read_text())
+    assert report["results"] and all(r["clips_per_s"] > 0 for r in report["results"].values())
+    assert report["speedup"] > 0
+    assert_sane(report)
 
 
 def test_step_bench_runs_and_counts_host_reads(tmp_path):
@@ -65,15 +95,25 @@ def test_step_bench_runs_and_counts_host_reads(tmp_path):
     assert "| ogm_ge |" in text and "(vs joint@late)" in text and "| joint@boost |" in text
     assert "mmfast in bf16, naive in fp32" in text
     assert f"| small | 64 | 32 | {out['epoch'][0]['clips']} | " in text and "| bf16 |" in text
+    assert_sane(json.loads((tmp_path / "s.json").read_text()))
 
 
-def test_all_benchmarks_write_one_json_and_one_markdown(tmp_path):
-    reports = load("all").main(["--quick", "--only", "grad_modulation", "scores", "--out", str(tmp_path)])
+def test_all_benchmarks_write_one_dated_results_file(tmp_path):
+    import datetime
+
+    bench_all = load("all")
+    reports = bench_all.main(["--quick", "--only", "grad_modulation", "scores", "--out", str(tmp_path)])
     assert set(reports) == {"grad_modulation", "scores"}
-    merged = json.loads((tmp_path / "bench.json").read_text())
+    (markdown,) = tmp_path.glob("*.md")
+    assert markdown.name.startswith(datetime.date.today().isoformat() + "-")
+    merged = json.loads(markdown.with_suffix(".json").read_text())
     assert set(merged["benchmarks"]) == {"grad_modulation", "scores"} and "machine" in merged
-    text = (tmp_path / "bench.md").read_text()
-    assert "Fused gradient modulation" in text and "| 2 | 64 | 6 |" in text
+    assert_sane(merged)
+    text = markdown.read_text()
+    assert "Fused gradient modulation" in text and "| 2 | 64 | 6 |" in text and merged["machine"]["cpu"] in text
+    name = bench_all.results_name({"cpu": "Intel(R) Xeon(R) Platinum 8480C @ 2.0GHz", "vector_isa": "avx512",
+                                   "gpu": None}, datetime.date(2026, 1, 2))
+    assert name == "2026-01-02-intel-xeon-platinum-avx512"
 
 
 def test_step_bench_refuses_the_epoch_part_without_dali(capsys):

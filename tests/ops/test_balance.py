@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import mmfast
-from conftest import TRITON_DEVICE, no_device_sync, requires_cuda
+from support import TRITON_DEVICE, no_device_sync, requires_cuda
 from mmfast.ops import (
     balance_coefficients,
     balance_stats,

@@ -1,0 +1,51 @@
+"""The embedded dataset (mmfast/data/synth.py): deterministic, in the CREMA-D layout, the dominant
+modality stronger, the modalities complementary."""
+import numpy as np
+import pytest
+import soundfile as sf
+
+from mmfast.data import crema_d, generate, read_layout
+from mmfast.data.synth import SAMPLE_RATE
+
+pytest.importorskip("nvidia.dali")
+
+
+# --- the embedded dataset ---------------------------------------------------------------------------
+
+def test_synth_is_deterministic_and_in_the_crema_d_layout(tmp_path):
+    a = generate(tmp_path / "a", clips=12, classes=3, seed=9)
+    b = generate(tmp_path / "b", clips=12, classes=3, seed=9)
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
+    index = read_layout(a, "crema_d")
+    assert index.classes == ["NEU", "HAP", "SAD"] and index.kinds == {"audio": "audio", "visual": "video"}
+    assert sum(len(c) for c in index.splits.values()) == 12
+    wave, rate = sf.read(index.splits["train"][0].files["audio"])
+    assert rate == SAMPLE_RATE and len(wave) >= 2 * SAMPLE_RATE
+    with pytest.raises(FileExistsError):
+        generate(a, clips=12, classes=3)
+
+
+def test_synth_dominant_modality_carries_the_stronger_signal(tmp_path):
+    from mmfast.data.synth import SynthSpec, make_audio, make_frames
+
+    spec = SynthSpec(dominant="visual", imbalance=4.0, noise=0.0)
+    rng = np.random.default_rng(0)
+    audio_peak = np.abs(make_audio(rng, 0, 1.0, spec)).max()
+    strong = SynthSpec(dominant="audio", imbalance=4.0, noise=0.0)
+    assert np.abs(make_audio(rng, 0, 1.0, strong)).max() > 3 * audio_peak
+    frames_weak = make_frames(rng, 0, 1.0, strong).astype(float)
+    frames_strong = make_frames(rng, 0, 1.0, spec).astype(float)
+    assert frames_strong.max() - np.median(frames_strong) > 2 * (frames_weak.max() - np.median(frames_weak))
+
+
+def test_synth_modalities_are_complementary():
+    from mmfast.data.synth import SynthSpec
+
+    spec = SynthSpec(clips=4000, dominant="visual", dominant_missing=0.3, weak_missing=0.1, seed=3)
+    has = np.array([spec.signatures(i) for i in range(spec.clips)])  # columns: audio, visual
+    assert has.any(axis=1).all()  # every clip keeps at least one signature
+    assert abs((~has[:, 1]).mean() - 0.3) < 0.03 and abs((~has[:, 0]).mean() - 0.1) < 0.03
+    with pytest.raises(ValueError, match="sum below 1"):
+        SynthSpec(dominant_missing=0.6, weak_missing=0.5).check()
