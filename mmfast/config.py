@@ -12,6 +12,8 @@ from typing import Any
 
 import yaml
 
+from .models.registry import FUSION_NAMES, fusion_kind, fusions_where
+
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 AUDIO_PRESETS = ("crema_d", "kinetics_sounds", "vggsound", "kaldi_fbank")
 
@@ -89,7 +91,7 @@ class Config:
 CHOICES = {
     "data.backend": ("dali", "naive"), "data.audio": AUDIO_PRESETS, "data.on_error": ("raise", "skip"),
     "model.encoder": ("small", "resnet18"),
-    "model.fusion": ("auto", "concat", "sum", "film", "gated", "mlp", "late", "irfb", "boost"),
+    "model.fusion": ("auto", *FUSION_NAMES),
     "model.estimator": ("auto", "split", "zero_out"), "optim.name": ("sgd", "adamw"),
     "optim.scheduler": ("step", "cosine", "plateau", "none"), "device": ("auto", "cpu", "cuda"),
     "precision": ("fp32", "bf16", "fp16", "auto"),
@@ -256,10 +258,11 @@ def check_config(cfg: Config) -> None:
     if fusion not in methods.fusions(cfg.method):
         raise ValueError(f"config key 'model.fusion': method {cfg.method!r} works with fusion "
                          f"{' or '.join(methods.fusions(cfg.method))}, got {fusion!r}")
-    if cfg.model.estimator == "split" and fusion not in ("concat", "sum"):
-        raise ValueError(f"config key 'model.estimator': 'split' needs fusion concat or sum (fusion "
-                         f"{fusion!r} cannot be split by modality; use estimator=zero_out or auto)")
-    if cfg.model.estimator == "zero_out" and fusion in ("late", "irfb", "boost"):
+    if cfg.model.estimator == "split" and not fusion_kind(fusion).splittable:
+        raise ValueError(f"config key 'model.estimator': 'split' needs a fusion of one linear layer "
+                         f"({' or '.join(fusions_where(splittable=True))}; fusion {fusion!r} cannot be split by "
+                         f"modality; use estimator=zero_out or auto)")
+    if cfg.model.estimator == "zero_out" and fusion_kind(fusion).trains_unimodal:
         raise ValueError(f"config key 'model.estimator': fusion {fusion!r} has a classifier per modality; "
                          f"use estimator=auto")
     for name, recipe in cfg.recipes.items():

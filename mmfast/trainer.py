@@ -40,11 +40,11 @@ import torch.nn.functional as F
 
 from . import config as config_mod
 from .methods import Balancer, join_optimizer
-from .estimators import zero_out_logits
+from .models.estimators import zero_out_logits
 from .evaluation import classification_metrics, linear_probe_accuracy
 from .cpu_memory import retain_freed_memory
 from .distributed import init_from_env, sync_batch_norm
-from .models import build_model
+from .models import build_model, fusion_kind, task_loss_per_sample
 from .ops import feature_drop
 from . import run_dir as run_files
 from .run_dir import RunDirError, fault_point
@@ -423,7 +423,7 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def _zero_out_estimate(self) -> bool:
-        return self.cfg.model.estimator == "zero_out" and self.fusion in ("concat", "sum")
+        return self.cfg.model.estimator == "zero_out" and fusion_kind(self.fusion).splittable
 
     def _unimodal(self, features, fused_unimodal):
         if self._zero_out_estimate():
@@ -496,15 +496,10 @@ class Trainer:
         # (before the loss: methods may add loss terms or compute the task loss; the methods that
         # train classifiers of their own drop nothing, so for them measured is unimodal)
         bal.after_forward(measured.float(), labels, fused=fused, extras=extra)
-        per_sample = F.cross_entropy(fused.float(), labels, reduction="none")
-        if bal.computes_task_loss:
-            loss = bal.loss()
-        elif getattr(self.model.fusion, "trains_unimodal", False):  # late heads: every head's cross-entropy
-            M, B, C = unimodal.shape
-            per_head = F.cross_entropy(unimodal.float().reshape(M * B, C), labels.repeat(M), reduction="none")
-            loss = bal.loss(per_sample + per_head.view(M, B).sum(dim=0))
-        else:
-            loss = bal.loss(per_sample)
+        per_sample = F.cross_entropy(fused.float(), labels, reduction="none")  # (logged: the fused head's)
+        # The head's task loss (mmfast/models/registry.py), or the method's where it computes it.
+        loss = bal.loss() if bal.computes_task_loss else bal.loss(task_loss_per_sample(self.fusion, fused, unimodal,
+                                                                                      labels))
         weight = bal.sample_weight
         scale = self.scaler.scale if self.scaler is not None else (lambda t: t)
         scale(loss / self.cfg.grad_accum).backward()

@@ -28,15 +28,16 @@ from typing import Any, ClassVar, Mapping, Sequence
 import torch
 
 from ..distributed import Distributed
+from ..models.registry import fusions_where
 from ..ops import BalanceStats, balance_coefficients, modality_scores
 from ..ops.balance import ALPHA_DEFAULTS
 
 EVENTS = ("fit_start", "epoch_start", "before_fusion", "after_forward", "after_backward", "after_step", "epoch_end",
           "head_losses", "validation")
-# Model fusions (mmfast.models.FUSION_NAMES) a method accepts unless it says otherwise: not
-# "boost", whose classifiers only the boost method trains.
-GENERIC_FUSIONS = ("concat", "sum", "film", "gated", "mlp", "late", "irfb")
-POOLED_FUSIONS = ("concat", "sum", "film", "gated", "mlp", "late")  # fusion after the encoders' pooled features
+# Model fusions (mmfast/models/registry.py) a method accepts unless it says otherwise: not the
+# method-specific ones ("boost", whose classifiers only the boost method trains).
+GENERIC_FUSIONS = fusions_where(method_specific=False)
+POOLED_FUSIONS = fusions_where(pooled=True, method_specific=False)  # fusion after the encoders' pooled features
 
 # The balance_stats parameters a method may ask for, with their defaults (mmfast.ops.balance).
 # (Used when no method of the run sets them: then only rho and the monitoring metrics are read.)

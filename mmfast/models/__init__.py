@@ -2,9 +2,11 @@
 from .fusion import FUSIONS, SPLITTABLE, make_fusion
 from .heads import BoostedClassifiers, LateHeads
 from .irfb import IRFBEncoder
-from .multimodal import FUSION_NAMES, IRFBModel, MultimodalModel, build_model
+from .multimodal import IRFBModel, MultimodalModel, build_model
+from .registry import FUSION_KINDS, FUSION_NAMES, FusionKind, fusion_kind, fusions_where, task_loss_per_sample
 from .resnet import ResNet18Encoder, resnet18_encoder
 from .small import SmallConvEncoder
 
-__all__ = ["BoostedClassifiers", "FUSIONS", "FUSION_NAMES", "IRFBEncoder", "IRFBModel", "LateHeads", "MultimodalModel",
-           "ResNet18Encoder", "SPLITTABLE", "SmallConvEncoder", "build_model", "make_fusion", "resnet18_encoder"]
+__all__ = ["BoostedClassifiers", "FUSIONS", "FUSION_KINDS", "FUSION_NAMES", "FusionKind", "IRFBEncoder", "IRFBModel",
+           "LateHeads", "MultimodalModel", "ResNet18Encoder", "SPLITTABLE", "SmallConvEncoder", "build_model",
+           "fusion_kind", "fusions_where", "make_fusion", "resnet18_encoder", "task_loss_per_sample"]

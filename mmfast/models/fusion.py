@@ -20,9 +20,10 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..estimators import ConcatHead, zero_out_logits
+from .estimators import ConcatHead, zero_out_logits
+from .registry import fusions_where
 
-SPLITTABLE = ("concat", "sum")  # heads whose estimate needs no zero-out pass
+SPLITTABLE = fusions_where(splittable=True)  # heads whose estimate needs no zero-out pass
 
 
 class SumHead(nn.Module):

@@ -6,7 +6,7 @@ between encoding and fusion where features can be dropped:
     fused, unimodal, *extra = model.head(dropped, measure=features)  # after a feature drop:
                                           # fused from the dropped features, unimodal from the others
 
-The uni-modal logits are detached estimates (mmfast.estimators), or, for heads with classifiers
+The uni-modal logits are detached estimates (mmfast.models.estimators), or, for heads with classifiers
 of their own (``head.trains_unimodal``: late, irfb, boost), trainable logits. A head may return a
 third item, a dict of further logits for the methods (boost: every classifier's). A model with an
 intermediate fusion (IRFB) returns one more feature after the M modalities: the fused
@@ -25,6 +25,7 @@ from torch import nn
 from .fusion import make_fusion
 from .heads import BoostedClassifiers, LateHeads
 from .irfb import IRFBEncoder
+from .registry import fusion_kind
 from .resnet import resnet18_encoder
 from .small import SmallConvEncoder
 
@@ -70,9 +71,6 @@ class MultimodalModel(nn.Module):
         return self.head(self.encode(batch))
 
 
-FUSION_NAMES = ("concat", "sum", "film", "gated", "mlp", "late", "irfb", "boost")
-
-
 def build_model(modalities: Mapping[str, str], num_classes: int, *, encoder: str = "small", fusion: str = "concat",
                 width: int = 16, weights: Mapping[str, str | Path] | None = None,
                 in_dims: Mapping[str, int] | None = None, irfb: Mapping | None = None, **fusion_options) -> nn.Module:
@@ -81,8 +79,8 @@ def build_model(modalities: Mapping[str, str], num_classes: int, *, encoder: str
     local state-dict file for ResNet-18 encoders (random init otherwise). fusion="irfb" builds
     IRFB's Transformer encoders instead (options `irfb`: IRFBEncoder's; in_dims: frequency bins of
     audio and sizes of features modalities) with late heads on the [CLS] and bottleneck outputs."""
-    if fusion not in FUSION_NAMES:
-        raise ValueError(f"fusion must be one of {FUSION_NAMES}, got {fusion!r}")
+    if not fusion_kind(fusion).pooled:  # (fuses inside encoders of its own)
+        return IRFBModel(modalities, num_classes, in_dims=in_dims, **dict(irfb or {}))
     if fusion == "irfb":
         return IRFBModel(modalities, num_classes, in_dims=in_dims, **dict(irfb or {}))
     if encoder not in ENCODERS:

@@ -1,7 +1,7 @@
 """How well each modality alone predicts the batch, and what the balancing methods make of it.
 
 OGM, OGM-GE and OPM as TPAMI 2024 defines them (eq. 6-8, 11-17; docs/reference-semantics.md). For uni-modal
-logits o_m [M, B, C] (mmfast.estimators; the methods measure the undropped features of every
+logits o_m [M, B, C] (mmfast.models.estimators; the methods measure the undropped features of every
 sample), labels y [B] and an optional sample mask w ([B] or [M, B], e.g. a part of the batch):
 
     s[m, i] = softmax(o_m[i])[y_i]                       per-sample true-class probability

@@ -18,7 +18,7 @@ from torch import nn
 import mmfast
 from mmfast.config import load_config
 from mmfast.data import generate
-from mmfast.estimators import ConcatHead
+from mmfast.models.estimators import ConcatHead
 from mmfast.trainer import Trainer
 
 try:

@@ -10,7 +10,7 @@ from torch import nn
 import mmfast
 from support import no_device_sync, requires_cuda
 from mmfast.diagnostics import HOST_READS, count_host_reads
-from mmfast.estimators import ConcatHead
+from mmfast.models.estimators import ConcatHead
 from mmfast.methods import NAMES, hyper_parameters
 from mmfast.ops import (
     discrepancy_ratio_reference,

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from mmfast.estimators import ConcatHead, concat_head_logits, separate_head_logits, zero_out_logits
+from mmfast.models.estimators import ConcatHead, concat_head_logits, separate_head_logits, zero_out_logits
 
 
 def features(gen, dims, B=6):
