@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from . import config as config_mod
-from .methods import Balancer, join_optimizer
+from .methods import Balancer
 from .models.estimators import zero_out_logits
 from .evaluation import classification_metrics, linear_probe_accuracy
 from .cpu_memory import retain_freed_memory
@@ -317,9 +317,10 @@ class Trainer:
                                      scheduler=self.scheduler, dist=self.dist, estimate=self._estimate, **cfg.hparams)
         except ValueError as err:
             raise ValueError(f"config key 'hparams' (method {cfg.method!r}): {err}") from None
-        if self.balancer.wants_head_losses(None) and "val" not in self.loaders:
-            raise ValueError(f"method {cfg.method!r} (hparams {cfg.hparams}) measures validation losses: the dataset "
-                             f"has no val split")
+        wanted = {s for epoch in (None, *range(cfg.epochs)) for s in self.balancer.evaluations(epoch)}
+        if "val" in wanted and "val" not in self.loaders:
+            raise ValueError(f"method {cfg.method!r} (hparams {cfg.hparams}) evaluates the validation split during "
+                             f"training: the dataset has no val split")
         if len(self.balancer.update_parts()) > 1 and cfg.grad_accum > 1:
             raise ValueError("config key 'grad_accum': an update in turns per modality (boost.update=alternating) "
                              "takes one batch per step; set grad_accum=1")
@@ -456,7 +457,7 @@ class Trainer:
             self._ddp = DistributedDataParallel(_StepModule(self.model, self._unimodal),
                                                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
                                                 find_unused_parameters=unused, broadcast_buffers=not self.cfg.sync_bn)
-            self._ddp_parameters = sum(1 for _ in self.model.parameters())
+            self._ddp_version = self.balancer.parameter_version
         return self._ddp
 
     def _accumulate(self, name: str, value: torch.Tensor) -> None:
@@ -609,8 +610,8 @@ class Trainer:
                 raise NonFiniteError(f"every optimizer step of epoch {self.epoch} was skipped by the GradScaler "
                                      f"(non-finite gradients at every loss scale); {self._kept_checkpoint()}")
         self.balancer.end_epoch()
-        if self._ddp is not None and sum(1 for _ in self.model.parameters()) != self._ddp_parameters:
-            self._ddp = None  # (a classifier joined on every rank: DDP's buckets must cover it)
+        if self._ddp is not None and self.balancer.parameter_version != self._ddp_version:
+            self._ddp = None  # (a method added parameters on every rank: DDP's buckets must cover them)
         if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             self.scheduler.step(metrics["train/loss"])
         elif self.scheduler is not None:
@@ -766,13 +767,9 @@ class Trainer:
             metrics = self.train_epoch(max_steps=max_steps)
             if metrics is None:
                 return None
+            self._evaluate_for_methods(self.epoch)  # (before the metrics: boost fits its late fusion here)
             if "val" in self.loaders:
-                if self.balancer.wants_validation():  # (boost fits its late fusion on the split first)
-                    _, unimodal, labels = self.outputs("val")
-                    self.balancer.observe_validation(unimodal, labels)
                 metrics.update(self.evaluate("val"))
-            if self.balancer.wants_head_losses(self.epoch):
-                self._observe_head_losses(self.epoch, metrics)
             metrics = {"epoch": self.epoch, **metrics}
             improved = "val" not in self.loaders or metrics["val/acc"] > self.best["val/acc"]
             if improved:
@@ -823,21 +820,21 @@ class Trainer:
             run_files.set_aside(path, "stale" if epochs is None else f"after-{epochs}-epochs")
 
     def prepare(self) -> None:
-        """What training needs before its first step: the per-head initial losses for methods
-        that rebalance from them (OLM's gc), measured once. fit() calls it; call it before
-        driving train_step yourself."""
-        if self.global_step == 0 and self.balancer.wants_head_losses(None) and not self._prepared:
-            self._observe_head_losses(None, self.evaluate("val"))  # the initial losses, once
+        """What training needs before its first step: the evaluations the methods ask for before
+        training (OLM's initial per-head losses), once. fit() calls it; call it before driving
+        train_step yourself."""
+        if self.global_step == 0 and not self._prepared:
+            self._evaluate_for_methods(None)
         self._prepared = True
 
-    def _observe_head_losses(self, epoch: int | None, val_metrics: dict) -> None:
-        """Per-head losses [modalities..., fused] on val and on the training split (evaluation
-        transforms, like val) for the methods that rebalance from them (OLM's gc)."""
-        train_metrics = self.evaluate(self._eval_split("train"))
-        order = [f"/loss/{m}" for m in self.modalities] + ["/loss"]
-        val = torch.tensor([val_metrics["val" + key] for key in order])
-        train = torch.tensor([train_metrics["train_eval" + key] for key in order])
-        self.balancer.observe_head_losses(val, train, epoch=epoch)
+    def _evaluate_for_methods(self, epoch: int | None) -> None:
+        """The splits the methods ask for before training (epoch None) or after `epoch`,
+        evaluated and handed over (Balancer.observe_evaluation); "train" goes through the
+        evaluation transforms, like val."""
+        for split in self.balancer.evaluations(epoch):
+            fused, unimodal, labels = self.outputs(split if split in self.loaders and split != "train"
+                                                   else self._eval_split(split))
+            self.balancer.observe_evaluation(split, fused, unimodal, labels, epoch=epoch)
 
     def _eval_split(self, split: str) -> str:
         """`split`'s clips through evaluation transforms, as a loader named "{split}_eval"."""
@@ -956,16 +953,12 @@ class Trainer:
                               f"{self.cfg.precision} resolves to {self.precision} here (another device): resume with "
                               f"precision={trained_in}")
         self.model.load_state_dict(state["model"])  # (a head whose classifier count changed resizes first)
-        # Classifiers added during training (boost) joined the optimizer as groups, in order.
-        added = getattr(self.model.fusion, "added_parameter_groups", lambda: [])()
-        for params in added[len(self.optimizer.param_groups) - 1:]:
-            join_optimizer(self.balancer.state, params)
+        self.balancer.load_state_dict(state["balancer"])  # (methods rejoin what they added to the optimizer)
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state["scheduler"] is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state["scaler"] is not None:
             self.scaler.load_state_dict(state["scaler"])
-        self.balancer.load_state_dict(state["balancer"])
         self.epoch, self.batch_in_epoch = state["epoch"], state["batch_in_epoch"]
         self.global_step, self.best = state["global_step"], state["best"]
         self.history = list(state.get("history") or [])

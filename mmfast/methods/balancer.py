@@ -32,10 +32,11 @@ Methods that train classifiers of their own (olm, boost: ``bal.computes_task_los
 task loss from the head's trainable logits: pass them with ``after_forward(unimodal, y,
 fused=fused, extras=extra)`` and call ``bal.loss()`` without a per-sample loss. Give the
 Balancer the head (``head=``), and the optimizer and scheduler when a method adds parameters
-during training (boost's classifiers join the optimizer). OLM's rebalancing factors need per-head
-validation and training losses: call ``bal.observe_head_losses(val, train, epoch=...)`` before
-training (epoch None) and after the epochs ``bal.wants_head_losses(epoch)`` names. Boost's
-alternating update trains one modality per sub-step: run a step for every part of
+during training (boost's classifiers join the optimizer). Some methods need whole splits
+evaluated (OLM's per-head losses on val and train, boost's late-fusion weights fitted on val):
+before training and after each epoch, evaluate the splits ``bal.evaluations(epoch)`` names
+(``epoch=None`` before training) and hand each over with ``bal.observe_evaluation(split, fused,
+unimodal, labels, epoch=epoch)``. Boost's alternating update trains one modality per sub-step: run a step for every part of
 ``bal.update_parts()``, passing it to ``bal.drop(features, part=part)``.
 
 Nothing here reads a tensor on the host: the step counter, drop probabilities and coefficients
@@ -111,14 +112,38 @@ class Balancer:
         parts = [p for m in self.methods if (p := m.update_parts(self.state)) != [None]]
         return parts[0] if parts else [None]
 
-    def wants_head_losses(self, epoch: int | None) -> bool:
-        """Whether a method needs per-head losses before training (epoch None) or after `epoch`."""
-        return any(m.wants_head_losses(epoch) for m in self.methods)
+    def evaluations(self, epoch: int | None) -> tuple[str, ...]:
+        """The splits the methods need evaluated before training (epoch None) or after epoch
+        `epoch` ("val", "train": the training split through evaluation transforms), in order;
+        hand each over with observe_evaluation."""
+        return tuple(dict.fromkeys(split for m in self.methods for split in m.evaluations(epoch)))
+
+    def observe_evaluation(self, split: str, fused: torch.Tensor, unimodal: torch.Tensor, labels: torch.Tensor, *,
+                           epoch: int | None) -> None:
+        """The model's fused logits [N, C], uni-modal logits [M, N, C] and the labels [N] on every
+        sample of `split`, evaluated before training (epoch None) or after epoch `epoch` (the
+        evaluation_end event; call it for each split evaluations(epoch) names, in its order)."""
+        M = len(self.state.modalities)
+        if not isinstance(unimodal, torch.Tensor) or unimodal.dim() != 3 or unimodal.shape[0] != M:
+            raise ValueError(f"Balancer.observe_evaluation: unimodal must be [M={M}, N, C], got "
+                             f"{tuple(getattr(unimodal, 'shape', ())) or unimodal!r}")
+        N, C = unimodal.shape[1:]
+        if not isinstance(fused, torch.Tensor) or fused.shape != (N, C):
+            raise ValueError(f"Balancer.observe_evaluation: fused must be [N={N}, C={C}], got "
+                             f"{tuple(getattr(fused, 'shape', ())) or fused!r}")
+        if not isinstance(labels, torch.Tensor) or labels.shape != (N,):
+            raise ValueError(f"Balancer.observe_evaluation: labels must be [N={N}], got "
+                             f"{tuple(getattr(labels, 'shape', ())) or labels!r}")
+        device = self.state.device
+        self.state.evaluation = {"split": split, "epoch": epoch, "fused": fused.detach().float().to(device),
+                                 "unimodal": unimodal.detach().float().to(device), "labels": labels.to(device)}
+        self._emit("evaluation_end")
 
     def observe_head_losses(self, val: torch.Tensor, train: torch.Tensor, *, epoch: int | None) -> None:
         """Per-head mean cross-entropies [M + 1] (the modalities' classifiers, then the fused one)
         on the validation and training splits, measured before training (epoch None) or after
-        epoch `epoch`."""
+        epoch `epoch`: for a loop that measures them itself, instead of handing over the
+        evaluations OLM asks for (observe_evaluation)."""
         M = len(self.state.modalities)
         for name, t in (("val", val), ("train", train)):
             if not isinstance(t, torch.Tensor) or t.shape != (M + 1,):
@@ -129,22 +154,6 @@ class Balancer:
                                   "initial": epoch is None, "epoch": epoch}
         self._emit("head_losses")
 
-    def wants_validation(self) -> bool:
-        """Whether a method needs the validation split's uni-modal logits after each epoch."""
-        return any(m.wants_validation() for m in self.methods)
-
-    def observe_validation(self, unimodal: torch.Tensor, labels: torch.Tensor) -> None:
-        """The validation split's uni-modal logits [M, N, C] and labels [N] (after an epoch,
-        before its validation metrics: boost's inference="val_fitted" fits its fusion on them)."""
-        M = len(self.state.modalities)
-        if not isinstance(unimodal, torch.Tensor) or unimodal.dim() != 3 or unimodal.shape[0] != M:
-            raise ValueError(f"Balancer.observe_validation: unimodal must be [M={M}, N, C], got "
-                             f"{tuple(getattr(unimodal, 'shape', ())) or unimodal!r}")
-        if not isinstance(labels, torch.Tensor) or labels.shape != unimodal.shape[1:2]:
-            raise ValueError(f"Balancer.observe_validation: labels must be [N={unimodal.shape[1]}], got "
-                             f"{tuple(getattr(labels, 'shape', ())) or labels!r}")
-        self.state.validation = {"unimodal": unimodal.detach().float(), "labels": labels}
-        self._emit("validation")
 
     def drop(self, features: Sequence[torch.Tensor], *, part: Sequence[str] | None = None,
              shard: tuple[int, int] | None = None, labels: torch.Tensor | None = None) -> list[torch.Tensor]:
@@ -264,8 +273,17 @@ class Balancer:
                 "methods": [m.state_dict() for m in self.methods]}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore the methods' state. Call it after the model's weights and before the
+        optimizer's: methods that added parameters during training rejoin the optimizer here
+        (the state_loaded event), so that its saved state finds every group."""
         self.state.step.copy_(state["step"])
         self.state.epoch = int(state["epoch"])
         self.state.generator.set_state(state["generator"])
         for method, s in zip(self.methods, state["methods"]):
             method.load_state_dict(s)
+        self._emit("state_loaded")
+
+    @property
+    def parameter_version(self) -> int:
+        """Changes whenever a method adds parameters (a wrapper such as DDP must be rebuilt)."""
+        return self.state.parameter_version

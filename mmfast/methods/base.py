@@ -11,10 +11,14 @@ step:
     after_backward gradients are in ``.grad`` (unscaled): a method may modulate them
     after_step     after the optimizer step
     epoch_end      at the end of each epoch
-    head_losses    per-head validation and training losses were measured (``state.head_losses``):
-                   once before training and at the epochs a method asks for (OLM's rebalancing)
-    validation     the validation split's uni-modal logits and labels (``state.validation``), after
-                   each epoch, before the epoch's validation metrics (boost fits its late fusion)
+    evaluation_end a split a method asked for (``Method.evaluations``) was evaluated
+                   (``state.evaluation``: split, epoch, fused, unimodal, labels): before training and
+                   after the epochs it names (OLM's per-head losses, boost's late-fusion weights)
+    head_losses    per-head validation and training losses (``state.head_losses``), handed over by a
+                   loop that measured them itself (``Balancer.observe_head_losses``)
+    state_loaded   the loop restored a checkpoint (the model's weights first, then the methods'
+                   state, then the optimizer's): a method re-creates what it added during
+                   training (boost's classifiers rejoin the optimizer, in the order they joined it)
 
 Everything a method reads or writes during a step lives on the device: hooks must not read
 tensors on the host (no ``.item()``, no Python branching on tensor values). Epoch numbers are
@@ -33,7 +37,7 @@ from ..ops import BalanceStats, balance_coefficients, modality_scores
 from ..ops.balance import ALPHA_DEFAULTS
 
 EVENTS = ("fit_start", "epoch_start", "before_fusion", "after_forward", "after_backward", "after_step", "epoch_end",
-          "head_losses", "validation")
+          "state_loaded", "evaluation_end", "head_losses")
 # Model fusions (mmfast/models/registry.py) a method accepts unless it says otherwise: not the
 # method-specific ones ("boost", whose classifiers only the boost method trains).
 GENERIC_FUSIONS = fusions_where(method_specific=False)
@@ -69,6 +73,8 @@ class StepState:
     metrics: name -> device tensor, read by the loop only at logging points;
     head: the model's head module; optimizer, scheduler: the loop's (a method that adds
         parameters during training, such as boost's classifiers, joins them to it);
+    evaluation: the evaluation_end event's "split", "epoch", "fused" [N, C], "unimodal" [M, N, C] and
+        "labels" [N] (a whole split, evaluated for the methods that ask: Method.evaluations);
     head_losses: "val" and "train" [M + 1] per-head losses (modalities, then fused), "initial";
     dist: the process group (mmfast.distributed.Distributed; one process: every sum is the
         identity); shard: (start, total) of this (micro-)batch, the rank's first sample in the
@@ -93,9 +99,12 @@ class StepState:
         self.encoders = dict(encoders or {})  # modality name -> encoder module, in modality order
         self.head = head
         self.optimizer: torch.optim.Optimizer | None = None
+        # Bumped whenever a method adds parameters (join_optimizer): a loop that wraps the model
+        # (DistributedDataParallel) rebuilds the wrapper when it changes.
+        self.parameter_version = 0
         self.scheduler = None
         self.head_losses: dict[str, Any] = {}
-        self.validation: dict[str, torch.Tensor] = {}
+        self.evaluation: dict[str, Any] = {}  # the evaluation_end event's split, epoch, fused, unimodal, labels
         self.part: tuple[str, ...] | None = None
         self.seed = int(seed)
         self.device = torch.device(device)
@@ -220,15 +229,13 @@ class Method:
         one step). A method that updates modalities in turn returns one part per modality."""
         return [None]
 
-    def wants_head_losses(self, epoch: int | None) -> bool:
-        """Whether the loop should measure per-head validation and training losses (the
-        head_losses event) before training (epoch None) or after epoch `epoch`."""
-        return False
-
-    def wants_validation(self) -> bool:
-        """Whether the loop should hand over the validation split's uni-modal logits after each
-        epoch, before it measures the epoch's validation metrics (the validation event)."""
-        return False
+    def evaluations(self, epoch: int | None) -> tuple[str, ...]:
+        """The splits this method needs evaluated before training (epoch None) or after epoch
+        `epoch`: "val", or "train" (the training split through evaluation transforms). The loop
+        runs the model on every sample of each and hands over the fused and uni-modal logits
+        and the labels in the evaluation_end event (``state.evaluation``), before it measures
+        the epoch's validation metrics."""
+        return ()
 
     def fit_start(self, state: StepState) -> None: ...
     def epoch_start(self, state: StepState) -> None: ...
@@ -237,8 +244,9 @@ class Method:
     def after_backward(self, state: StepState) -> None: ...
     def after_step(self, state: StepState) -> None: ...
     def epoch_end(self, state: StepState) -> None: ...
+    def state_loaded(self, state: StepState) -> None: ...
+    def evaluation_end(self, state: StepState) -> None: ...
     def head_losses(self, state: StepState) -> None: ...
-    def validation(self, state: StepState) -> None: ...
 
     def summary(self) -> dict[str, Any]:
         """What the run's summary.json records of this method (after fit_start): JSON values."""
@@ -326,6 +334,7 @@ def join_optimizer(state: StepState, params: Sequence[torch.nn.Parameter]) -> No
     reference = optimizer.param_groups[0]
     group = {k: v for k, v in reference.items() if k != "params"}
     optimizer.add_param_group({**group, "params": list(params)})
+    state.parameter_version += 1
     if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
         scheduler.min_lrs.append(scheduler.min_lrs[0])  # (it lowers every group's rate alike)
     elif scheduler is not None:

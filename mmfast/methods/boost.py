@@ -216,13 +216,15 @@ class Boost(Method):
         self._rows: dict = {}  # part -> [M, 1] mask of the modalities it trains
         self.assignments: list[tuple[int, str | None]] = []  # (epoch, modality given a classifier or None)
 
-    def wants_validation(self) -> bool:
-        return self.params.inference == "val_fitted"
+    def evaluations(self, epoch: int | None) -> tuple[str, ...]:
+        """inference="val_fitted": the validation split after every epoch (the late fusion is
+        fitted on it before the epoch's validation metrics are measured)."""
+        return ("val",) if self.params.inference == "val_fitted" and epoch is not None else ()
 
-    def validation(self, state: StepState) -> None:
-        if self.params.inference == "val_fitted":
-            v = state.validation
-            self.head.fusion_weights.copy_(fit_fusion_weights(v["unimodal"], v["labels"]))
+    def evaluation_end(self, state: StepState) -> None:
+        e = state.evaluation
+        if self.params.inference == "val_fitted" and e["split"] == "val":
+            self.head.fusion_weights.copy_(fit_fusion_weights(e["unimodal"], e["labels"]))
 
     def update_parts(self, state: StepState):
         return [(m,) for m in state.modalities] if self.params.update == "alternating" else [None]
@@ -296,6 +298,14 @@ class Boost(Method):
         return {"omega_net": self.omega_net.state_dict(), "omega_optimizer": self.omega_optimizer.state_dict(),
                 "score_sum": self._score_sum.clone(), "score_count": self._score_count.clone(),
                 "assignments": list(self.assignments), "aca_steps_taken": list(self.aca_steps_taken)}
+
+    def state_loaded(self, state: StepState) -> None:
+        """The checkpoint's model had classifiers added during training (the head resized to
+        them when its weights loaded): they rejoin the optimizer, in the order they joined it,
+        before the optimizer's saved state is loaded."""
+        joined = len(state.optimizer.param_groups) - 1 if state.optimizer is not None else 0
+        for params in self.head.added_parameter_groups()[joined:]:
+            join_optimizer(state, params)
 
     def load_state_dict(self, state):
         self.omega_net.load_state_dict(state["omega_net"])

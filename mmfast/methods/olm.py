@@ -144,26 +144,46 @@ class OLM(Method):
         self._norms = torch.zeros(H, device=state.device)
         self._batches = 0  # micro-batches since the last coefficient step (host count)
         self._warned_collapse: int | None = None
+        self._measured: dict = {}  # split -> (epoch, per-head losses), until both splits of an epoch are in
 
-    def wants_head_losses(self, epoch: int | None) -> bool:
-        if self.params.variant != "gc":
-            return False
-        return epoch is None or (epoch + 1) % self.params.interval == 0
+    def evaluations(self, epoch: int | None) -> tuple[str, ...]:
+        """gc: every head's loss on val and train, before training and every `interval` epochs."""
+        if self.params.variant != "gc" or not (epoch is None or (epoch + 1) % self.params.interval == 0):
+            return ()
+        return ("val", "train")
+
+    def evaluation_end(self, state: StepState) -> None:
+        """Each head's mean cross-entropy [M + 1] (the modalities' classifiers, then the fused
+        one) on the split; with both splits of an epoch, the rebalancing factors."""
+        e = state.evaluation
+        if self.params.variant != "gc" or e["split"] not in ("val", "train"):
+            return
+        logits = torch.cat([e["unimodal"], e["fused"][None]])  # [M + 1, N, C]
+        H, N, C = logits.shape
+        losses = F.cross_entropy(logits.reshape(H * N, C), e["labels"].repeat(H), reduction="none").view(H, N)
+        self._measured[e["split"]] = (e["epoch"], losses.mean(dim=1))
+        if {split for split, (epoch, _) in self._measured.items() if epoch == e["epoch"]} == {"val", "train"}:
+            self._rebalance(self._measured["val"][1], self._measured["train"][1], initial=e["epoch"] is None)
+            self._measured = {}
 
     def head_losses(self, state: StepState) -> None:
-        if self.params.variant != "gc":
-            return
-        losses = state.head_losses
-        if losses["initial"]:
-            self.initial = {"val": losses["val"].clone(), "train": losses["train"].clone()}
+        if self.params.variant == "gc":
+            losses = state.head_losses
+            self._rebalance(losses["val"], losses["train"], initial=losses["initial"])
+
+    def _rebalance(self, val: torch.Tensor, train: torch.Tensor, *, initial: bool) -> None:
+        if initial:
+            self.initial = {"val": val.clone(), "train": train.clone()}
         elif self.initial:
-            self.lam = gc_factors(self.initial["val"], self.initial["train"], losses["val"], losses["train"],
+            self.lam = gc_factors(self.initial["val"], self.initial["train"], val, train,
                                   form=self.params.lambda_form)
 
     def after_forward(self, state: StepState) -> None:
         if self.params.variant == "gc" and not self.initial:
             raise RuntimeError("olm (variant gc) needs the per-head validation and training losses before training: "
-                               "call Balancer.observe_head_losses(val, train, epoch=None) first (the trainer does)")
+                               "hand over the evaluations Balancer.evaluations(None) names with "
+                               "Balancer.observe_evaluation (or call Balancer.observe_head_losses) first; the "
+                               "trainer does")
         z = torch.cat([state.head_logits["unimodal"], state.head_logits["fused"][None]])  # [H, B, C]
         state.task_loss, per_head = olm_task_loss(z, self.w, state.labels, state.batch_mean)
         if self.params.variant == "loss_ratio":

@@ -132,12 +132,36 @@ def test_olm_gc_factors_follow_eq_6_to_8():
     assert got.tolist() == pytest.approx(expected, rel=1e-5)
     encoders, head = make_net(LateHeads)
     bal = mmfast.Balancer("olm", encoders, head=head)
-    assert bal.wants_head_losses(None) and bal.wants_head_losses(0)
+    assert bal.evaluations(None) == bal.evaluations(0) == ("val", "train")
     bal.observe_head_losses(val0, train0, epoch=None)
     bal.observe_head_losses(val, train, epoch=0)
     assert torch.allclose(bal.methods[0].lam, got)
     bal.observe_head_losses(val * 0.5, train, epoch=1)  # the initial losses stay those measured first
     assert torch.allclose(bal.methods[0].lam, gc_factors(val0, train0, val * 0.5, train))
+
+
+def test_olm_takes_its_head_losses_from_the_evaluations_it_asks_for(gen):
+    """Handed whole splits (Balancer.observe_evaluation), OLM's factors are gc_factors of each
+    head's mean cross-entropy, computed here sample by sample; one split alone changes nothing."""
+    def split(N=9):
+        return torch.randn(N, C, generator=gen), torch.randn(2, N, C, generator=gen), torch.randint(0, C, (N,), generator=gen)
+
+    def head_losses(fused, unimodal, labels):
+        heads = [*unimodal, fused]
+        return torch.tensor([sum(float(F.cross_entropy(z[i:i + 1], labels[i:i + 1])) for i in range(len(labels)))
+                             / len(labels) for z in heads])
+
+    encoders, head = make_net(LateHeads)
+    bal = mmfast.Balancer("olm", encoders, head=head)
+    splits = {(epoch, name): split() for epoch in (None, 0) for name in ("val", "train")}
+    for (epoch, name), (fused, unimodal, labels) in splits.items():
+        before = bal.methods[0].lam.clone()
+        bal.observe_evaluation(name, fused, unimodal, labels, epoch=epoch)
+        if name == "val":
+            assert torch.equal(bal.methods[0].lam, before)  # (waits for the epoch's train split)
+    expected = gc_factors(*(head_losses(*splits[key]) for key in ((None, "val"), (None, "train"), (0, "val"),
+                                                                  (0, "train"))))
+    torch.testing.assert_close(bal.methods[0].lam, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_olm_tempered_factors_and_the_collapse_warning():
@@ -379,7 +403,7 @@ def test_boost_steps_read_nothing_on_the_host_and_olm_neither(device):
         params = [p for e in encoders.values() for p in e.parameters()] + list(head.parameters())
         opt = torch.optim.SGD(params, lr=0.1, momentum=0.9)
         bal = mmfast.Balancer(name, encoders, head=head, optimizer=opt, **kw)
-        if bal.wants_head_losses(None):
+        if bal.evaluations(None):
             bal.observe_head_losses(torch.ones(3), torch.ones(3) * 0.9, epoch=None)
         for i in range(3):
             x = [t.to(device) for t in batch(gen)]
@@ -410,6 +434,49 @@ def test_boost_head_resizes_to_a_state_dict_with_other_classifier_counts():
     assert grown.counts() == [1, 1] and grown.added == []
     groups = fresh.added_parameter_groups()
     assert [len(g) for g in groups] == [2, 2, 2] and groups[1][0] is fresh.classifiers[0][1][0].weight
+
+
+def test_a_users_loop_restores_boost_with_its_added_classifiers(gen):
+    """Restore order model -> Balancer -> optimizer: the classifiers boost added rejoin the
+    optimizer in Balancer.load_state_dict (the state_loaded event), so the optimizer's saved
+    state (momentum of every group) loads, and parameter_version tells a DDP wrapper to rebuild."""
+    def build(seed):
+        encoders, head = make_net(BoostedClassifiers, seed=seed)
+        params = [p for e in encoders.values() for p in e.parameters()] + list(head.parameters())
+        opt = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+        return encoders, head, opt, mmfast.Balancer("boost", encoders, head=head, optimizer=opt, interval=1, tau=0.0)
+
+    encoders, head, opt, bal = build(1)
+    versions = [bal.parameter_version]
+    for epoch in range(2):
+        bal.start_epoch(epoch)
+        x = batch(gen)
+        for part in bal.update_parts():
+            forward(bal, encoders, head, x, part=part)
+            opt.zero_grad()
+            bal.loss().backward()
+            bal.after_backward()
+            opt.step()
+            bal.after_step()
+        bal.end_epoch()
+        versions.append(bal.parameter_version)
+    assert sum(head.counts()) == 4 and versions == [0, 1, 2] and len(opt.param_groups) == 3
+    saved = {"encoders": {k: e.state_dict() for k, e in encoders.items()}, "head": head.state_dict(),
+             "balancer": bal.state_dict(), "optimizer": opt.state_dict()}
+    encoders2, head2, opt2, bal2 = build(2)
+    for k, e in encoders2.items():
+        e.load_state_dict(saved["encoders"][k])
+    head2.load_state_dict(saved["head"])
+    bal2.load_state_dict(saved["balancer"])
+    assert len(opt2.param_groups) == 3 and bal2.parameter_version == 2
+    opt2.load_state_dict(saved["optimizer"])
+    trained = 0
+    for p1, p2 in zip([p for g in opt.param_groups for p in g["params"]], [p for g in opt2.param_groups for p in g["params"]]):
+        assert torch.equal(p1, p2) and opt.state[p1].keys() == opt2.state[p2].keys()
+        if "momentum_buffer" in opt.state[p1]:
+            trained += 1
+            assert torch.equal(opt.state[p1]["momentum_buffer"], opt2.state[p2]["momentum_buffer"])
+    assert trained > len(list(head.parameters())) // 2  # (the first added classifier has trained: its group too)
 
 
 # ---- through the trainer -----------------------------------------------------------------------
@@ -461,11 +528,12 @@ def test_olm_measures_the_initial_losses_once_trains_whole_epochs_and_tests(data
 
     trainer = Trainer(make_config(dataset, tmp_path / "olm", "method=olm", "epochs=2"))
     seen = []
-    original = trainer.balancer.observe_head_losses
-    monkeypatch.setattr(trainer.balancer, "observe_head_losses",
-                        lambda val, train, epoch: seen.append(epoch) or original(val, train, epoch=epoch))
+    original = trainer.balancer.observe_evaluation
+    monkeypatch.setattr(trainer.balancer, "observe_evaluation",
+                        lambda split, *a, epoch: seen.append((epoch, split)) or original(split, *a, epoch=epoch))
     summary = trainer.fit()
-    assert seen == [None, 0, 1]  # before training, then after every epoch (interval 1)
+    # before training, then after every epoch (interval 1): val and the training split each time
+    assert seen == [(None, "val"), (None, "train"), (0, "val"), (0, "train"), (1, "val"), (1, "train")]
     assert len(trainer.loaders["val"]) < len(trainer.loaders["train"])
     assert trainer.global_step == 2 * len(trainer.loaders["train"])  # not cut to the val loader's length
     assert 0 <= summary["test/acc"] <= 1 and summary["test/samples"] == 6
@@ -602,9 +670,14 @@ def test_boost_val_fitted_fusion_is_the_most_accurate_simplex_weighting_on_valid
     assert fit_fusion_weights(unimodal, labels).tolist() == pytest.approx(best)
     encoders, head = make_net(BoostedClassifiers)
     bal = mmfast.Balancer("boost", encoders, head=head, optimizer=torch.optim.SGD(head.parameters(), lr=0.1))
-    assert bal.wants_validation() and head.fusion_weights.tolist() == [1.0, 1.0]
-    bal.observe_validation(unimodal, labels)
+    assert bal.evaluations(0) == ("val",) and bal.evaluations(None) == () and head.fusion_weights.tolist() == [1.0, 1.0]
+    fused = unimodal.sum(0)
+    bal.observe_evaluation("train", fused, unimodal, labels, epoch=0)  # (not the split it fits on)
+    assert head.fusion_weights.tolist() == [1.0, 1.0]
+    bal.observe_evaluation("val", fused, unimodal, labels, epoch=0)
     assert head.fusion_weights.tolist() == pytest.approx(best)
     with pytest.raises(ValueError, match="labels must be"):
-        bal.observe_validation(unimodal, labels[:3])
-    assert not mmfast.Balancer("boost", encoders, head=head, inference="omega").wants_validation()
+        bal.observe_evaluation("val", fused, unimodal, labels[:3], epoch=0)
+    with pytest.raises(ValueError, match="fused must be"):
+        bal.observe_evaluation("val", fused[:3], unimodal, labels, epoch=0)
+    assert mmfast.Balancer("boost", encoders, head=head, inference="omega").evaluations(0) == ()
