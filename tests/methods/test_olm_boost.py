@@ -46,6 +46,17 @@ def forward(bal, encoders, head, x, part=None):
     return fused, unimodal, (extra[0] if extra else {})
 
 
+def train_step(bal, encoders, head, opt, x):
+    """One training step of a method that computes its task loss (a sub-step per update part)."""
+    for part in bal.update_parts():
+        forward(bal, encoders, head, x, part=part)
+        opt.zero_grad()
+        bal.loss().backward()
+        bal.after_backward()
+        opt.step()
+        bal.after_step()
+
+
 # ---- OLM ---------------------------------------------------------------------------------------
 
 
@@ -408,13 +419,7 @@ def test_boost_steps_read_nothing_on_the_host_and_olm_neither(device):
         for i in range(3):
             x = [t.to(device) for t in batch(gen)]
             with count_host_reads() as counts, no_device_sync(device if i else "cpu"):
-                for part in bal.update_parts():
-                    forward(bal, encoders, head, x, part=part)
-                    opt.zero_grad()
-                    bal.loss().backward()
-                    bal.after_backward()
-                    opt.step()
-                    bal.after_step()
+                train_step(bal, encoders, head, opt, x)
             assert counts == {}, (name, kw, counts)
 
 
@@ -450,14 +455,7 @@ def test_a_users_loop_restores_boost_with_its_added_classifiers(gen):
     versions = [bal.parameter_version]
     for epoch in range(2):
         bal.start_epoch(epoch)
-        x = batch(gen)
-        for part in bal.update_parts():
-            forward(bal, encoders, head, x, part=part)
-            opt.zero_grad()
-            bal.loss().backward()
-            bal.after_backward()
-            opt.step()
-            bal.after_step()
+        train_step(bal, encoders, head, opt, batch(gen))
         bal.end_epoch()
         versions.append(bal.parameter_version)
     assert sum(head.counts()) == 4 and versions == [0, 1, 2] and len(opt.param_groups) == 3
