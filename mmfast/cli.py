@@ -72,7 +72,7 @@ def _resume_hint(trainer, out) -> str:
     """What an interrupted run left: the checkpoint a resume continues from, or none."""
     if trainer is None or out is None:
         return "stopped before training started"
-    kept = trainer._kept_checkpoint()
+    kept = trainer.run.kept_checkpoint()
     return f"{kept}; continue with: mmfast train --resume {out}"
 
 

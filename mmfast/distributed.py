@@ -106,6 +106,30 @@ class Distributed:
         if self.enabled:
             dist.barrier()
 
+    def on_main(self, fn):
+        """fn() on rank 0, its result on every rank. An error rank 0 meets is raised on every
+        rank (rank 0's own exception there; elsewhere the same type with rank 0's message), so
+        that no rank waits at the next collective for a rank that has stopped."""
+        if not self.enabled:
+            return fn()
+        result, error = None, None
+        if self.is_main:
+            try:
+                result = fn()
+            except Exception as err:  # (told to every rank before it is raised)
+                error = err
+        result, message = self.broadcast_object((result, None if error is None else (type(error), str(error))))
+        if error is not None:
+            raise error
+        if message is not None:
+            kind, text = message
+            try:
+                raised = kind(f"(rank 0) {text}")
+            except Exception:  # (a type that takes other arguments)
+                raised = RuntimeError(f"(rank 0) {kind.__name__}: {text}")
+            raise raised
+        return result
+
     def broadcast_object(self, obj):
         """Rank 0's `obj` on every rank (a host value: for start-up and epoch-end decisions)."""
         if not self.enabled:

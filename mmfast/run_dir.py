@@ -32,7 +32,6 @@ import socket
 import sys
 import time
 import weakref
-import warnings
 from pathlib import Path
 
 import torch

@@ -27,11 +27,9 @@ import contextlib
 import hashlib
 import json
 import math
-import os
 import random
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -46,10 +44,9 @@ from .cpu_memory import retain_freed_memory
 from .distributed import init_from_env, sync_batch_norm
 from .models import build_model, fusion_kind, task_loss_per_sample
 from .ops import feature_drop
-from . import run_dir as run_files
+from .checkpoints import CHECKPOINT_VERSION, RunDirectory
 from .run_dir import RunDirError, fault_point
 
-CHECKPOINT_VERSION = 2  # 2: history, dataset identity, wall time, precision
 
 
 class NonFiniteError(RuntimeError):
@@ -158,19 +155,18 @@ class Trainer:
         # of every global batch (data.batch_size) and only rank 0 writes (mmfast/distributed.py).
         self.dist = init_from_env(cfg.device, timeout_s=cfg.dist_timeout_s)
         self.out = Path(cfg.out)
-        self._lock = run_files.RunLock(self.out)
-        self._chosen_state = None
+        self.run = RunDirectory(self.out, mode, self.dist, resolve_device(cfg.device))
         try:
-            state = self._open_run_dir()
+            state = self.run.open(cfg)
             self._build(cfg)
             if mode == "fresh":  # (only once the run could be built: a failed start leaves no run state)
-                self._on_main(lambda: config_mod.dump_config(cfg, self.out / "config.yaml"))
+                self.run.write_config(cfg)
             if state is not None:
-                self._check_dataset(state)
+                self.run.check_dataset(state, self.dataset, cfg)
                 self._load_state(state)
             self._wall_time_before = state.get("wall_time_s", 0.0) if state is not None else 0.0
             if mode == "resume":
-                adopted = self._on_main(lambda: self._repair(state))
+                adopted = self.run.repair(state, cfg)
                 if adopted is not None:
                     self.best = adopted
         except BaseException:
@@ -179,7 +175,7 @@ class Trainer:
 
     def close(self) -> None:
         """Release the run directory's lock (fit() does at its end)."""
-        self._lock.release()
+        self.run.close()
 
     def __enter__(self):
         return self
@@ -190,84 +186,6 @@ class Trainer:
     def __del__(self):
         with contextlib.suppress(Exception):
             self.close()
-
-    def _on_main(self, fn):
-        """fn() on rank 0, its result on every rank; an error raised there is raised on every
-        rank, with rank 0's message (a run directory is rank 0's to read and write)."""
-        if not self.dist.enabled:
-            return fn()
-        result, error = None, None
-        if self.dist.is_main:
-            try:
-                result = fn()
-            except Exception as err:  # (told to every rank before it is raised)
-                error = err
-        result, message = self.dist.broadcast_object((result, None if error is None else (type(error), str(error))))
-        if error is not None:
-            raise error
-        if message is not None:
-            passed = (RunDirError, NonFiniteError, ValueError, FileExistsError, FileNotFoundError, KeyError)
-            kind = message[0] if message[0] in passed else RunDirError
-            raise kind(f"(rank 0) {message[1]}")
-        return result
-
-    def _open_run_dir(self) -> dict | None:
-        """Lock and check the run directory for the mode; returns the checkpoint state to
-        continue from (None: a fresh start)."""
-        if self.mode == "fresh":
-            self._on_main(self._claim_fresh)
-            self._resumed_from = None
-            return None
-        path, notes = self._on_main(self._choose_checkpoint)
-        for note in notes:
-            warnings.warn(note, stacklevel=3)
-        self._resumed_from = path
-        if path is None:
-            return None
-        state, self._chosen_state = self._chosen_state, None  # (one process: read once)
-        if state is None:
-            state = run_files.load_checkpoint(path, resolve_device(self.cfg.device))
-        if state.get("version", 0) > CHECKPOINT_VERSION:
-            raise RunDirError(f"{path} was written by a newer mmfast (checkpoint version {state['version']})")
-        completed = state["epoch"] + (1 if state["batch_in_epoch"] else 0)
-        run_files.check_resume_config(state["config"], self.cfg.to_dict(), completed_epochs=completed, where=path)
-        if state.get("history") is None:  # (written before checkpoints carried it)
-            state["history"] = run_files.history_from_file(self.out, state["epoch"])
-        return state
-
-    def _claim_fresh(self) -> None:
-        with run_files.writing(self.out):
-            if self.out.exists() and not self.out.is_dir():
-                raise RunDirError(f"out={self.out} is a file, not a run directory")
-            self.out.mkdir(parents=True, exist_ok=True)
-        self._lock.acquire()
-        present = run_files.run_state(self.out)
-        if present:
-            raise FileExistsError(f"{self.out} already holds a run ({', '.join(present)}); resume it with --resume "
-                                  f"{self.out} or choose another out=")
-
-    def _choose_checkpoint(self):
-        """Rank 0: (the checkpoint to continue from, notes). A resume sets an unreadable last.pt
-        aside, so that the next save does not rotate it over the good previous.pt."""
-        self._chosen_state = None
-        if not (self.out / "config.yaml").exists():
-            raise FileNotFoundError(f"{self.out} holds no run (no config.yaml)")
-        if self.mode == "resume":
-            self._lock.acquire()
-        path, state, notes = run_files.read_checkpoint(self.out, resolve_device(self.cfg.device))
-        if path is None:
-            if self.mode == "read":
-                raise FileNotFoundError(f"{self.out} holds no checkpoint yet (the run was stopped before its first)")
-            rows = run_files.read_metrics(self.out / "metrics.jsonl")
-            if rows or (self.out / "summary.json").exists():
-                raise RunDirError(f"{self.out} records finished epochs (metrics.jsonl, summary.json) but holds no "
-                                  f"checkpoint: it cannot be resumed")
-        last = self.out / "checkpoints" / "last.pt"
-        if self.mode == "resume" and path is not None and path != last and last.exists():
-            notes.append(f"{last} set aside as {run_files.set_aside(last, 'unreadable').name}")
-        if not self.dist.enabled:
-            self._chosen_state = state
-        return path, notes
 
     def _build(self, cfg) -> None:
         from .data import build_loader, generate, read_layout
@@ -335,45 +253,9 @@ class Trainer:
         self._epoch_counts: dict[str, int] = {}
         self._bad_step = torch.full((), -1, dtype=torch.int64, device=self.device)
         self._skipped_steps = torch.zeros((), dtype=torch.int64, device=self.device)  # GradScaler skips, this epoch
-        self._kept = None  # (path, epoch, step) of the newest checkpoint known good, for the divergence message
         self._segment_start = time.perf_counter()  # (fit() restarts it; wall time counts fit's segments)
         self._ddp = None  # DistributedDataParallel around the step's forward; built on first use
         self._prepared = False
-
-    def _check_dataset(self, state: dict) -> None:
-        """The dataset must be the one the checkpoint trained on (the same split lists): a
-        changed data.root is accepted only where it points at the same clips."""
-        saved = state.get("dataset")
-        old_root = state["config"]["data"]["root"]
-        if saved is None:
-            if old_root != self.cfg.data.root:
-                raise RunDirError(f"data.root changed from {old_root!r} to {self.cfg.data.root!r}, and the checkpoint "
-                                  f"(written before checkpoints recorded their dataset) cannot tell whether it holds "
-                                  f"the same clips: resume with data.root={old_root}")
-            return
-        if saved["fingerprint"] == self.dataset["fingerprint"]:
-            return
-        moved = f"data.root changed from {old_root!r} to {self.cfg.data.root!r}, and the dataset there" \
-            if old_root != self.cfg.data.root else f"the dataset at data.root={self.cfg.data.root!r}"
-        raise RunDirError(f"{moved} differs from the one the checkpoint trained on (clips per split "
-                          f"{saved['clips']} then, {self.dataset['clips']} now, or other clips or labels); a "
-                          f"resume continues the same training: start a new run to train on this dataset")
-
-    def _repair(self, state: dict | None) -> None:
-        """Rank 0, at a resume: make metrics.jsonl and best.pt agree with the checkpoint, move a
-        finished run's summary aside if the run will train further, and keep config.yaml the
-        config the run continues with (out: this directory)."""
-        adopted = None
-        if state is None:
-            changes = [f"removed {name}, a write cut short" for name in run_files.remove_temporaries(self.out)]
-        else:
-            changes, adopted = run_files.repair(self.out, state, self._resumed_from)
-        for change in changes:
-            warnings.warn(f"{self.out}: {change}", stacklevel=4)
-        saved = config_mod.load_config(self.out / "config.yaml", apply_recipe=False).to_dict()
-        if saved != self.cfg.to_dict():
-            config_mod.dump_config(self.cfg, self.out / "config.yaml")
-        return adopted
 
     # ---- construction ------------------------------------------------------------------------
 
@@ -550,19 +432,13 @@ class Trainer:
         bad = int(self._bad_step)
         if bad >= 0:
             raise NonFiniteError(f"non-finite loss or gradient at training step {bad} (epoch {self.epoch}); the run "
-                                 f"stops here and writes no checkpoint: {self._kept_checkpoint()}")
+                                 f"stops here and writes no checkpoint: {self.run.kept_checkpoint()}")
         state = [t for t in self.model.state_dict().values() if isinstance(t, torch.Tensor) and t.is_floating_point()]
         if state and not bool(all_finite(state)):
             raise NonFiniteError(f"the model's parameters are non-finite after training step {self.global_step - 1} "
                                  f"(epoch {self.epoch}; the losses and gradients before it were finite: an update "
                                  f"overflowed, optim.lr={self.cfg.optim.lr:g}); the run stops here and writes no "
-                                 f"checkpoint: {self._kept_checkpoint()}")
-
-    def _kept_checkpoint(self) -> str:
-        if self._kept is None or self._kept[0] is None:
-            return "no checkpoint was written before it"
-        path, epoch, step = self._kept
-        return f"the last good checkpoint is {path} ({step} steps trained, epoch {epoch})"
+                                 f"checkpoint: {self.run.kept_checkpoint()}")
 
     # ---- epochs ------------------------------------------------------------------------------
 
@@ -608,7 +484,7 @@ class Trainer:
             self._skipped_steps.zero_()
             if skipped and skipped >= math.ceil(len(loader) / accum):
                 raise NonFiniteError(f"every optimizer step of epoch {self.epoch} was skipped by the GradScaler "
-                                     f"(non-finite gradients at every loss scale); {self._kept_checkpoint()}")
+                                     f"(non-finite gradients at every loss scale); {self.run.kept_checkpoint()}")
         self.balancer.end_epoch()
         if self._ddp is not None and self.balancer.parameter_version != self._ddp_version:
             self._ddp = None  # (a method added parameters on every rank: DDP's buckets must cover them)
@@ -666,7 +542,7 @@ class Trainer:
         fused, unimodal, labels = self.outputs(split, missing=missing, seed=seed)
         if not (torch.isfinite(fused).all() and torch.isfinite(unimodal).all()):
             raise NonFiniteError(f"the model's outputs on split {split!r} are non-finite (epoch {self.epoch}, "
-                                 f"{self.global_step} steps trained); {self._kept_checkpoint()}")
+                                 f"{self.global_step} steps trained); {self.run.kept_checkpoint()}")
         C = len(self.classes)
         out = {f"{split}/{k}": v for k, v in classification_metrics(fused, labels, C).items()}
         out[f"{split}/loss"] = float(F.cross_entropy(fused, labels))
@@ -754,9 +630,9 @@ class Trainer:
             raise RuntimeError("this Trainer reads a run (resume(..., read_only=True)); it cannot train")
         self._segment_start = time.perf_counter()
         try:
-            self._on_main(self._lock.acquire)  # (held since construction unless a fit before released it)
+            self.run.acquire()  # (held since construction unless a fit before released it)
             if self.epoch < self.cfg.epochs:
-                self._on_main(self._set_stale_summary_aside)
+                self.run.set_stale_summary_aside()
             return self._fit(max_steps)
         finally:
             self.close()
@@ -777,47 +653,21 @@ class Trainer:
             self.history.append(metrics)
             self.epoch += 1
             self.batch_in_epoch = 0
-            self._commit_epoch(metrics, improved)
+            self.run.commit_epoch(lambda: self.save_checkpoint("last.pt"), lambda: self.save_checkpoint("best.pt"),
+                                  metrics, improved)
             self._epoch_line(metrics)
         summary = {"best_epoch": self.best["epoch"], "epochs": self.epoch, "global_step": self.global_step,
                    "wall_time_s": self._wall_time(), "precision": self.precision, "methods": self.balancer.summary()}
         if "test" in self.loaders:
             self.load_best()
             summary.update(self.evaluate("test"))
-        if self.dist.is_main:
-            run_files.atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2) + "\n")
-            from .plots import plot_run
-
-            plot_run(self.out)
+        self.run.write_summary(summary)
         return summary
-
-    def _commit_epoch(self, metrics: dict, improved: bool) -> None:
-        """The epoch end's writes, in the order that makes any crash repairable (mmfast/run_dir.py):
-        last.pt (the commit: it records the epoch's metrics and the best epoch), best.pt, then
-        the metrics line."""
-        fault_point("epoch_end.before_last")
-        self.save_checkpoint("last.pt")
-        fault_point("epoch_end.between_last_and_best")
-        if improved:
-            self.save_checkpoint("best.pt")
-        fault_point("epoch_end.before_metrics")
-        self._on_main(lambda: self._log(metrics))
 
     def _wall_time(self) -> float:
         """Seconds of fit() over every segment of the run: the resumed checkpoint's count plus this
         segment's (time a crash threw away after the last checkpoint is not counted)."""
         return self._wall_time_before + time.perf_counter() - self._segment_start
-
-    def _set_stale_summary_aside(self) -> None:
-        """A finished run trained further: its summary.json would describe weights best.pt no
-        longer holds until the new end; it is kept as summary.after-K-epochs.json."""
-        path = self.out / "summary.json"
-        if path.exists():
-            try:
-                epochs = int(json.loads(path.read_text())["epochs"])
-            except (ValueError, KeyError, TypeError, OSError):  # (written before summaries named it)
-                epochs = None
-            run_files.set_aside(path, "stale" if epochs is None else f"after-{epochs}-epochs")
 
     def prepare(self) -> None:
         """What training needs before its first step: the evaluations the methods ask for before
@@ -871,28 +721,6 @@ class Trainer:
                                f"({loader.last_epoch_skipped.summary()})")
         return [c.cpu() for c in columns]
 
-    def _log(self, metrics: dict) -> None:
-        if not self.dist.is_main:
-            return
-        run_files.append_line(self.out / "metrics.jsonl", json.dumps(metrics))
-        writer = self._tensorboard()
-        if writer is not None:
-            for key, value in metrics.items():
-                if key != "epoch" and isinstance(value, (int, float)):
-                    writer.add_scalar(key, value, metrics["epoch"])
-            writer.flush()
-
-    def _tensorboard(self):
-        """A TensorBoard writer on the run directory when tensorboard is installed, else None."""
-        if not hasattr(self, "_writer"):
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                self._writer = None
-            else:
-                self._writer = SummaryWriter(str(self.out / "tensorboard"))
-        return self._writer
-
     def state_dict(self) -> dict:
         rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
         if torch.cuda.is_available():
@@ -912,44 +740,18 @@ class Trainer:
         finite state is written: a non-finite loss, gradient, parameter or buffer stops the run
         (NonFiniteError) and the checkpoint on disk stays the last good one."""
         self._check_finite()
-        path = self.out / "checkpoints" / name
-
-        def write():
-            previous = path.with_name("previous.pt") if name == "last.pt" else None
-            try:
-                run_files.atomic_save(self.state_dict(), path, keep_previous=previous)
-            except RunDirError as err:
-                raise RunDirError(f"{err}; {self._kept_checkpoint()}") from err.__cause__
-
-        self._on_main(write)  # (rank 0's error, a full disk, is raised on every rank)
-        if name == "last.pt":
-            self._kept = (path, self.epoch, self.global_step)
+        self.run.save(name, self.state_dict, epoch=self.epoch, step=self.global_step)
 
     def load_best(self) -> None:
         """The model weights of the best epoch (selected on the validation split). best.pt must
         hold the run's best epoch; where an epoch end was cut short between last.pt and best.pt,
         the checkpoint read at start-up holds that epoch's end and its weights are used."""
-        path = self.out / "checkpoints" / "best.pt"
-        if self.best["epoch"] is None:
-            raise RunDirError(f"{self.out}: no epoch has finished yet, so there is no best checkpoint")
-        held = run_files.best_epoch_of(path)
-        if held == self.best["epoch"]:
-            self.model.load_state_dict(run_files.load_checkpoint(path, self.device)["model"])
-            return
-        source = self._resumed_from
-        if source is not None:
-            state = run_files.load_checkpoint(source, self.device)
-            if state["best"]["epoch"] == self.best["epoch"] and state["epoch"] == self.best["epoch"] + 1 \
-                    and state["batch_in_epoch"] == 0:
-                self.model.load_state_dict(state["model"])
-                return
-        raise RunDirError(f"{path} holds epoch {held}, but the run's best is epoch {self.best['epoch']} and no "
-                          f"checkpoint holds that epoch's weights")
+        self.model.load_state_dict(self.run.best_weights(self.best["epoch"], self.device))
 
     def _load_state(self, state: dict) -> None:
         trained_in = state.get("precision")
         if self.mode == "resume" and trained_in is not None and trained_in != self.precision:
-            raise RunDirError(f"the checkpoint {self._resumed_from} trained in {trained_in}, and precision="
+            raise RunDirError(f"the checkpoint {self.run.resumed_from} trained in {trained_in}, and precision="
                               f"{self.cfg.precision} resolves to {self.precision} here (another device): resume with "
                               f"precision={trained_in}")
         self.model.load_state_dict(state["model"])  # (a head whose classifier count changed resizes first)
@@ -969,7 +771,6 @@ class Trainer:
         random.setstate(state["rng"]["python"])
         if "cuda" in state["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        self._kept = (self._resumed_from, self.epoch, self.global_step)
 
 
 def resume(out: str | Path, overrides: list[str] | tuple = (), *, read_only: bool = False) -> Trainer:

@@ -9,7 +9,7 @@ import torch
 
 from mmfast.data import AudioRecipe, build_loader, crema_d, kinetics_sounds, vggsound
 from mmfast.data.audio import cut_window, log_spectrogram
-from mmfast.data.synth import FPS, SAMPLE_RATE
+from mmfast.data.synth import SAMPLE_RATE
 
 from datasupport import config, collect
 

@@ -5,8 +5,8 @@ import shutil
 
 import pytest
 
-from mmfast.data import DataError, build_loader, crema_d, kinetics_sounds, read_layout, vggsound
-from mmfast.data.synth import FPS, SIZE
+from mmfast.data import DataError, build_loader, read_layout
+from mmfast.data.synth import SIZE
 
 from datasupport import config, collect
 

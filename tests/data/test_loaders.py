@@ -8,8 +8,8 @@ import pytest
 import soundfile as sf
 import torch
 
-from mmfast.data import DataConfig, DataError, FrameRecipe, build_loader, crema_d, read_layout
-from mmfast.data.synth import FPS, SAMPLE_RATE, SIZE
+from mmfast.data import DataConfig, DataError, FrameRecipe, build_loader, read_layout
+from mmfast.data.synth import SAMPLE_RATE, SIZE
 from mmfast.data.video import segment_indices
 
 from datasupport import FRAMES, broken_copy, collect, config

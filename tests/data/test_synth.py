@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from mmfast.data import crema_d, generate, read_layout
+from mmfast.data import generate, read_layout
 from mmfast.data.synth import SAMPLE_RATE
 
 pytest.importorskip("nvidia.dali")

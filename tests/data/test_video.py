@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mmfast.data import DataError, build_loader, crema_d, read_layout
+from mmfast.data import DataError, build_loader, read_layout
 from mmfast.data.synth import FPS, SIZE
 from mmfast.data.video import segment_indices
 
