@@ -38,11 +38,11 @@ import torch.nn.functional as F
 
 from . import config as config_mod
 from .methods import Balancer
-from .models.estimators import zero_out_logits
 from .evaluation import classification_metrics, linear_probe_accuracy
 from .cpu_memory import retain_freed_memory
 from .distributed import init_from_env, sync_batch_norm
-from .models import build_model, fusion_kind, task_loss_per_sample
+from .models import build_model
+from .steps import StepRunner
 from .ops import feature_drop
 from .checkpoints import CHECKPOINT_VERSION, RunDirectory
 from .run_dir import RunDirError, fault_point
@@ -89,12 +89,6 @@ def data_config(cfg: config_mod.Config, device: torch.device):
                       device=device.type)
 
 
-def all_finite(tensors: list) -> torch.Tensor:
-    """Whether every element of `tensors` is finite, as a device bool: one foreach max-norm (a
-    NaN or Inf anywhere makes it non-finite; unlike the 2-norm, huge finite values do not)."""
-    return torch.isfinite(torch.nn.utils.get_total_norm(tensors, norm_type=math.inf, foreach=True))
-
-
 def dataset_identity(index) -> dict:
     """What a checkpoint records of the dataset it trained on: clips per split and a hash of the
     classes, the modalities and every split's (clip, label) list, in order."""
@@ -102,40 +96,6 @@ def dataset_identity(index) -> dict:
     for split in sorted(index.splits):
         h.update(json.dumps([split, [(c.clip_id, c.label) for c in index.splits[split]]]).encode())
     return {"fingerprint": h.hexdigest(), "clips": {k: len(v) for k, v in sorted(index.splits.items())}}
-
-
-def step_forward(model, unimodal_estimate, inputs, skip=(), drop=None, measure_dropped=False):
-    """A training step's forward: encode, drop features (`drop`: features -> features), fuse.
-    Returns (fused, unimodal, the head's extras, measured): unimodal are the head's uni-modal
-    logits (trainable for heads with classifiers of their own), measured the uni-modal logits the
-    balance statistics read, picked by unimodal_estimate(features, head's estimate). Everything
-    that trains sees the dropped features; `measured` comes from the features before the drop
-    (OPM measures the imbalance there: TPAMI 2024 Alg. 1, eq. 7), unless `measure_dropped`
-    (missing-modality evaluation: every output sees the drop)."""
-    M = len(model.modalities)
-    encoded = model.encode(inputs, skip=skip)
-    features, fused_repr = encoded[:M], encoded[M:]  # (IRFB: the fused representation follows)
-    dropped = features if drop is None else list(drop(features))
-    source = dropped if measure_dropped else features
-    unchanged = all(a is b for a, b in zip(source, dropped))  # (no drop: the head measures what it fuses)
-    fused, unimodal, *extra = model.head(dropped + fused_repr, measure=None if unchanged else source)
-    extra = dict(extra[0]) if extra else {}
-    estimate = extra.pop("measured", unimodal)  # (heads with classifiers of their own measure apart)
-    return fused, unimodal, extra, unimodal_estimate(source, estimate)
-
-
-class _StepModule(torch.nn.Module):
-    """step_forward as a module's forward, for DistributedDataParallel (which syncs gradients of
-    what runs inside its forward); holds the model, adds no parameters."""
-
-    def __init__(self, model, unimodal_estimate):
-        super().__init__()
-        self.model = model
-        self.unimodal_estimate = unimodal_estimate
-
-    def forward(self, inputs, skip=(), drop=None, measure_dropped=False):
-        return step_forward(self.model, self.unimodal_estimate, inputs, skip=skip, drop=drop,
-                            measure_dropped=measure_dropped)
 
 
 class Trainer:
@@ -229,10 +189,16 @@ class Trainer:
                 encoder.compile(dynamic=False)
         self.optimizer = self._make_optimizer()
         self.scheduler = self._make_scheduler()
+        # (rank 0's choice on every rank: replicas of a mixed cluster compute alike; summary.json records it)
+        self.precision = self.dist.broadcast_object(resolve_precision(cfg.precision, self.device))
+        self.steps = StepRunner(self.model, self.optimizer, cfg=cfg, fusion=self.fusion, modalities=self.modalities,
+                                device=self.device, dist=self.dist, precision=self.precision)
+        self.autocast_dtype, self.scaler = self.steps.autocast_dtype, self.steps.scaler
         try:
             self.balancer = Balancer(cfg.method, dict(self.model.encoders.items()), seed=cfg.seed, device=self.device,
                                      measure=True, head=self.model.fusion, optimizer=self.optimizer,
-                                     scheduler=self.scheduler, dist=self.dist, estimate=self._estimate, **cfg.hparams)
+                                     scheduler=self.scheduler, dist=self.dist, estimate=self.steps.estimate,
+                                     **cfg.hparams)
         except ValueError as err:
             raise ValueError(f"config key 'hparams' (method {cfg.method!r}): {err}") from None
         wanted = {s for epoch in (None, *range(cfg.epochs)) for s in self.balancer.evaluations(epoch)}
@@ -242,19 +208,11 @@ class Trainer:
         if len(self.balancer.update_parts()) > 1 and cfg.grad_accum > 1:
             raise ValueError("config key 'grad_accum': an update in turns per modality (boost.update=alternating) "
                              "takes one batch per step; set grad_accum=1")
-        # (rank 0's choice on every rank: replicas of a mixed cluster compute alike; summary.json records it)
-        self.precision = self.dist.broadcast_object(resolve_precision(cfg.precision, self.device))
-        self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
-        self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
+        self.steps.balancer = self.balancer
         self.epoch, self.batch_in_epoch, self.global_step = 0, 0, 0
         self.best = {"epoch": None, "val/acc": -math.inf}
         self.history: list[dict] = []  # the epochs' metrics lines (checkpoints carry them: repair)
-        self._epoch_sums: dict[str, torch.Tensor] = {}
-        self._epoch_counts: dict[str, int] = {}
-        self._bad_step = torch.full((), -1, dtype=torch.int64, device=self.device)
-        self._skipped_steps = torch.zeros((), dtype=torch.int64, device=self.device)  # GradScaler skips, this epoch
         self._segment_start = time.perf_counter()  # (fit() restarts it; wall time counts fit's segments)
-        self._ddp = None  # DistributedDataParallel around the step's forward; built on first use
         self._prepared = False
 
     # ---- construction ------------------------------------------------------------------------
@@ -292,60 +250,10 @@ class Trainer:
     # ---- the step ----------------------------------------------------------------------------
 
     def _inputs(self, batch):
-        out = {}
-        for name in self.modalities:
-            x = batch[name].to(self.device, non_blocking=True)
-            if self.cfg.channels_last and x.dim() == 4:
-                x = x.contiguous(memory_format=torch.channels_last)
-            out[name] = x
-        return out, batch["label"].to(self.device, non_blocking=True)
-
-    def _autocast(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
-
-    def _zero_out_estimate(self) -> bool:
-        return self.cfg.model.estimator == "zero_out" and fusion_kind(self.fusion).splittable
-
-    def _unimodal(self, features, fused_unimodal):
-        if self._zero_out_estimate():
-            return zero_out_logits(lambda fs: self.model.head(fs)[0], features)
-        return fused_unimodal
-
-    def _estimate(self, features):
-        """The uni-modal logits of M pooled features (a method that measures before the fusion);
-        the head runs once, for the estimate it gives or for the zero-out passes."""
-        return self._unimodal(features, None if self._zero_out_estimate() else self.model.head(features)[1])
+        return self.steps.inputs(batch)
 
     def _forward(self, inputs, skip=(), drop=None, measure_dropped=False):
-        """Encode, drop the modalities' features (`drop`: features -> features), fuse (step_forward).
-        Returns (fused, unimodal, the head's extras). Training steps of a distributed run go
-        through DistributedDataParallel (gradients all-reduced during backward)."""
-        if self.dist.enabled and self.model.training:
-            return self._distributed_model()(inputs, skip=skip, drop=drop, measure_dropped=measure_dropped)
-        return step_forward(self.model, self._unimodal, inputs, skip=skip, drop=drop, measure_dropped=measure_dropped)
-
-    def _distributed_model(self):
-        """DDP around the model's step (built on first use; train_epoch drops it when an epoch end
-        changed the parameters, as boost's added classifiers do)."""
-        if self._ddp is None:
-            from torch.nn.parallel import DistributedDataParallel
-
-            # Parameters that get no gradient in some steps: a skipped encoder (unimodal), the
-            # other modalities' in a per-modality sub-step (boost alternating). With batch norm
-            # over the global batch the buffers agree on every rank: no broadcast per forward.
-            unused = bool(self.balancer.unused_modalities) or len(self.balancer.update_parts()) > 1
-            self._ddp = DistributedDataParallel(_StepModule(self.model, self._unimodal),
-                                                device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                                                find_unused_parameters=unused, broadcast_buffers=not self.cfg.sync_bn)
-            self._ddp_version = self.balancer.parameter_version
-        return self._ddp
-
-    def _accumulate(self, name: str, value: torch.Tensor) -> None:
-        value = value.detach().float()
-        self._epoch_sums[name] = self._epoch_sums[name] + value if name in self._epoch_sums else value.clone()
-        self._epoch_counts[name] = self._epoch_counts.get(name, 0) + 1
+        return self.steps.forward(inputs, skip=skip, drop=drop, measure_dropped=measure_dropped)
 
     def train_step(self, batch, *, last_micro_batch: bool = True, shard: tuple[int, int] | None = None) -> None:
         """One training step on `batch`; shard: (start, total) of these samples in the global
@@ -353,88 +261,19 @@ class Trainer:
         inputs, labels = self._inputs(batch)
         if self.dist.enabled and shard is None:
             raise ValueError("Trainer.train_step: a distributed run needs shard=(start, total) of the batch")
-        for part in self.balancer.update_parts():
-            self._train_part(inputs, labels, part, last_micro_batch, shard)
+        self.steps.step(inputs, labels, last_micro_batch=last_micro_batch, shard=shard)
         if last_micro_batch:
             self.global_step += 1  # training steps (one optimizer step per part)
-
-    def _train_part(self, inputs, labels, part, last_micro_batch: bool, shard=None) -> None:
-        """One (sub-)step: every modality (part None), or the modalities of `part` (the others
-        are not encoded and their losses are left out); the optimizer steps after the last
-        micro-batch of an accumulation."""
-        skip = set(self.balancer.unused_modalities) | ({m for m in self.modalities if m not in part} if part else set())
-        with contextlib.ExitStack() as stack:
-            if self.dist.enabled and not last_micro_batch:  # (no gradient all-reduce before the last)
-                stack.enter_context(self._distributed_model().no_sync())
-            self._forward_backward(inputs, labels, part, shard, skip)
-        if last_micro_batch:
-            self._optimizer_step()
-
-    def _forward_backward(self, inputs, labels, part, shard, skip) -> None:
-        """Forward, the method's loss, backward (gradients accumulate), the epoch sums."""
-        bal = self.balancer
-        with self._autocast():
-            fused, unimodal, extra, measured = self._forward(
-                inputs, skip=skip, drop=lambda f: bal.drop(f, part=part, shard=shard, labels=labels))
-        # (before the loss: methods may add loss terms or compute the task loss; the methods that
-        # train classifiers of their own drop nothing, so for them measured is unimodal)
-        bal.after_forward(measured.float(), labels, fused=fused, extras=extra)
-        per_sample = F.cross_entropy(fused.float(), labels, reduction="none")  # (logged: the fused head's)
-        # The head's task loss (mmfast/models/registry.py), or the method's where it computes it.
-        loss = bal.loss() if bal.computes_task_loss else bal.loss(task_loss_per_sample(self.fusion, fused, unimodal,
-                                                                                      labels))
-        weight = bal.sample_weight
-        scale = self.scaler.scale if self.scaler is not None else (lambda t: t)
-        scale(loss / self.cfg.grad_accum).backward()
-        # Device-side bookkeeping: no host read. (Under a GradScaler a non-finite loss gives
-        # non-finite gradients, and the scaler skips the step: see below.)
-        if self.scaler is None:
-            self._bad_step = torch.where((self._bad_step < 0) & ~torch.isfinite(loss), bal.state.step, self._bad_step)
-        correct = (fused.argmax(dim=1) == labels).float()
-        kept = weight if weight is not None else torch.ones_like(correct)
-        self._accumulate("loss", per_sample.detach() @ kept)  # the fused head's cross-entropy, for every method
-        self._accumulate("correct", correct @ kept)
-        self._accumulate("samples", kept.sum())
-
-    def _optimizer_step(self) -> None:
-        """Gradient checks, the methods' modulation (after_backward), the optimizer step."""
-        bal = self.balancer
-        # A non-finite gradient stops the run (checked before modulation, on the gradients backward
-        # made); under a GradScaler the scaler skips the step instead (it finds the same non-finite
-        # gradients once unscaled, which after_backward does first), and the skips are counted.
-        # One foreach reduction over all gradients: a NaN or Inf anywhere makes the norm non-finite.
-        if self.scaler is None:
-            finite = self._grads_finite()
-            if finite is not None:
-                self._bad_step = torch.where((self._bad_step < 0) & ~finite, bal.state.step, self._bad_step)
-        bal.after_backward(scaler=self.scaler, optimizer=self.optimizer)
-        for name, value in bal.metrics.items():
-            self._accumulate(name, value)
-        if self.scaler is not None:
-            finite = self._grads_finite()
-            if finite is not None:
-                self._skipped_steps += ~finite
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        bal.after_step()
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def _grads_finite(self) -> torch.Tensor | None:
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        return all_finite(grads) if grads else None
 
     def _check_finite(self) -> None:
         """A checkpoint or an epoch end: read the device flags once. A non-finite loss or gradient
         (flagged at its step) or a non-finite parameter or buffer (an update that overflowed
         from finite gradients) stops the run before anything is saved or validated."""
-        bad = int(self._bad_step)
+        bad = int(self.steps.bad_step)
         if bad >= 0:
             raise NonFiniteError(f"non-finite loss or gradient at training step {bad} (epoch {self.epoch}); the run "
                                  f"stops here and writes no checkpoint: {self.run.kept_checkpoint()}")
-        state = [t for t in self.model.state_dict().values() if isinstance(t, torch.Tensor) and t.is_floating_point()]
-        if state and not bool(all_finite(state)):
+        if not self.steps.state_finite():
             raise NonFiniteError(f"the model's parameters are non-finite after training step {self.global_step - 1} "
                                  f"(epoch {self.epoch}; the losses and gradients before it were finite: an update "
                                  f"overflowed, optim.lr={self.cfg.optim.lr:g}); the run stops here and writes no "
@@ -467,7 +306,7 @@ class Trainer:
             self.batch_in_epoch = position
             if last:
                 if self._live_bar() and self.global_step % 10 == 0:
-                    bar.set_postfix(self._live_postfix())
+                    bar.set_postfix(self.steps.live_postfix())
                 fault_point("train_step")
                 if self.cfg.checkpoint_every and self.global_step % self.cfg.checkpoint_every == 0:
                     self.save_checkpoint("last.pt")
@@ -477,17 +316,16 @@ class Trainer:
                     return None
         bar.close()
         self._check_finite()
-        metrics = self._epoch_metrics(time.perf_counter() - start)
+        metrics = self.steps.epoch_metrics(time.perf_counter() - start)
         metrics["train/skipped"] = loader.last_epoch_skipped.total  # clips that failed to decode this epoch
         if self.scaler is not None:
-            metrics["train/skipped_steps"] = skipped = int(self._skipped_steps)  # the epoch's one read
-            self._skipped_steps.zero_()
+            metrics["train/skipped_steps"] = skipped = int(self.steps.skipped_steps)  # the epoch's one read
+            self.steps.skipped_steps.zero_()
             if skipped and skipped >= math.ceil(len(loader) / accum):
                 raise NonFiniteError(f"every optimizer step of epoch {self.epoch} was skipped by the GradScaler "
                                      f"(non-finite gradients at every loss scale); {self.run.kept_checkpoint()}")
         self.balancer.end_epoch()
-        if self._ddp is not None and self.balancer.parameter_version != self._ddp_version:
-            self._ddp = None  # (a method added parameters on every rank: DDP's buckets must cover them)
+        self.steps.parameters_changed()  # (a method that added parameters: DDP is rebuilt)
         if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             self.scheduler.step(metrics["train/loss"])
         elif self.scheduler is not None:
@@ -506,29 +344,6 @@ class Trainer:
         best = " (best)" if self.best["epoch"] == metrics["epoch"] else ""
         print(f"{self.out.name} epoch {metrics['epoch'] + 1}/{self.cfg.epochs}: train loss {metrics['train/loss']:.3f}, "
               f"acc {metrics['train/acc']:.3f}{val}{best}, {metrics['time/epoch_s']:.1f} s", file=sys.stderr, flush=True)
-
-    def _live_postfix(self) -> dict:
-        sums, n = self._epoch_sums, max(float(self._epoch_sums["samples"]), 1.0)
-        out = {"loss": f"{float(sums['loss']) / n:.3f}", "acc": f"{float(sums['correct']) / n:.3f}"}
-        for name in self.modalities:
-            if f"ratio/{name}" in sums:
-                out[f"rho_{name}"] = f"{float(sums[f'ratio/{name}']) / self._epoch_counts[f'ratio/{name}']:.2f}"
-        return out
-
-    def _epoch_metrics(self, seconds: float) -> dict[str, float]:
-        if self.dist.enabled:  # the ranks' shares of the loss and accuracy sums (the rest agree already)
-            keys = [k for k in ("loss", "correct", "samples") if k in self._epoch_sums]
-            total = self.dist.all_reduce_sum(torch.stack([self._epoch_sums[k] for k in keys]))
-            self._epoch_sums.update(zip(keys, total.unbind()))
-        sums = {k: float(v) for k, v in self._epoch_sums.items()}  # the epoch's one read
-        samples = max(sums.pop("samples", 0.0), 1.0)
-        metrics = {"train/loss": sums.pop("loss", 0.0) / samples, "train/acc": sums.pop("correct", 0.0) / samples}
-        for key, value in sums.items():
-            metrics[f"train/{key}"] = value / self._epoch_counts[key]
-        metrics["time/epoch_s"] = seconds
-        metrics["throughput/samples_per_s"] = samples / max(seconds, 1e-9)
-        self._epoch_sums, self._epoch_counts = {}, {}
-        return metrics
 
     @torch.no_grad()
     def evaluate(self, split: str, *, missing: dict[str, float] | None = None, seed: int = 0) -> dict[str, float]:
@@ -588,7 +403,7 @@ class Trainer:
                 shard = loader.batch_shard(loader.position - 1) if self.dist.enabled else None
                 drop = lambda features, shard=shard: feature_drop(features, probs, generator=gen,  # noqa: E731
                                                                   shard=shard).features
-            with self._autocast():
+            with self.steps.autocast():
                 fused, unimodal, _, _ = self._forward(inputs, skip=self.balancer.unused_modalities, drop=drop,
                                                       measure_dropped=True)
             fused_all.append(fused.float())
@@ -731,8 +546,8 @@ class Trainer:
                 "scaler": None if self.scaler is None else self.scaler.state_dict(),
                 "balancer": self.balancer.state_dict(), "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                 "global_step": self.global_step, "best": self.best, "rng": rng,
-                "epoch_sums": self._epoch_sums, "epoch_counts": self._epoch_counts,
-                "skipped_steps": self._skipped_steps, "history": self.history, "dataset": self.dataset,
+                "epoch_sums": self.steps.sums, "epoch_counts": self.steps.counts,
+                "skipped_steps": self.steps.skipped_steps, "history": self.history, "dataset": self.dataset,
                 "wall_time_s": self._wall_time(), "precision": self.precision}
 
     def save_checkpoint(self, name: str) -> None:
@@ -764,8 +579,8 @@ class Trainer:
         self.epoch, self.batch_in_epoch = state["epoch"], state["batch_in_epoch"]
         self.global_step, self.best = state["global_step"], state["best"]
         self.history = list(state.get("history") or [])
-        self._epoch_sums, self._epoch_counts = state["epoch_sums"], state["epoch_counts"]
-        self._skipped_steps.copy_(state["skipped_steps"])
+        self.steps.sums, self.steps.counts = state["epoch_sums"], state["epoch_counts"]
+        self.steps.skipped_steps.copy_(state["skipped_steps"])
         torch.set_rng_state(state["rng"]["torch"])
         np.random.set_state(state["rng"]["numpy"])
         random.setstate(state["rng"]["python"])

@@ -135,8 +135,11 @@ class Balancer:
             raise ValueError(f"Balancer.observe_evaluation: labels must be [N={N}], got "
                              f"{tuple(getattr(labels, 'shape', ())) or labels!r}")
         device = self.state.device
-        self.state.evaluation = {"split": split, "epoch": epoch, "fused": fused.detach().float().to(device),
-                                 "unimodal": unimodal.detach().float().to(device), "labels": labels.to(device)}
+        # half-precision outputs are widened; float64 ones stay (OLM's eq. 8 divides by a difference
+        # of loss gaps, so a caller may want the extra digits)
+        dtype = torch.promote_types(fused.dtype, torch.float32)
+        self.state.evaluation = {"split": split, "epoch": epoch, "fused": fused.detach().to(device, dtype),
+                                 "unimodal": unimodal.detach().to(device, dtype), "labels": labels.to(device)}
         self._emit("evaluation_end")
 
     def observe_head_losses(self, val: torch.Tensor, train: torch.Tensor, *, epoch: int | None) -> None:

@@ -286,7 +286,7 @@ def test_with_a_drop_training_sees_the_dropped_features_and_the_measurement_the_
     undropped features, without autograd."""
     from mmfast.models import LateHeads
     from mmfast.models.fusion import make_fusion
-    from mmfast.trainer import step_forward
+    from mmfast.steps import step_forward
 
     torch.manual_seed(1)
 
