@@ -55,12 +55,15 @@ from mmfast.trainer import Trainer, resolve_device, resolve_precision  # noqa: E
 CODE_OGM = {"form": "reference", "alpha": 0.8}
 MMFAST_METHODS = {"joint": {}, "ogm": CODE_OGM, "ogm_ge": CODE_OGM, "ogm_star": {},
                   "opm": {"timing": "current", "p_exe": 0.7}, "moddrop": {"probs": {"audio": 0.3}},
-                  "opm_ogm": {}, "olm": {}, "boost": {}, "unimodal": {"modality": "visual"}}
+                  "opm_ogm": {}, "olm": {}, "boost": {}, "unimodal": {"modality": "visual"},
+                  "mmcosine": {}, "mbsd": {}, "cml": {}, "agm": {}, "mmpareto": {}, "pmr": {},
+                  "mslr": {"lr_scales": {"audio": 0.5}}, "mla": {}, "reconboost": {}, "gblending": {}}
 NAIVE_METHODS = ("joint", "ogm", "ogm_ge", "opm")
 # Methods whose model has heads of its own (trainable per-modality classifiers): their
 # balancing overhead is against plain joint training of that same model (model.fusion), beside
 # the overhead against joint training of the concat-fusion model every other method uses.
-OWN_HEADS = {"olm": "late", "boost": "boost"}
+OWN_HEADS = {"olm": "late", "boost": "boost", "mmcosine": "cosine", "mmpareto": "late", "mslr": "sum", "mla": "shared",
+             "reconboost": "ensemble", "gblending": "late"}
 
 
 def make_trainer(root, out, method, batch_size, hparams=None, *overrides):
@@ -70,7 +73,7 @@ def make_trainer(root, out, method, batch_size, hparams=None, *overrides):
     trainer = Trainer(cfg)
     trainer.prepare()
     trainer.model.train()
-    trainer.balancer.start_epoch(0)
+    trainer.balancer.start_epoch(0, batches=len(trainer.loaders["train"]))
     return trainer
 
 
@@ -117,7 +120,7 @@ def step_benchmark(root, tmp, batch_sizes, rounds, steps, common=()):
         for method, hp in MMFAST_METHODS.items():
             trainer = joint if method == "joint" else make_trainer(root, tmp / f"{method}{B}", method, B, hp, *common)
             runners[("mmfast", method)] = lambda t=trainer: t.train_step(device_batch)
-        for method, fusion in OWN_HEADS.items():
+        for fusion in dict.fromkeys(OWN_HEADS.values()):
             trainer = make_trainer(root, tmp / f"joint_{fusion}{B}", "joint", B, None, f"model.fusion={fusion}", *common)
             runners[("mmfast", f"joint@{fusion}")] = lambda t=trainer: t.train_step(device_batch)
         for method in NAIVE_METHODS:
@@ -342,7 +345,7 @@ def markdown(report) -> str:
                   "| method | mmfast ms | samples/s | overhead | same-model overhead | host reads | naive ms | overhead "
                   "| host reads | speedup |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
-        for method in [*MMFAST_METHODS, *(f"joint@{f}" for f in OWN_HEADS.values())]:
+        for method in [*MMFAST_METHODS, *(f"joint@{f}" for f in dict.fromkeys(OWN_HEADS.values()))]:
             m = rows[f"mmfast/{method}"]
             n = rows.get(f"naive/{method}")
             naive_cells = (f"{n['step_ms']:.1f} | {100 * n['overhead']:+.1f}% | {n['host_reads_per_step']} | "

@@ -139,8 +139,15 @@ def _eval(args) -> int:
 def _demo(args) -> int:
     from mmfast.demo import run_demo
 
-    run_demo(args.out, args.data, seeds=args.seeds, dominants=args.dominant, epochs=args.epochs, clips=args.clips,
-             progress=not args.no_progress, study=args.study)
+    methods = None if not args.methods else "all" if args.methods == ["all"] else args.methods
+    try:
+        run_demo(args.out, args.data, seeds=args.seeds, dominants=args.dominant, epochs=args.epochs, clips=args.clips,
+                 progress=not args.no_progress, study=args.study, methods=methods)
+    except ValueError as err:
+        if "--methods" not in str(err):
+            raise
+        print(f"mmfast demo: {err}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -183,10 +190,14 @@ def main(argv=None) -> int:
     demo.add_argument("--dominant", nargs="+", choices=["audio", "visual"], default=["audio"])
     demo.add_argument("--epochs", type=int, help="override the embedded config's epochs")
     demo.add_argument("--clips", type=int, default=480)
+    demo.add_argument("--methods", nargs="+", metavar="ROW",
+                      help="which rows: 'all' (the seed papers' methods, the baselines and the peers' methods "
+                           "mmcosine, mbsd, cml, agm, mmpareto, pmr, mla, reconboost, gblending, mslr) or row labels / method names; default: "
+                           "the seed papers' methods and the baselines")
     demo.add_argument("--no-progress", action="store_true")
     demo.add_argument("--study", action="store_true",
-                      help="add the study's comparison rows (late-heads joint, OLM's normalized factors, OPM's "
-                           "public-code timing)")
+                      help="every row (as --methods all) and the study's comparison rows (late-heads joint, "
+                           "OLM's normalized factors, OPM's public-code timing)")
     args = parser.parse_args(argv)
     if args.command == "demo":
         return _demo(args)

@@ -14,9 +14,19 @@ from pathlib import Path
 MODALITIES = ("audio", "visual")
 
 
-def demo_runs(dominant: str, study: bool = False) -> list[tuple[str, str, dict, tuple]]:
-    """(label, method, hyper-parameters, config overrides) of the demo's runs; `study` adds the
-    study's comparisons: the late-heads joint baseline (OLM's architecture without its
+def peer_runs(dominant: str) -> list[tuple[str, str, dict, tuple]]:
+    """The peers' methods at their defaults (each on its own default head). MSLR has no default
+    rates (the paper tunes each modality alone): the demo halves the dominant modality's."""
+    runs = [(name, name, {}, ()) for name in ("mmcosine", "mbsd", "cml", "agm", "mmpareto", "pmr", "mla", "reconboost",
+                                              "gblending")]
+    runs.append((f"mslr ({dominant} x0.5)", "mslr", {"lr_scales": {dominant: 0.5}}, ()))
+    return runs
+
+
+def demo_runs(dominant: str, study: bool = False, peers: bool = False) -> list[tuple[str, str, dict, tuple]]:
+    """(label, method, hyper-parameters, config overrides) of the demo's runs: the seed papers'
+    methods and the baselines; `peers` (or `study`) adds the peers' methods (peer_runs); `study`
+    adds the study's comparisons: the late-heads joint baseline (OLM's architecture without its
     modulation), OLM's tempered rebalancing factors, OPM with the public code's timing and p_exe."""
     runs = [("joint", "joint", {}, ())]
     runs += [(f"unimodal {m}", "unimodal", {"modality": m}, ()) for m in MODALITIES]
@@ -25,6 +35,8 @@ def demo_runs(dominant: str, study: bool = False) -> list[tuple[str, str, dict, 
     # OLM-Conv (late heads on the small encoders) and sustained boosting, ACA every 2 epochs
     # (T = epochs / 10, as the paper's recipes, for the config's 20 epochs).
     runs += [("olm", "olm", {}, ()), ("boost", "boost", {"interval": 2}, ())]
+    if peers or study:
+        runs += peer_runs(dominant)
     if study:
         runs += [("joint (late heads)", "joint", {}, ("model.fusion=late",)),
                  ("olm (normalized λ)", "olm", {"lambda_form": "normalized"}, ()),
@@ -76,7 +88,9 @@ def _run_one(run_dir: Path, data_root: Path, method: str, hparams: dict, seed: i
     extra = boost_fusions(trainer) if method == "boost" else {}
     epochs_rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     row = {"fused": summary["test/acc"], **{m: probe[f"probe/acc/{m}"] for m in MODALITIES},
-           **{f"ratio_{m}": statistics.fmean(r[f"train/ratio/{m}"] for r in epochs_rows) for m in MODALITIES},
+           # (None where no step measured: a method that trains the modalities in turn, MLA)
+           **{f"ratio_{m}": statistics.fmean(r[f"train/ratio/{m}"] for r in epochs_rows)
+              if all(f"train/ratio/{m}" in r for r in epochs_rows) else None for m in MODALITIES},
            "seconds": time.perf_counter() - start, "best_epoch": summary["best_epoch"], "precision": summary["precision"],
            **{f"drop_{m}": statistics.fmean(r.get(f"train/dropped_step/{m}", 0.0) for r in epochs_rows) for m in MODALITIES},
            **extra}
@@ -93,8 +107,16 @@ def _cell(values: list[float], digits: int = 3) -> str:
 def run_demo(out: str | Path = "runs/demo", data_root: str | Path = "data", *, seeds=(0,), dominants=("audio",),
              epochs: int | None = None, clips: int = 480, imbalance: float = 2.5, methods=None, progress: bool = True,
              study: bool = False, echo=print) -> dict:
-    """Runs the demo's methods (or the labels in `methods`; `study`: with the study's extra rows)
-    for every seed and dominance direction; returns {dominant: {label: [row per seed]}}."""
+    """Runs the demo's methods for every seed and dominance direction; returns {dominant: {label:
+    [row per seed]}}. `methods`: None (the seed papers' methods and the baselines), "all" (and
+    the peers' methods), or a list of row labels or method names; `study`: every row, with the
+    study's comparison rows."""
+    if methods is not None and methods != "all":
+        known = {label for d in dominants for label, method, _, _ in demo_runs(d, True)} | \
+                {method for d in dominants for _, method, _, _ in demo_runs(d, True)}
+        unknown = sorted(set(methods) - known)
+        if unknown:
+            raise ValueError(f"mmfast demo --methods: unknown {unknown}; the rows are {sorted(known)} (or: all)")
     from .data import generate
 
     out, data_root = Path(out), Path(data_root)
@@ -105,8 +127,8 @@ def run_demo(out: str | Path = "runs/demo", data_root: str | Path = "data", *, s
         if not (root / "classes.txt").exists():
             echo(f"generating the embedded dataset ({dominant} dominant) in {root}")
             generate(root, clips=clips, dominant=dominant, imbalance=imbalance, seed=0)
-        for label, method, hparams, overrides in demo_runs(dominant, study):
-            if methods is not None and label not in methods:
+        for label, method, hparams, overrides in demo_runs(dominant, study, peers=methods is not None):
+            if methods not in (None, "all") and label not in methods and method not in methods:
                 continue
             for seed in seeds:
                 folder = "".join(c if c.isalnum() or c in "-_" else "_" for c in label.replace("λ", "lambda"))
@@ -151,6 +173,8 @@ def format_table(results: dict, seeds) -> str:
         for label, runs in rows.items():
             get = lambda key: [r[key] for r in runs]  # noqa: E731
             fused = "n/a" if label.startswith("unimodal") else _cell(get("fused"))
+            ratio = get(f"ratio_{dominant}")
+            ratio = "n/a" if None in ratio else _cell(ratio, 2)
             lines.append(f"| {label} | {fused} | {_cell(get(weak))} | {_cell(get(dominant))} | "
-                         f"{_cell(get(f'ratio_{dominant}'), 2)} | {statistics.fmean(get('seconds')):.0f} s |")
+                         f"{ratio} | {statistics.fmean(get('seconds')):.0f} s |")
     return "\n".join(lines)

@@ -112,16 +112,34 @@ class StepRunner:
             return self._distributed_model()(inputs, skip=skip, drop=drop, measure_dropped=measure_dropped)
         return step_forward(self.model, self.unimodal, inputs, skip=skip, drop=drop, measure_dropped=measure_dropped)
 
+    def rerun(self, inputs, subsets) -> torch.Tensor:
+        """The fused logits [K, B, C] of the model on `inputs` with, for each of the K subsets
+        (tuples of modality names), every other modality's input zeroed; in eval mode (batch
+        norm's running statistics) with autograd, the K variants as one batch (StepState.rerun)."""
+        K = len(subsets)
+        batched = {}
+        for name in self.modalities:
+            x = inputs[name]
+            keep = torch.tensor([name in s for s in subsets], dtype=x.dtype, device=x.device)
+            batched[name] = (x.unsqueeze(0) * keep.view(K, *(1,) * x.dim())).reshape(K * x.shape[0], *x.shape[1:])
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with self.autocast():
+                fused = self.model.head(self.model.encode(batched))[0]
+        finally:
+            self.model.train(was_training)
+        return fused.view(K, -1, fused.shape[-1])
+
     def _distributed_model(self):
         """DDP around the model's step (built on first use, rebuilt when a method added
         parameters: parameters_changed)."""
         if self._ddp is None:
             from torch.nn.parallel import DistributedDataParallel
 
-            # Parameters that get no gradient in some steps: a skipped encoder (unimodal), the
-            # other modalities' in a per-modality sub-step (boost alternating). With batch norm
-            # over the global batch the buffers agree on every rank: no broadcast per forward.
-            unused = bool(self.balancer.unused_modalities) or len(self.balancer.update_parts()) > 1
+            # Parameters that get no gradient in some steps (Balancer.skips_parameters). With batch
+            # norm over the global batch the buffers agree on every rank: no broadcast per forward.
+            unused = self.balancer.skips_parameters
             self._ddp = DistributedDataParallel(_StepModule(self.model, self.unimodal),
                                                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
                                                 find_unused_parameters=unused, broadcast_buffers=not self.cfg.sync_bn)
@@ -154,9 +172,10 @@ class StepRunner:
         with self.autocast():
             fused, unimodal, extra, measured = self.forward(
                 inputs, skip=skip, drop=lambda f: bal.drop(f, part=part, shard=shard, labels=labels))
-        # (before the loss: methods may add loss terms or compute the task loss; the methods that
-        # train classifiers of their own drop nothing, so for them measured is unimodal)
-        bal.after_forward(measured.float(), labels, fused=fused, extras=extra)
+        # (before the loss: methods may add loss terms or compute the task loss from the head's
+        # trainable logits; the balance statistics read `measured`)
+        bal.after_forward(measured.float(), labels, fused=fused, extras=extra, trainable=unimodal,
+                          rerun=lambda subsets: self.rerun(inputs, subsets))
         per_sample = F.cross_entropy(fused.float(), labels, reduction="none")  # (logged: the fused head's)
         # The head's task loss (mmfast/models/registry.py), or the method's where it computes it.
         loss = bal.loss() if bal.computes_task_loss else bal.loss(task_loss_per_sample(self.fusion, fused, unimodal,

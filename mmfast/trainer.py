@@ -3,16 +3,18 @@ reacting to the step's named events (mmfast/methods), driven through ``mmfast.me
 the object users with their own loop call too. Per step:
 
     features = model.encode(batch)                 # [B, d_m] per modality (unused ones: zeros)
-    features = balancer.drop(features)             # before_fusion (OPM, ModDrop, unimodal)
+    features = balancer.drop(features)             # before_fusion (a method may drop or zero features)
     fused, unimodal, *extra = model.head(features)
     balancer.after_forward(unimodal, labels, ...)  # measure once, update device state, loss terms
     loss = weighted CE over the kept samples (+ method loss terms), or the method's task loss
-    loss.backward(); balancer.after_backward()     # modulate unscaled gradients (OGM family)
+    loss.backward(); balancer.after_backward()     # modulate unscaled gradients
     optimizer.step(); balancer.after_step()
 
-(A method that updates the modalities in turn, boost's alternating update, makes one such
-sub-step per modality: ``balancer.update_parts()``.) Heads with a classifier per modality
-(late, irfb) train those too: the task loss is the sum of every head's cross-entropy.
+(A method that updates the modalities in turn makes one such sub-step per modality:
+``balancer.update_parts()``.) Heads with a classifier per modality train those too: the task
+loss is the sum of every head's cross-entropy (mmfast/models/registry.py), unless a method
+computes its own. What a method needs from this loop it declares (mmfast/methods/base.py:
+evaluations, scratch runs, sub-steps, extra forwards); nothing here knows a method by name.
 
 Nothing in a step reads a tensor on the host: losses, accuracies, ratios and coefficients are
 summed on the device and read once per logging interval (the progress bar) and at epoch ends.
@@ -202,12 +204,14 @@ class Trainer:
         except ValueError as err:
             raise ValueError(f"config key 'hparams' (method {cfg.method!r}): {err}") from None
         wanted = {s for epoch in (None, *range(cfg.epochs)) for s in self.balancer.evaluations(epoch)}
+        if any(self.balancer.scratch_runs(epoch) for epoch in range(cfg.epochs)):
+            wanted.add("val")  # (a scratch run reports its validation loss)
         if "val" in wanted and "val" not in self.loaders:
             raise ValueError(f"method {cfg.method!r} (hparams {cfg.hparams}) evaluates the validation split during "
                              f"training: the dataset has no val split")
-        if len(self.balancer.update_parts()) > 1 and cfg.grad_accum > 1:
-            raise ValueError("config key 'grad_accum': an update in turns per modality (boost.update=alternating) "
-                             "takes one batch per step; set grad_accum=1")
+        if self.balancer.single_micro_batch and cfg.grad_accum > 1:
+            raise ValueError(f"config key 'grad_accum': method {cfg.method!r} (hparams {cfg.hparams}) takes one batch "
+                             f"per step (an update in turns per modality, or gradients per loss); set grad_accum=1")
         self.steps.balancer = self.balancer
         self.epoch, self.batch_in_epoch, self.global_step = 0, 0, 0
         self.best = {"epoch": None, "val/acc": -math.inf}
@@ -231,8 +235,12 @@ class Trainer:
                 for name, kind in self.modalities.items() if kind == "audio"}
 
     def _make_optimizer(self):
+        return self.make_optimizer(self.model.parameters())
+
+    def make_optimizer(self, params):
+        """An optimizer of the run's settings (optim.*) over `params`, in its initial state."""
         o = self.cfg.optim
-        params = list(self.model.parameters())
+        params = list(params)
         if o.name == "sgd":
             return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
         return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
@@ -243,7 +251,7 @@ class Trainer:
             return torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=o.step_size, gamma=o.gamma)
         if o.scheduler == "cosine":
             return torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=self.cfg.epochs)
-        if o.scheduler == "plateau":  # (sustained boosting: "reduced by ten upon observing loss saturates")
+        if o.scheduler == "plateau":  # (x gamma when the training loss stops falling)
             return torch.optim.lr_scheduler.ReduceLROnPlateau(self.optimizer, factor=o.gamma, patience=o.patience)
         return None
 
@@ -288,9 +296,11 @@ class Trainer:
         from tqdm import tqdm
 
         loader = self.loaders["train"]
+        if self.batch_in_epoch == 0:  # (a resumed epoch's methods kept what its scratch runs gave them)
+            self._scratch_for_methods(self.epoch)
         loader.epoch = self.epoch
         self.model.train()
-        self.balancer.start_epoch(self.epoch)
+        self.balancer.start_epoch(self.epoch, batches=len(loader))
         start = time.perf_counter()
         accum = self.cfg.grad_accum
         bar = tqdm(total=len(loader), initial=self.batch_in_epoch, desc=f"epoch {self.epoch}", leave=False,
@@ -375,10 +385,10 @@ class Trainer:
         return out
 
     @torch.no_grad()
-    def outputs(self, split: str, *, missing: dict[str, float] | None = None, seed: int = 0):
+    def outputs(self, split: str, *, missing: dict[str, float] | None = None, seed: int = 0, features: bool = False):
         """(fused [N, C], unimodal [M, N, C], labels [N]) of the model on every readable sample of
         `split`, in the split's order (float32; gathered over the ranks of a distributed run).
-        `missing`: as in evaluate."""
+        `missing`: as in evaluate. `features`: a fourth item, the M encoders' features [N, d_m]."""
         loader = self.loaders[split]
         self.model.eval()
         fused_all, uni_all, labels_all = [], [], []
@@ -396,22 +406,28 @@ class Trainer:
                                      f"[0, 1], got {prob!r}")
             probs = torch.tensor([float(missing.get(m, 0.0)) for m in self.modalities], device=self.device)
             gen = torch.Generator(device=self.device).manual_seed(seed)
-        index_all = []
+        index_all, features_all = [], []
         for batch in loader:
             inputs, labels = self._inputs(batch)
             if missing:  # (a distributed run: the global batch's draws, this rank's shard of them)
                 shard = loader.batch_shard(loader.position - 1) if self.dist.enabled else None
-                drop = lambda features, shard=shard: feature_drop(features, probs, generator=gen,  # noqa: E731
-                                                                  shard=shard).features
+                drop = lambda f, shard=shard: feature_drop(f, probs, generator=gen, shard=shard).features  # noqa: E731
+            step_drop = drop
+            if features:  # (the encoders' features on their way to the drop: no second encoding)
+                step_drop = lambda f, then=drop: (features_all.append([x.float() for x in f]),  # noqa: E731
+                                                  f if then is None else then(f))[1]
             with self.steps.autocast():
-                fused, unimodal, _, _ = self._forward(inputs, skip=self.balancer.unused_modalities, drop=drop,
+                fused, unimodal, _, _ = self._forward(inputs, skip=self.balancer.unused_modalities, drop=step_drop,
                                                       measure_dropped=True)
             fused_all.append(fused.float())
             uni_all.append(unimodal.float().transpose(0, 1))  # [B, M, C]: samples first
             labels_all.append(labels)
             index_all.append(batch["index"])
-        fused, unimodal, labels = self._gather_rows(split, index_all, fused_all, uni_all, labels_all)
-        return fused, unimodal.transpose(0, 1), labels
+        columns = [fused_all, uni_all, labels_all]
+        if features:  # (one column per modality: each gathered like the logits)
+            columns += [[f[m] for f in features_all] for m in range(len(self.modalities))]
+        fused, unimodal, labels, *feats = self._gather_rows(split, index_all, *columns)
+        return (fused, unimodal.transpose(0, 1), labels) + ((feats,) if features else ())
 
     @torch.no_grad()
     def encoder_features(self, split: str):
@@ -458,7 +474,7 @@ class Trainer:
             metrics = self.train_epoch(max_steps=max_steps)
             if metrics is None:
                 return None
-            self._evaluate_for_methods(self.epoch)  # (before the metrics: boost fits its late fusion here)
+            self._evaluate_for_methods(self.epoch)  # (before the metrics: a method may set its inference here)
             if "val" in self.loaders:
                 metrics.update(self.evaluate("val"))
             metrics = {"epoch": self.epoch, **metrics}
@@ -486,7 +502,7 @@ class Trainer:
 
     def prepare(self) -> None:
         """What training needs before its first step: the evaluations the methods ask for before
-        training (OLM's initial per-head losses), once. fit() calls it; call it before driving
+        training (e.g. initial per-head losses), once. fit() calls it; call it before driving
         train_step yourself."""
         if self.global_step == 0 and not self._prepared:
             self._evaluate_for_methods(None)
@@ -497,9 +513,18 @@ class Trainer:
         evaluated and handed over (Balancer.observe_evaluation); "train" goes through the
         evaluation transforms, like val."""
         for split in self.balancer.evaluations(epoch):
-            fused, unimodal, labels = self.outputs(split if split in self.loaders and split != "train"
-                                                   else self._eval_split(split))
-            self.balancer.observe_evaluation(split, fused, unimodal, labels, epoch=epoch)
+            fused, unimodal, labels, *features = self.outputs(
+                split if split in self.loaders and split != "train" else self._eval_split(split),
+                features=self.balancer.evaluation_features)
+            self.balancer.observe_evaluation(split, fused, unimodal, labels, epoch=epoch,
+                                             features=features[0] if features else None)
+
+    def _scratch_for_methods(self, epoch: int) -> None:
+        """The scratch runs the methods ask for before `epoch` (mmfast/scratch.py), handed over."""
+        from .scratch import run_scratch
+
+        for run in self.balancer.scratch_runs(epoch):
+            self.balancer.observe_scratch(run, run_scratch(self, run), epoch=epoch)
 
     def _eval_split(self, split: str) -> str:
         """`split`'s clips through evaluation transforms, as a loader named "{split}_eval"."""

@@ -47,3 +47,20 @@ def test_the_study_adds_its_comparison_rows():
     assert labels[-3:] == ["joint (late heads)", "olm (normalized λ)", "opm (code timing)"]
     assert dict((label, over) for label, _, _, over in demo_runs("visual", study=True))["joint (late heads)"] == (
         "model.fusion=late",)
+
+
+def test_the_peers_methods_run_with_methods_all_and_in_the_study(tmp_path):
+    peers = ["mmcosine", "mbsd", "cml", "agm", "mmpareto", "pmr", "mla", "reconboost", "gblending", "mslr (audio x0.5)"]
+    assert [label for label, *_ in demo_runs("audio", peers=True)][-len(peers):] == peers
+    assert set(peers) <= {label for label, *_ in demo_runs("audio", study=True)}
+    assert not set(peers) & {label for label, *_ in demo_runs("audio")}  # (the default demo: the seed papers' methods)
+    printed = []
+    results = run_demo(tmp_path / "runs", tmp_path / "data", epochs=1, clips=30, progress=False, echo=printed.append,
+                       methods=["joint", *(p.split()[0] for p in peers)])
+    assert list(results["audio"]) == ["joint", *peers]
+    for label, rows in results["audio"].items():
+        assert 0 <= rows[0]["fused"] <= 1 and 0 <= rows[0]["visual"] <= 1, label
+    table = (tmp_path / "runs" / "demo.md").read_text()
+    assert "| mslr (audio x0.5) |" in table and "| agm |" in table
+    with pytest.raises(ValueError, match=r"unknown \['agn'\]"):
+        run_demo(tmp_path / "runs", tmp_path / "data", epochs=1, clips=30, progress=False, methods=["agn"])

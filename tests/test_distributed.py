@@ -102,6 +102,13 @@ def assert_same_steps(steps_a, steps_b, rtol=1e-4, atol=1e-5):
     ("opm", ["hparams.p_exe=1.0", "hparams.q_base=0.6"], STEPS_PER_EPOCH + 1, "drop_prob/"),
     ("olm", [], STEPS_PER_EPOCH + 1, "olm/w/"),
     ("boost", ["hparams.interval=1", "hparams.tau=0.0"], 2 * STEPS_PER_EPOCH, "boost/omega/"),
+    ("agm", ["hparams.alpha=2.0"], STEPS_PER_EPOCH + 1, "agm/kappa/"),
+    ("pmr", [], STEPS_PER_EPOCH + 1, "pmr/rho/"),
+    ("mmpareto", [], STEPS_PER_EPOCH + 1, "mmpareto/cos/"),
+    ("cml", ["hparams.variant=toolkit", "hparams.lam=1.0"], STEPS_PER_EPOCH + 1, "ratio/"),  # (its batch-sum hinge)
+    ("mla", [], STEPS_PER_EPOCH + 1, "mla/projection_trace"),
+    ("reconboost", ["hparams.phase1_epochs=1", "hparams.phase2_epochs=1"], STEPS_PER_EPOCH + 1, "reconboost/beta"),
+    ("gblending", ["hparams.super_epoch=2"], STEPS_PER_EPOCH + 1, "gblending/w/"),
 ])
 def test_two_processes_equal_one_process_on_the_global_batch(dataset, tmp_path, method, extra, steps, watched):
     overrides = base_overrides(dataset, method, *extra)

@@ -50,7 +50,10 @@ def test_fit_writes_the_run_directory(dataset, tmp_path):
 
 
 @pytest.mark.parametrize("method,extra,steps", [("ogm_ge", ["hparams.alpha=1.0"], 2), ("opm", ["hparams.p_exe=1.0"], 2),
-                                               ("opm_ogm", [], 4)])
+                                               ("opm_ogm", [], 4), ("agm", [], 4), ("pmr", [], 4), ("cml", [], 2),
+                                               ("mslr", ["hparams.lr_scales={audio: 0.5}"], 4), ("mmpareto", [], 2),
+                                               ("mla", [], 4), ("reconboost", ["hparams.phase1_epochs=1"], 4),
+                                               ("gblending", ["hparams.super_epoch=2"], 4)])
 def test_resume_mid_epoch_gives_bitwise_the_same_parameters(dataset, tmp_path, method, extra, steps):
     full = Trainer(make_config(dataset, tmp_path / "full", f"method={method}", *extra))
     full.fit()
@@ -59,7 +62,8 @@ def test_resume_mid_epoch_gives_bitwise_the_same_parameters(dataset, tmp_path, m
     assert (killed.epoch, killed.batch_in_epoch) == divmod(steps, 3)
     # (decoding threads may change on resume: the clips and their augmentations do not depend on them)
     resumed = resume(tmp_path / "killed", ["data.num_workers=2"] if method == "opm" else [])
-    assert resumed.batch_in_epoch == steps % 3 and int(resumed.balancer.state.step) == steps
+    parts = len(resumed.balancer.update_parts())  # (an optimizer step per part: mla's modalities in turn)
+    assert resumed.batch_in_epoch == steps % 3 and int(resumed.balancer.state.step) == steps * parts
     decoded = []
     loader = resumed.loaders["train"]
     original = loader.encode if hasattr(loader, "encode") else None
@@ -134,13 +138,14 @@ def test_under_a_grad_scaler_a_non_finite_step_is_skipped_and_counted(dataset, t
 
 
 @pytest.mark.parametrize("method", ["joint", "unimodal", "ogm_ge", "opm", "opm_ogm", "moddrop", "olm", "olm_irfb",
-                                    "boost", "boost_alternating"])
+                                    "boost", "boost_alternating", "mmcosine", "mbsd", "cml", "agm", "mmpareto", "pmr",
+                                    "mslr", "mla", "reconboost", "gblending"])
 def test_training_steps_read_nothing_on_the_host(dataset, tmp_path, method):
     from mmfast.diagnostics import count_host_reads
 
     hp = {"moddrop": ["hparams.probs={audio: 0.3}"], "unimodal": ["hparams.modality=audio"],
           "olm_irfb": ["model.fusion=irfb", "model.irfb={dim: 16, depth: 1}"],
-          "boost_alternating": ["hparams.update=alternating"]}.get(method, [])
+          "boost_alternating": ["hparams.update=alternating"], "mslr": ["hparams.lr_scales={audio: 0.5}"]}.get(method, [])
     trainer = Trainer(make_config(dataset, tmp_path / method, f"method={method.split('_')[0]}", "epochs=1", *hp))
     original = trainer.train_step
     reads = []
@@ -183,6 +188,13 @@ def test_missing_modality_evaluation_and_linear_probe(dataset, tmp_path):
     (["method=ogm_ge", "recipes={ogm_ge: {method: opm}}"], "other than method and recipes"),
     (["method=boost", "hparams.update=alternating", "grad_accum=2"], "grad_accum"),
     (["method=boost", "hparams.update=both"], "boost.update must be one of"),
+    (["method=mmpareto", "grad_accum=2"], "grad_accum"),
+    (["method=cml", "grad_accum=2"], "grad_accum"),
+    (["method=gblending", "hparams.super_epoch=1"], "super_epoch must be >= 2"),
+    (["method=mla", "grad_accum=2"], "grad_accum"),
+    (["method=mla", "model.fusion=ensemble"], "method 'mla' works with fusion shared"),
+    (["method=mmcosine", "model.fusion=concat"], "method 'mmcosine' works with fusion cosine"),
+    (["method=mslr", "hparams.lr_scales={depth: 2}"], r"mslr.lr_scales names \['depth'\]"),
 ])
 def test_configuration_errors_fail_at_start_up_naming_the_key(dataset, tmp_path, overrides, needle):
     with pytest.raises(ValueError, match=needle):
@@ -345,3 +357,39 @@ def test_joint_on_heads_of_their_own_trains_every_heads_cross_entropy(dataset, t
     assert set(grads) == set(expected) and any(n.startswith("fusion.") for n in grads)
     for name, g in expected.items():
         torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("method", ["mmcosine", "mbsd", "cml", "agm", "mmpareto", "pmr", "mslr", "mla", "reconboost",
+                                    "gblending"])
+def test_the_peers_methods_train_under_bf16_autocast(dataset, tmp_path, method):
+    """Their extra logits (weight split, subsets, prototypes, reruns) mix bf16 features with fp32 weights."""
+    hp = ["hparams.lr_scales={audio: 0.5}"] if method == "mslr" else []
+    summary = Trainer(make_config(dataset, tmp_path / method, f"method={method}", "precision=bf16", "epochs=1",
+                                  *hp)).fit()
+    assert summary["precision"] == "bf16" and math.isfinite(summary["test/loss"])
+
+
+def test_scratch_runs_leave_the_run_untouched_and_a_unimodal_one_reads_only_its_modality(dataset, tmp_path):
+    """mmfast/scratch.py: a copy trains apart (the run's weights, optimizer state and random
+    state unchanged); a uni-modal copy never runs the other encoders (their inputs do not
+    change its curves); the fused copy's do."""
+    from mmfast.methods import ScratchRun
+    from mmfast.scratch import run_scratch
+
+    trainer = Trainer(make_config(dataset, tmp_path / "scratch", "method=gblending", "hparams.super_epoch=2"))
+    before, rng = parameters(trainer), torch.get_rng_state()
+    audio = run_scratch(trainer, ScratchRun("audio", 2))
+    fused = run_scratch(trainer, ScratchRun(None, 2))
+    assert all(torch.equal(v, parameters(trainer)[k]) for k, v in before.items())
+    assert torch.equal(rng, torch.get_rng_state()) and not trainer.optimizer.state
+    assert all(len(c[k]) == 2 for c in (audio, fused) for k in ("train", "val", "train_batch_sum", "val_batch_sum"))
+    assert audio["train"][1] < audio["train"][0]  # (it trains)
+    original = trainer.steps.inputs
+
+    def scrambled(batch):  # the visual frames replaced by noise
+        inputs, labels = original(batch)
+        return {**inputs, "visual": torch.randn_like(inputs["visual"])}, labels
+
+    trainer.steps.inputs = scrambled
+    assert run_scratch(trainer, ScratchRun("audio", 2)) == audio
+    assert run_scratch(trainer, ScratchRun(None, 2)) != fused

@@ -14,6 +14,16 @@
 | opm_ogm | opm and ogm_ge together | (opm + ogm_ge) |
 | olm | learned logit coefficients towards rebalanced target norms (late or irfb heads) | olm.py |
 | boost | sustained boosting: growing per-modality classifiers, adaptive assignment (boost head) | boost.py |
+| mmcosine | scaled cosine logits per modality, summed (cosine head) | mmcosine.py |
+| mbsd | uni-modal losses and confidence-gap self-distillation between modalities | mbsd.py |
+| cml | penalise confidence that rises when modalities are removed | cml.py |
+| agm | Shapley responses from zeroed forwards; their gradients scaled towards running scores | agm.py |
+| mmpareto | per-encoder Pareto combination of multimodal and uni-modal gradients (late heads) | mmpareto.py |
+| pmr | prototype cross-entropy for the slower modality (class prototypes per epoch) | pmr.py |
+| mslr | a learning rate per modality's branch (sum head) | mslr.py |
+| mla | the modalities in turn through one shared classifier, with a gradient projection | mla.py |
+| reconboost | alternating boosting stages per modality, then global rectification (ensemble head) | reconboost.py |
+| gblending | every head's loss, weighted by each head's generalisation over overfitting (late heads) | gblending.py |
 
 ``Balancer`` (balancer.py) drives the methods through a step: the trainer uses it, and so can a
 user's own training loop.
@@ -21,9 +31,10 @@ user's own training loop.
 from __future__ import annotations
 
 from .balancer import Balancer
-from .base import EVENTS, Method, StepState, join_optimizer, merge_balance_params
+from .base import EVENTS, Method, ScratchRun, StepState, join_optimizer, merge_balance_params, split_optimizer
 from .ogm import select_encoder_params
 from .registry import COMBINATIONS, METHODS, NAMES, create, fusions, hyper_parameters, register
 
-__all__ = ["Balancer", "COMBINATIONS", "EVENTS", "METHODS", "NAMES", "Method", "StepState", "create", "fusions",
-           "hyper_parameters", "join_optimizer", "merge_balance_params", "register", "select_encoder_params"]
+__all__ = ["Balancer", "COMBINATIONS", "EVENTS", "METHODS", "NAMES", "Method", "ScratchRun", "StepState", "create",
+           "fusions", "hyper_parameters", "join_optimizer", "merge_balance_params", "register", "select_encoder_params",
+           "split_optimizer"]

@@ -97,10 +97,15 @@ class Balancer:
         for method in self.methods:
             getattr(method, event)(self.state)
 
-    def start_epoch(self, epoch: int) -> None:
+    def start_epoch(self, epoch: int, batches: int | None = None) -> None:
+        """`batches`: the epoch's number of batches (steps), for a method whose schedule runs
+        within an epoch (MLA's projection strength)."""
         if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
             raise ValueError(f"Balancer.start_epoch: epoch must be an int >= 0, got {epoch!r}")
+        if batches is not None and (isinstance(batches, bool) or not isinstance(batches, int) or batches < 1):
+            raise ValueError(f"Balancer.start_epoch: batches must be an int >= 1, got {batches!r}")
         self.state.epoch = epoch
+        self.state.batches_per_epoch = batches
         self._emit("epoch_start")
 
     def end_epoch(self) -> None:
@@ -118,12 +123,38 @@ class Balancer:
         hand each over with observe_evaluation."""
         return tuple(dict.fromkeys(split for m in self.methods for split in m.evaluations(epoch)))
 
+    @property
+    def evaluation_features(self) -> bool:
+        """Whether observe_evaluation needs the encoders' features (a method declares it: PMR)."""
+        return any(m.evaluation_features for m in self.methods)
+
+    @property
+    def skips_parameters(self) -> bool:
+        """Whether some steps leave model parameters without a gradient: a modality left out
+        (unused_modalities), modalities updated in turn, or a method that declares it (ReconBoost's
+        phases). A DistributedDataParallel wrapper must then look for unused parameters."""
+        return bool(self.unused_modalities) or len(self.update_parts()) > 1 or any(
+            m.skips_parameters for m in self.methods)
+
+    @property
+    def single_micro_batch(self) -> bool:
+        """Whether a training step must be one batch (no gradient accumulation): a method that
+        updates modalities in turn, or one that declares it (MMPareto's per-loss gradients)."""
+        return len(self.update_parts()) > 1 or any(m.single_micro_batch for m in self.methods)
+
     def observe_evaluation(self, split: str, fused: torch.Tensor, unimodal: torch.Tensor, labels: torch.Tensor, *,
-                           epoch: int | None) -> None:
+                           epoch: int | None, features: Sequence[torch.Tensor] | None = None) -> None:
         """The model's fused logits [N, C], uni-modal logits [M, N, C] and the labels [N] on every
         sample of `split`, evaluated before training (epoch None) or after epoch `epoch` (the
-        evaluation_end event; call it for each split evaluations(epoch) names, in its order)."""
+        evaluation_end event; call it for each split evaluations(epoch) names, in its order);
+        `features`: the M encoders' features [N, d_m] (needed when evaluation_features)."""
         M = len(self.state.modalities)
+        if self.evaluation_features:
+            wanted = [m.name for m in self.methods if m.evaluation_features]
+            if features is None or len(features) != M or any(
+                    not isinstance(f, torch.Tensor) or f.dim() != 2 or f.shape[0] != labels.shape[0] for f in features):
+                raise ValueError(f"Balancer.observe_evaluation: method(s) {wanted} need the {M} encoders' features "
+                                 f"[N={labels.shape[0]}, d_m] of the split (features=)")
         if not isinstance(unimodal, torch.Tensor) or unimodal.dim() != 3 or unimodal.shape[0] != M:
             raise ValueError(f"Balancer.observe_evaluation: unimodal must be [M={M}, N, C], got "
                              f"{tuple(getattr(unimodal, 'shape', ())) or unimodal!r}")
@@ -139,8 +170,25 @@ class Balancer:
         # of loss gaps, so a caller may want the extra digits)
         dtype = torch.promote_types(fused.dtype, torch.float32)
         self.state.evaluation = {"split": split, "epoch": epoch, "fused": fused.detach().to(device, dtype),
-                                 "unimodal": unimodal.detach().to(device, dtype), "labels": labels.to(device)}
+                                 "unimodal": unimodal.detach().to(device, dtype), "labels": labels.to(device),
+                                 "features": None if features is None else [f.detach().to(device) for f in features]}
         self._emit("evaluation_end")
+
+    def scratch_runs(self, epoch: int) -> tuple:
+        """The scratch runs (mmfast.methods.ScratchRun) the methods need before epoch `epoch`
+        trains, in order; hand each one's curves over with observe_scratch."""
+        return tuple(dict.fromkeys(run for m in self.methods for run in m.scratch_runs(epoch)))
+
+    def observe_scratch(self, run, curves: Mapping[str, Sequence[float]], *, epoch: int) -> None:
+        """The curves of a scratch run (ScratchRun's "train", "val", "train_batch_sum",
+        "val_batch_sum": one value per epoch of the run), before epoch `epoch` (scratch_end)."""
+        for key in ("train", "val"):
+            values = curves.get(key) if isinstance(curves, Mapping) else None
+            if values is None or len(values) != run.epochs:
+                raise ValueError(f"Balancer.observe_scratch: curves[{key!r}] must hold {run.epochs} values (one per "
+                                 f"epoch of {run}), got {values!r}")
+        self.state.scratch = {"run": run, "epoch": epoch, "curves": {k: list(v) for k, v in curves.items()}}
+        self._emit("scratch_end")
 
     def observe_head_losses(self, val: torch.Tensor, train: torch.Tensor, *, epoch: int | None) -> None:
         """Per-head mean cross-entropies [M + 1] (the modalities' classifiers, then the fused one)
@@ -212,13 +260,17 @@ class Balancer:
         return total * self.state.dist.world_size if self.state.dist.enabled else total
 
     def after_forward(self, unimodal_logits: torch.Tensor, labels: torch.Tensor, *, fused: torch.Tensor | None = None,
-                      extras: Mapping | None = None) -> None:
+                      extras: Mapping | None = None, rerun=None, trainable: torch.Tensor | None = None) -> None:
         """Hand over this (micro-)batch's uni-modal logits [M, B, C] and labels: the methods measure
         (balance statistics, once) and update their device state (OPM's next probabilities).
         Optional: after_backward does it when given the logits. With gradient accumulation, call
         it for every micro-batch and after_backward() once, before the optimizer step. Methods
         that compute the task loss need the head's trainable logits: the uni-modal ones (not
-        detached), `fused` and the head's `extras`."""
+        detached), `fused` and the head's `extras`. `rerun`: for a method with extra forwards
+        (AGM): subsets of modality names -> the model's fused logits [K, B, C] on this batch with
+        the other modalities' inputs zeroed, in eval mode, with autograd (StepState.rerun).
+        `trainable`: the head's trainable uni-modal logits [M, B, C] where they differ from the
+        measured ones passed first (features a method changed before the fusion)."""
         if not isinstance(unimodal_logits, torch.Tensor) or unimodal_logits.dim() != 3 \
                 or unimodal_logits.shape[0] != len(self.state.modalities):
             raise ValueError(f"Balancer: unimodal_logits must be [M={len(self.state.modalities)}, B, C], got "
@@ -227,7 +279,14 @@ class Balancer:
         if computers and fused is None:
             raise ValueError(f"Balancer.after_forward: method(s) {computers} compute the task loss from the head's "
                              f"logits: pass fused= (and extras= when the head returns them)")
-        self.state.head_logits = {"fused": fused, "unimodal": unimodal_logits, **dict(extras or {})}
+        rerunners = [m.name for m in self.methods if m.extra_forwards]
+        if rerunners and rerun is None:
+            raise ValueError(f"Balancer.after_forward: method(s) {rerunners} run the model with modalities zeroed: "
+                             f"pass rerun= (subsets of modality names -> fused logits [K, B, C], eval mode, "
+                             f"with autograd)")
+        self.state.rerun = rerun
+        self.state.head_logits = {"fused": fused, "unimodal": unimodal_logits if trainable is None else trainable,
+                                  **dict(extras or {})}
         self.state.unimodal_logits = unimodal_logits.detach()
         self.state.labels = labels
         if self._measures and self.state.part is None:  # (a sub-step's other rows come from zeroed features)

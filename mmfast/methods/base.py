@@ -12,13 +12,27 @@ step:
     after_step     after the optimizer step
     epoch_end      at the end of each epoch
     evaluation_end a split a method asked for (``Method.evaluations``) was evaluated
-                   (``state.evaluation``: split, epoch, fused, unimodal, labels): before training and
-                   after the epochs it names (OLM's per-head losses, boost's late-fusion weights)
+                   (``state.evaluation``: split, epoch, fused, unimodal, labels, and the encoders'
+                   features for a method that declares ``evaluation_features``): before training
+                   and after the epochs it names (OLM's per-head losses, boost's late-fusion
+                   weights, PMR's prototypes)
+    scratch_end    a scratch run a method asked for (``Method.scratch_runs``) finished before an
+                   epoch (``state.scratch``: run, epoch, curves): a copy of the model trained
+                   apart with one head's loss (G-Blending's generalisation and overfitting)
     head_losses    per-head validation and training losses (``state.head_losses``), handed over by a
                    loop that measured them itself (``Balancer.observe_head_losses``)
     state_loaded   the loop restored a checkpoint (the model's weights first, then the methods'
                    state, then the optimizer's): a method re-creates what it added during
                    training (boost's classifiers rejoin the optimizer, in the order they joined it)
+
+What a method needs from the loop it declares on its class, in one place (``Method``'s class
+attributes and the few methods beside them): the model fusions it works with, how it changes the
+loss (terms added, or the task loss computed itself), whether it reads the balance statistics,
+extra forwards of the model with modalities zeroed (``StepState.rerun``), the encoders' features
+in its evaluations, a step of one micro-batch, the evaluations it asks for, the sub-steps of a
+step, the modalities it leaves out and the balance-statistics parameters it relies on. A loop
+(the trainer, or ``Balancer`` in a user's loop) reads these declarations; no loop knows a
+method by name.
 
 Everything a method reads or writes during a step lives on the device: hooks must not read
 tensors on the host (no ``.item()``, no Python branching on tensor values). Epoch numbers are
@@ -37,7 +51,7 @@ from ..ops import BalanceStats, balance_coefficients, modality_scores
 from ..ops.balance import ALPHA_DEFAULTS
 
 EVENTS = ("fit_start", "epoch_start", "before_fusion", "after_forward", "after_backward", "after_step", "epoch_end",
-          "state_loaded", "evaluation_end", "head_losses")
+          "state_loaded", "evaluation_end", "scratch_end", "head_losses")
 # Model fusions (mmfast/models/registry.py) a method accepts unless it says otherwise: not the
 # method-specific ones ("boost", whose classifiers only the boost method trains).
 GENERIC_FUSIONS = fusions_where(method_specific=False)
@@ -47,6 +61,21 @@ POOLED_FUSIONS = fusions_where(pooled=True, method_specific=False)  # fusion aft
 # (Used when no method of the run sets them: then only rho and the monitoring metrics are read.)
 BALANCE_DEFAULTS = {"kind": "ratio", "alpha": ALPHA_DEFAULTS["paper"], "form": "paper", "z": "tanh", "q_base": 0.5,
                     "lam": 0.5}
+
+
+@dataclasses.dataclass(frozen=True)
+class ScratchRun:
+    """A scratch run a method asks for (``Method.scratch_runs``): the loop trains a copy of the
+    model from the run's current weights for `epochs` epochs with one head's cross-entropy
+    alone and a fresh optimizer of the run's settings, apart from the run. `head`: a modality
+    name (its own classifier on its encoder; the other encoders are not run: a uni-modal
+    model) or None (the fused classifier: the multimodal model). The loop reports per epoch
+    (``Balancer.observe_scratch``): "train", the mean training loss over the epoch's batches;
+    "val", the validation loss after it (means over samples); "train_batch_sum" and
+    "val_batch_sum", the sums of the batches' mean losses (the toolkit's bookkeeping)."""
+
+    head: str | None
+    epochs: int
 
 
 class StepState:
@@ -67,6 +96,9 @@ class StepState:
         a method that measures before the fusion (OPM with timing="current");
     head_logits: the head's outputs with autograd: "fused" [B, C], "unimodal" [M, B, C] and any
         further item the head returned (boost: "classifiers");
+    rerun: for a method that declares ``extra_forwards``: subsets (tuples of modality names) ->
+        the fused logits [K, B, C] of the model on this batch with every modality outside each
+        subset zeroed at its input, in eval mode, with autograd (AGM's coalitions);
     task_loss: scalar set by a method that computes the task loss itself (``computes_task_loss``);
     extra_losses: name -> scalar tensor added to the task loss;
     part: None, or the modalities this (sub-)step trains when a method updates them in turn;
@@ -76,6 +108,7 @@ class StepState:
     evaluation: the evaluation_end event's "split", "epoch", "fused" [N, C], "unimodal" [M, N, C] and
         "labels" [N] (a whole split, evaluated for the methods that ask: Method.evaluations);
     head_losses: "val" and "train" [M + 1] per-head losses (modalities, then fused), "initial";
+    batches_per_epoch: the epoch's batch count when the loop gives it (start_epoch), else None;
     dist: the process group (mmfast.distributed.Distributed; one process: every sum is the
         identity); shard: (start, total) of this (micro-)batch, the rank's first sample in the
         global batch and the global batch size ((0, B) in one process).
@@ -105,6 +138,7 @@ class StepState:
         self.scheduler = None
         self.head_losses: dict[str, Any] = {}
         self.evaluation: dict[str, Any] = {}  # the evaluation_end event's split, epoch, fused, unimodal, labels
+        self.scratch: dict[str, Any] = {}  # the scratch_end event's run, epoch, curves
         self.part: tuple[str, ...] | None = None
         self.seed = int(seed)
         self.device = torch.device(device)
@@ -114,6 +148,7 @@ class StepState:
         self.balance_params = dict(BALANCE_DEFAULTS, **(balance_params or {}))
         self.estimate = None
         self.epoch = 0
+        self.batches_per_epoch: int | None = None  # (Balancer.start_epoch's batches)
         self.begin_step()
 
     def begin_batch(self) -> None:
@@ -125,6 +160,7 @@ class StepState:
         self.keep: torch.Tensor | None = None
         self.sample_weight: torch.Tensor | None = None
         self.head_logits: dict[str, Any] = {}
+        self.rerun = None
         self.task_loss: torch.Tensor | None = None
         self.extra_losses: dict[str, torch.Tensor] = {}
         self._batch_scores: tuple[torch.Tensor, torch.Tensor] | None = None  # (S [M] global, s [M, B])
@@ -165,6 +201,19 @@ class StepState:
                 self.metrics[f"ratio/{name}"] = c.ratio[m]
         return self._stats
 
+    def trainable_unimodal(self) -> torch.Tensor:
+        """[M, B, C] uni-modal logits with autograd, for a method that trains them: the head's own
+        classifiers' (late, irfb, boost heads), or its weight split (concat, sum, cosine heads:
+        ``head.split_logits`` of this batch's features, which add up to the fused logits)."""
+        unimodal = self.head_logits.get("unimodal")
+        if unimodal is not None and unimodal.requires_grad:
+            return unimodal
+        split = getattr(self.head, "split_logits", None)
+        if split is None:
+            raise ValueError(f"this method trains uni-modal logits: the head ({type(self.head).__name__}) has "
+                             f"neither classifiers per modality nor a weight split (split_logits)")
+        return split(self.features[:len(self.modalities)])
+
     @property
     def global_batch(self) -> int:
         """The number of samples in this (micro-)batch over every rank."""
@@ -202,11 +251,17 @@ class Method:
     """Base class: every hook does nothing. Subclasses set ``name`` and ``Params`` (a dataclass
     of their typed hyper-parameters) and override the hooks they need."""
 
+    # ---- what the method needs from the loop (read by the trainer and Balancer) ----
     name: ClassVar[str] = ""
+    fusions: ClassVar[tuple[str, ...]] = GENERIC_FUSIONS  # model fusions it works with; the first is its default
     adds_loss_terms: ClassVar[bool] = False  # puts terms into state.extra_losses in after_forward
     computes_task_loss: ClassVar[bool] = False  # sets state.task_loss in after_forward
-    fusions: ClassVar[tuple[str, ...]] = GENERIC_FUSIONS  # model fusions it works with; the first is its default
     measures_balance: ClassVar[bool] = False  # reads state.stats(): every (micro-)batch must be measured
+    extra_forwards: ClassVar[bool] = False  # calls state.rerun (forwards with modalities zeroed) in after_forward
+    evaluation_features: ClassVar[bool] = False  # its evaluations carry the encoders' features
+    single_micro_batch: ClassVar[bool] = False  # a step is one batch (no gradient accumulation)
+    skips_parameters: ClassVar[bool] = False  # some steps leave parameters without a gradient (DDP looks for them)
+    # ... and, below: balance_params, unused_modalities, update_parts, evaluations, scratch_runs.
 
     @dataclasses.dataclass
     class Params:
@@ -237,6 +292,11 @@ class Method:
         the epoch's validation metrics."""
         return ()
 
+    def scratch_runs(self, epoch: int) -> tuple[ScratchRun, ...]:
+        """The scratch runs this method needs before epoch `epoch` trains (ScratchRun); the
+        loop hands each one's curves over in the scratch_end event (``state.scratch``)."""
+        return ()
+
     def fit_start(self, state: StepState) -> None: ...
     def epoch_start(self, state: StepState) -> None: ...
     def before_fusion(self, state: StepState) -> None: ...
@@ -246,6 +306,7 @@ class Method:
     def epoch_end(self, state: StepState) -> None: ...
     def state_loaded(self, state: StepState) -> None: ...
     def evaluation_end(self, state: StepState) -> None: ...
+    def scratch_end(self, state: StepState) -> None: ...
     def head_losses(self, state: StepState) -> None: ...
 
     def summary(self) -> dict[str, Any]:
@@ -341,3 +402,41 @@ def join_optimizer(state: StepState, params: Sequence[torch.nn.Parameter]) -> No
         scheduler.base_lrs.append(reference.get("initial_lr", reference["lr"]))
     if scheduler is not None and hasattr(scheduler, "_last_lr"):
         scheduler._last_lr.append(reference["lr"])
+
+
+def split_optimizer(state: StepState, groups: Sequence[tuple[Sequence[torch.nn.Parameter], float]]) -> None:
+    """Before the first step: move each (parameters, lr_scale) out of the loop's optimizer's
+    first group into a group of its own with lr_scale times its learning rates (the current and
+    the scheduler's initial one), so that the scheduler drives it like the rest. A method calls
+    it at fit_start; a resumed run rebuilds the same groups before the optimizer's state loads."""
+    optimizer, scheduler = state.optimizer, state.scheduler
+    if optimizer is None:
+        raise RuntimeError("a method sets learning rates per parameter group but the loop gave no optimizer: pass "
+                           "optimizer= (and scheduler=) to Balancer")
+    if any(optimizer.state.values()):
+        raise RuntimeError("split_optimizer: the optimizer has stepped already; regroup before the first step")
+    per_group = (torch.optim.lr_scheduler.LambdaLR, torch.optim.lr_scheduler.MultiplicativeLR,
+                 torch.optim.lr_scheduler.OneCycleLR, torch.optim.lr_scheduler.CyclicLR)
+    if isinstance(scheduler, per_group):
+        raise ValueError(f"a method sets learning rates per parameter group, and {type(scheduler).__name__} keeps "
+                         f"one schedule per group that cannot be extended: use StepLR, CosineAnnealingLR, "
+                         f"ReduceLROnPlateau or another scheduler of base rates")
+    reference = optimizer.param_groups[0]
+    moving = {id(p) for params, _ in groups for p in params}
+    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    if not moving <= held:
+        raise ValueError("split_optimizer: some parameters to regroup are not in the optimizer")
+    for g in optimizer.param_groups:
+        g["params"] = [p for p in g["params"] if id(p) not in moving]
+    for params, scale in groups:
+        group = {k: v for k, v in reference.items() if k != "params"}
+        group["lr"] = reference["lr"] * scale
+        if "initial_lr" in reference:
+            group["initial_lr"] = reference["initial_lr"] * scale
+        optimizer.add_param_group({**group, "params": list(params)})
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            scheduler.min_lrs.append(scheduler.min_lrs[0] * scale)
+        elif scheduler is not None:
+            scheduler.base_lrs.append(reference.get("initial_lr", reference["lr"]) * scale)
+        if scheduler is not None and hasattr(scheduler, "_last_lr"):
+            scheduler._last_lr.append(group["lr"])

@@ -6,6 +6,6 @@ from .base import GENERIC_FUSIONS, Method
 
 class Joint(Method):
     name = "joint"
-    # Also boost's head (one classifier per modality, omega 1, every head's cross-entropy):
-    # plain training of the model boost trains, the baseline its own cost is measured against.
-    fusions = (*GENERIC_FUSIONS, "boost")
+    # Also the method-specific heads (boost's; the shared classifier of MLA and ReconBoost), trained
+    # plainly with every head's cross-entropy: the same-model baselines their costs are measured against.
+    fusions = (*GENERIC_FUSIONS, "boost", "shared", "ensemble")

@@ -5,15 +5,26 @@ import dataclasses
 from typing import Any
 
 from .base import Method, merge_balance_params
+from .agm import AGM
 from .boost import Boost
+from .cml import CML
 from .feature_dropping import OPM, ModDrop
+from .gblending import GBlending
 from .joint import Joint
+from .mbsd import MBSD
+from .mla import MLA
+from .mmcosine import MMCosine
+from .mmpareto import MMPareto
+from .mslr import MSLR
 from .ogm import OGM, OGMGE, OGMStar
 from .olm import OLM
+from .pmr import PMR
+from .reconboost import ReconBoost
 from .unimodal import Unimodal
 
 METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (Joint, Unimodal, OGM, OGMGE, OGMStar, OPM, ModDrop, OLM,
-                                                              Boost)}
+                                                              Boost, MMCosine, MBSD, CML, PMR, AGM, MMPareto, MLA, ReconBoost,
+                                                              MSLR, GBlending)}
 # Names standing for several methods at once; a hyper-parameter goes to every part that has it.
 COMBINATIONS: dict[str, tuple[str, ...]] = {"opm_ogm": ("opm", "ogm_ge")}
 NAMES = tuple(METHODS) + tuple(COMBINATIONS)

@@ -89,6 +89,22 @@ class ConcatHead(nn.Module):
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         return concat_head_logits(features, self.fc.weight, self.fc.bias, self.gamma, measure=measure)
 
+    def partial_logits(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        """[M, B, C]: W_m phi_m per modality, without the bias, with autograd (the fused logits
+        are their sum plus the bias). Outside autocast, features of another precision (bf16) are
+        cast to the weights' dtype."""
+        blocks = torch.split(self.fc.weight, self.in_dims, dim=1)
+        return torch.stack([F.linear(f.to(w.dtype) if not torch.is_autocast_enabled(f.device.type) else f, w)
+                            for f, w in zip(features, blocks)])
+
+    def split_logits(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        """[M, B, C]: the weight-split uni-modal logits W_m phi_m + gamma_m b with autograd, for
+        methods that train them (they add up to the fused logits)."""
+        M = len(self.in_dims)
+        partial = self.partial_logits(features)
+        gamma = torch.tensor(self.gamma or [1.0 / M] * M, dtype=partial.dtype, device=partial.device)
+        return partial + gamma.view(M, 1, 1) * self.fc.bias
+
 
 def zero_out_logits(head: Callable[[list[torch.Tensor]], torch.Tensor],
                     features: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -12,12 +12,14 @@ the imbalance on them, TPAMI 2024 Alg. 1 and eq. 7); measure None: from `feature
 | film | fc(gamma(phi_c) * phi_o + beta(phi_c)), M = 2 | zero-out: the head with the other modality zeroed |
 | gated | fc(sigmoid(W_c phi_c) * W_o phi_o), M = 2 | zero-out |
 | mlp | fc2(relu(fc1([phi_1 .. phi_M]))) | zero-out |
+| cosine | sum_m s cos(phi_m, W_m[c]) (MMCosine: no bias) | s cos(phi_m, W_m[c]), its own term |
 """
 from __future__ import annotations
 
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .estimators import ConcatHead, zero_out_logits
@@ -30,6 +32,16 @@ class SumHead(nn.Module):
     def __init__(self, in_dims: Sequence[int], num_classes: int):
         super().__init__()
         self.fcs = nn.ModuleList(nn.Linear(d, num_classes) for d in in_dims)
+
+    @property
+    def modality_modules(self) -> nn.ModuleList:
+        """The head's part that belongs to each modality (its classifier)."""
+        return self.fcs
+
+    def split_logits(self, features) -> torch.Tensor:
+        """[M, B, C] with autograd: each modality's classifier's logits (they add up to the fused ones)."""
+        return torch.stack([fc(f if torch.is_autocast_enabled(f.device.type) else f.to(fc.weight.dtype))
+                            for fc, f in zip(self.fcs, features)])
 
     def forward(self, features, measure=None):
         partial = torch.stack([fc(f) for fc, f in zip(self.fcs, features)])
@@ -94,7 +106,38 @@ class MLPHead(_ZeroOutHead):
         return self.fc2(torch.relu(self.fc1(torch.cat(features, dim=1))))
 
 
-FUSIONS = {"concat": ConcatHead, "sum": SumHead, "film": FiLMHead, "gated": GatedHead, "mlp": MLPHead}
+class CosineHead(nn.Module):
+    """MMCosine's head (Xu et al., ICASSP 2023): modality m's logits are the cosine between its
+    L2-normalised feature and each class's L2-normalised weight slice W_m[c], times a scale s;
+    the fused logits are their sum, without a bias, so that no modality wins by the norm of its
+    features or weights. ``scale``: a buffer (the mmcosine method sets its hyper-parameter)."""
+
+    def __init__(self, in_dims: Sequence[int], num_classes: int, scale: float = 10.0):
+        super().__init__()
+        self.in_dims = list(in_dims)
+        self.fc = nn.Linear(sum(in_dims), num_classes, bias=False)
+        self.register_buffer("scale", torch.tensor(float(scale)))
+
+    def partial_logits(self, features) -> torch.Tensor:
+        """[M, B, C]: s cos(phi_m, W_m[c]) per modality, with autograd (they add up to the fused logits)."""
+        blocks = torch.split(self.fc.weight, self.in_dims, dim=1)
+        cos = [F.linear(F.normalize(f if torch.is_autocast_enabled(f.device.type) else f.to(w.dtype), dim=1),
+                        F.normalize(w, dim=1)) for f, w in zip(features, blocks)]
+        return self.scale.to(cos[0].dtype) * torch.stack(cos)
+
+    split_logits = partial_logits  # (no bias to share)
+
+    def forward(self, features, measure=None):
+        partial = self.partial_logits(list(features))
+        if measure is None:
+            return partial.sum(dim=0), partial.detach()
+        with torch.no_grad():
+            measured = self.partial_logits(list(measure))
+        return partial.sum(dim=0), measured
+
+
+FUSIONS = {"concat": ConcatHead, "sum": SumHead, "film": FiLMHead, "gated": GatedHead, "mlp": MLPHead,
+           "cosine": CosineHead}
 
 
 def make_fusion(name: str, in_dims: Sequence[int], num_classes: int, **options) -> nn.Module:

@@ -37,6 +37,11 @@ class LateHeads(nn.Module):
         self.unimodal = nn.ModuleList(nn.Linear(d, num_classes) for d in in_dims)
         self.fused = nn.Linear(fused_dim if fused_dim is not None else sum(in_dims), num_classes)
 
+    @property
+    def modality_modules(self) -> nn.ModuleList:
+        """The head's part that belongs to each modality (its own classifier)."""
+        return self.unimodal
+
     def forward(self, features, measure=None):
         M = self.num_modalities
         expected = M + 1 if self.has_fused_input else M
@@ -141,3 +146,49 @@ class BoostedClassifiers(nn.Module):
                     self.classifiers[r].append(self._classifier(self.in_dims[r]).to(device=ref.device,
                                                                                      dtype=ref.dtype))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class SharedHead(nn.Module):
+    """One classifier h(z) = W z + b applied to every modality's feature (all of one size), for
+    the methods that train the modalities in turn through a shared head (MLA, ReconBoost).
+    Returns (fused, unimodal [M, B, C] = h(phi_m), trainable). The fused prediction (``combine``):
+
+    - "entropy" (MLA's inference): sum_m g_m o_m per sample, g = softmax_m(-H_m), H_m the entropy
+      of softmax(o_m): the more certain modality counts more;
+    - "equal": the mean of the o_m (MLA's static fusion);
+    - "ensemble" (ReconBoost): beta sum_m o_m with a learned scalar beta.
+    """
+
+    trains_unimodal = True
+    COMBINES = ("entropy", "equal", "ensemble")
+
+    def __init__(self, in_dims: Sequence[int], num_classes: int, combine: str = "entropy", beta: float = 1.0):
+        super().__init__()
+        if len(in_dims) < 2:
+            raise ValueError(f"SharedHead needs at least 2 modalities, got {len(in_dims)}")
+        if len(set(in_dims)) != 1:
+            raise ValueError(f"a shared head needs every modality's feature of one size, got {list(in_dims)}")
+        if combine not in self.COMBINES:
+            raise ValueError(f"SharedHead: combine must be one of {self.COMBINES}, got {combine!r}")
+        self.combine = combine
+        self.fc = nn.Linear(in_dims[0], num_classes)
+        self.beta = nn.Parameter(torch.tensor(float(beta))) if combine == "ensemble" else None
+
+    def fuse(self, unimodal: torch.Tensor) -> torch.Tensor:
+        if self.combine == "ensemble":
+            return self.beta * unimodal.sum(dim=0)
+        if self.combine == "equal":
+            return unimodal.mean(dim=0)
+        log_p = unimodal.float().log_softmax(dim=2)
+        entropy = -(log_p.exp() * log_p).sum(dim=2)  # [M, B]
+        return (torch.softmax(-entropy, dim=0).unsqueeze(2).to(unimodal.dtype) * unimodal).sum(dim=0)
+
+    def forward(self, features, measure=None):
+        """measure: the features before a method changed them (as LateHeads: a third item
+        {"measured": [M, B, C]} without autograd, for the balance statistics)."""
+        unimodal = torch.stack([self.fc(f) for f in features])
+        if measure is None:
+            return self.fuse(unimodal), unimodal
+        with torch.no_grad():
+            measured = torch.stack([self.fc(f) for f in measure])
+        return self.fuse(unimodal), unimodal, {"measured": measured}

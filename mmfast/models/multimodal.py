@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .fusion import make_fusion
-from .heads import BoostedClassifiers, LateHeads
+from .heads import BoostedClassifiers, LateHeads, SharedHead
 from .irfb import IRFBEncoder
 from .registry import fusion_kind
 from .resnet import resnet18_encoder
@@ -103,6 +103,9 @@ def build_model(modalities: Mapping[str, str], num_classes: int, *, encoder: str
         head = LateHeads(dims, num_classes, **fusion_options)
     elif fusion == "boost":
         head = BoostedClassifiers(dims, num_classes, **fusion_options)
+    elif fusion in ("shared", "ensemble"):
+        head = SharedHead(dims, num_classes, combine="ensemble" if fusion == "ensemble" else "entropy",
+                          **fusion_options)
     else:
         head = make_fusion(fusion, dims, num_classes, **fusion_options)
     return MultimodalModel(encoders, head)

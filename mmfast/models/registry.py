@@ -14,7 +14,7 @@ import torch.nn.functional as F
 class FusionKind:
     name: str
     pooled: bool  # fuses the encoders' pooled features: a method can drop or zero them in between
-    splittable: bool  # one linear over the features: uni-modal estimates from its weight split, no zero-out pass
+    splittable: bool  # a sum of per-modality terms: uni-modal estimates from its weight split, no zero-out pass
     trains_unimodal: bool  # a classifier of its own per modality, trained by the task loss with the fused one
     method_specific: bool  # trained only by the methods that name it (boost's growing classifiers)
     two_modalities: bool = False  # defined for exactly two modalities (one conditions the other)
@@ -32,10 +32,16 @@ FUSION_KINDS: dict[str, FusionKind] = {k.name: k for k in (
                two_modalities=True, summary="one modality gates the other"),
     FusionKind("mlp", pooled=True, splittable=False, trains_unimodal=False, method_specific=False,
                summary="a two-layer MLP over the concatenated features"),
+    FusionKind("cosine", pooled=True, splittable=True, trains_unimodal=False, method_specific=False,
+               summary="MMCosine: the scaled cosines of each modality's feature and class weights, summed"),
     FusionKind("late", pooled=True, splittable=False, trains_unimodal=True, method_specific=False,
                summary="a classifier per modality and one over the concatenated features"),
     FusionKind("irfb", pooled=False, splittable=False, trains_unimodal=True, method_specific=False,
                summary="IRFB: Transformer encoders fusing through bottleneck tokens, late heads"),
+    FusionKind("shared", pooled=True, splittable=False, trains_unimodal=True, method_specific=True,
+               summary="MLA: one classifier shared by every modality; fused: entropy-gated sum"),
+    FusionKind("ensemble", pooled=True, splittable=False, trains_unimodal=True, method_specific=True,
+               summary="ReconBoost: one classifier shared by every modality; fused: beta times the sum"),
     FusionKind("boost", pooled=True, splittable=False, trains_unimodal=True, method_specific=True,
                summary="sustained boosting's growing classifiers per modality"),
 )}

@@ -531,7 +531,8 @@ def test_olm_measures_the_initial_losses_once_trains_whole_epochs_and_tests(data
     seen = []
     original = trainer.balancer.observe_evaluation
     monkeypatch.setattr(trainer.balancer, "observe_evaluation",
-                        lambda split, *a, epoch: seen.append((epoch, split)) or original(split, *a, epoch=epoch))
+                        lambda split, *a, epoch, **kw: seen.append((epoch, split)) or original(split, *a, epoch=epoch,
+                                                                                              **kw))
     summary = trainer.fit()
     # before training, then after every epoch (interval 1): val and the training split each time
     assert seen == [(None, "val"), (None, "train"), (0, "val"), (0, "train"), (1, "val"), (1, "train")]

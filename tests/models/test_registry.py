@@ -34,7 +34,7 @@ def test_choices_and_method_defaults_come_from_the_registry():
     assert CHOICES["model.fusion"] == ("auto", *FUSION_KINDS)
     assert set(GENERIC_FUSIONS) == {n for n, k in FUSION_KINDS.items() if not k.method_specific}
     assert set(POOLED_FUSIONS) == {n for n, k in FUSION_KINDS.items() if k.pooled and not k.method_specific}
-    assert fusions_where(splittable=True) == ("concat", "sum")
+    assert fusions_where(splittable=True) == ("concat", "sum", "cosine")
     with pytest.raises(ValueError, match="fusion must be one of"):
         fusion_kind("nope")
 
