@@ -79,7 +79,7 @@ def _validation_loss(trainer, model, head_loss) -> tuple[float, float]:
         inputs, labels = trainer.steps.inputs(batch)
         rows.append(head_loss(inputs, labels))
         index.append(batch["index"])
-    (losses,) = trainer._gather_rows("val", index, rows)
+    (losses,) = trainer.evaluator.gather_rows("val", index, rows)
     batch_sizes = trainer.cfg.data.batch_size
     # (the sum of batch means over the global batches: the validation split in batches of batch_size)
     batch_sum = float(sum(chunk.mean() for chunk in losses.split(batch_sizes)))

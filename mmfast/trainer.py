@@ -36,23 +36,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from . import config as config_mod
 from .methods import Balancer
-from .evaluation import classification_metrics, linear_probe_accuracy
+from .evaluation import Evaluator, NonFiniteError
 from .cpu_memory import retain_freed_memory
 from .distributed import init_from_env, sync_batch_norm
 from .models import build_model
 from .steps import StepRunner
-from .ops import feature_drop
 from .checkpoints import CHECKPOINT_VERSION, RunDirectory
 from .run_dir import RunDirError, fault_point
 
-
-
-class NonFiniteError(RuntimeError):
-    """A non-finite loss or gradient; the message names the step."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -174,9 +168,6 @@ class Trainer:
         self.loaders = {"train": build_loader(dcfg, "train", cfg.data.backend)}
         if self.dist.enabled:
             self.loaders["train"].set_shard(self.dist.rank, self.dist.world_size)
-        for split in ("val", "test"):
-            if split in index.splits:  # (a split file that lists no clip is refused by the loader)
-                self._add_eval_loader(split, build_loader(dcfg, split, cfg.data.backend, train=False))
         self.fusion = config_mod.resolved_fusion(cfg)
         self.model = build_model(self.modalities, len(self.classes), encoder=cfg.model.encoder, fusion=self.fusion,
                                  width=cfg.model.width, weights=cfg.model.weights, in_dims=self._sequence_dims(dcfg),
@@ -196,6 +187,13 @@ class Trainer:
         self.steps = StepRunner(self.model, self.optimizer, cfg=cfg, fusion=self.fusion, modalities=self.modalities,
                                 device=self.device, dist=self.dist, precision=self.precision)
         self.autocast_dtype, self.scaler = self.steps.autocast_dtype, self.steps.scaler
+        self.evaluator = Evaluator(self.model, self.steps, self.loaders, classes=self.classes, dist=self.dist,
+                                   seed=cfg.seed, context=self._context,
+                                   make_loader=lambda split: build_loader(data_config(cfg, self.device), split,
+                                                                          cfg.data.backend, train=False))
+        for split in ("val", "test"):
+            if split in index.splits:  # (a split file that lists no clip is refused by the loader)
+                self.evaluator.add_loader(split, self.evaluator.make_loader(split))
         try:
             self.balancer = Balancer(cfg.method, dict(self.model.encoders.items()), seed=cfg.seed, device=self.device,
                                      measure=True, head=self.model.fusion, optimizer=self.optimizer,
@@ -212,7 +210,7 @@ class Trainer:
         if self.balancer.single_micro_batch and cfg.grad_accum > 1:
             raise ValueError(f"config key 'grad_accum': method {cfg.method!r} (hparams {cfg.hparams}) takes one batch "
                              f"per step (an update in turns per modality, or gradients per loss); set grad_accum=1")
-        self.steps.balancer = self.balancer
+        self.steps.balancer = self.evaluator.balancer = self.balancer
         self.epoch, self.batch_in_epoch, self.global_step = 0, 0, 0
         self.best = {"epoch": None, "val/acc": -math.inf}
         self.history: list[dict] = []  # the epochs' metrics lines (checkpoints carry them: repair)
@@ -272,6 +270,10 @@ class Trainer:
         self.steps.step(inputs, labels, last_micro_batch=last_micro_batch, shard=shard)
         if last_micro_batch:
             self.global_step += 1  # training steps (one optimizer step per part)
+
+    def _context(self) -> str:
+        """Where the run stands, for error messages: epoch, steps, the checkpoint kept."""
+        return f"epoch {self.epoch}, {self.global_step} steps trained; {self.run.kept_checkpoint()}"
 
     def _check_finite(self) -> None:
         """A checkpoint or an epoch end: read the device flags once. A non-finite loss or gradient
@@ -355,101 +357,23 @@ class Trainer:
         print(f"{self.out.name} epoch {metrics['epoch'] + 1}/{self.cfg.epochs}: train loss {metrics['train/loss']:.3f}, "
               f"acc {metrics['train/acc']:.3f}{val}{best}, {metrics['time/epoch_s']:.1f} s", file=sys.stderr, flush=True)
 
-    @torch.no_grad()
+    # ---- evaluation (mmfast/evaluation.py Evaluator) --------------------------------------------
+
     def evaluate(self, split: str, *, missing: dict[str, float] | None = None, seed: int = 0) -> dict[str, float]:
-        """Fused and per-modality accuracy, macro-F1 and mAP on `split`, over every sample that can
-        be read: `{split}/samples` counts them, `{split}/skipped` counts clips left out under
-        on_error="skip" (when reading the list and probing, or decoding this pass) and
-        `{split}/skipped_clips` names them. `missing` drops each modality's features with the
-        given probability (missing-modality evaluation). In a distributed run each rank
-        evaluates its shard of every batch and the metrics are those of the gathered rows: the
-        same on every rank and as one process computes them."""
-        fused, unimodal, labels = self.outputs(split, missing=missing, seed=seed)
-        if not (torch.isfinite(fused).all() and torch.isfinite(unimodal).all()):
-            raise NonFiniteError(f"the model's outputs on split {split!r} are non-finite (epoch {self.epoch}, "
-                                 f"{self.global_step} steps trained); {self.run.kept_checkpoint()}")
-        C = len(self.classes)
-        out = {f"{split}/{k}": v for k, v in classification_metrics(fused, labels, C).items()}
-        out[f"{split}/loss"] = float(F.cross_entropy(fused, labels))
-        for m, name in enumerate(self.modalities):
-            for k, v in classification_metrics(unimodal[m], labels, C).items():
-                out[f"{split}/{k}/{name}"] = v
-            out[f"{split}/loss/{name}"] = float(F.cross_entropy(unimodal[m], labels))
-        out[f"{split}/samples"] = len(labels)
-        loader = self.loaders[split]
-        decode_skips = [n for names in self.dist.gather_objects(loader.last_epoch_skipped.names) for n in names]
-        skipped = loader.skipped_at_build.names + decode_skips  # (the same probe on every rank: built once)
-        out[f"{split}/skipped"] = len(skipped)
-        if skipped:
-            out[f"{split}/skipped_clips"] = skipped
-        return out
+        """Fused and per-modality metrics on `split` (Evaluator.evaluate)."""
+        return self.evaluator.evaluate(split, missing=missing, seed=seed)
 
-    @torch.no_grad()
     def outputs(self, split: str, *, missing: dict[str, float] | None = None, seed: int = 0, features: bool = False):
-        """(fused [N, C], unimodal [M, N, C], labels [N]) of the model on every readable sample of
-        `split`, in the split's order (float32; gathered over the ranks of a distributed run).
-        `missing`: as in evaluate. `features`: a fourth item, the M encoders' features [N, d_m]."""
-        loader = self.loaders[split]
-        self.model.eval()
-        fused_all, uni_all, labels_all = [], [], []
-        drop = None
-        if missing:
-            if self.model.fused_representation:
-                raise ValueError(f"missing-modality evaluation drops pooled features; fusion {self.fusion!r} fuses "
-                                 f"inside the encoders")
-            unknown = sorted(set(missing) - set(self.modalities))
-            if unknown:
-                raise ValueError(f"missing-modality evaluation names {unknown}, not modalities {list(self.modalities)}")
-            for name, prob in missing.items():
-                if not (isinstance(prob, (int, float)) and 0.0 <= prob <= 1.0):
-                    raise ValueError(f"missing-modality evaluation: the drop probability of {name!r} must be in "
-                                     f"[0, 1], got {prob!r}")
-            probs = torch.tensor([float(missing.get(m, 0.0)) for m in self.modalities], device=self.device)
-            gen = torch.Generator(device=self.device).manual_seed(seed)
-        index_all, features_all = [], []
-        for batch in loader:
-            inputs, labels = self._inputs(batch)
-            if missing:  # (a distributed run: the global batch's draws, this rank's shard of them)
-                shard = loader.batch_shard(loader.position - 1) if self.dist.enabled else None
-                drop = lambda f, shard=shard: feature_drop(f, probs, generator=gen, shard=shard).features  # noqa: E731
-            step_drop = drop
-            if features:  # (the encoders' features on their way to the drop: no second encoding)
-                step_drop = lambda f, then=drop: (features_all.append([x.float() for x in f]),  # noqa: E731
-                                                  f if then is None else then(f))[1]
-            with self.steps.autocast():
-                fused, unimodal, _, _ = self._forward(inputs, skip=self.balancer.unused_modalities, drop=step_drop,
-                                                      measure_dropped=True)
-            fused_all.append(fused.float())
-            uni_all.append(unimodal.float().transpose(0, 1))  # [B, M, C]: samples first
-            labels_all.append(labels)
-            index_all.append(batch["index"])
-        columns = [fused_all, uni_all, labels_all]
-        if features:  # (one column per modality: each gathered like the logits)
-            columns += [[f[m] for f in features_all] for m in range(len(self.modalities))]
-        fused, unimodal, labels, *feats = self._gather_rows(split, index_all, *columns)
-        return (fused, unimodal.transpose(0, 1), labels) + ((feats,) if features else ())
+        """The model's fused and uni-modal logits and the labels on `split` (Evaluator.outputs)."""
+        return self.evaluator.outputs(split, missing=missing, seed=seed, features=features)
 
-    @torch.no_grad()
     def encoder_features(self, split: str):
-        """Frozen features of every encoder on `split` (evaluation transforms), and the labels."""
-        self.model.eval()
-        feats = {name: [] for name in self.modalities}
-        labels, index = [], []
-        for batch in self.loaders[split]:
-            inputs, y = self._inputs(batch)
-            for name, f in zip(self.modalities, self.model.encode(inputs)):
-                feats[name].append(f.float())
-            labels.append(y)
-            index.append(batch["index"])
-        *features, labels = self._gather_rows(split, index, *feats.values(), labels)
-        return dict(zip(feats, features)), labels
+        """Frozen features of every encoder on `split`, and the labels (Evaluator.encoder_features)."""
+        return self.evaluator.encoder_features(split)
 
     def linear_probe(self, train_split: str = "train", test_split: str = "test") -> dict[str, float]:
-        """The papers' linear probe of each encoder (frozen features, fresh linear classifier)."""
-        train_x, train_y = self.encoder_features(self._eval_split(train_split))
-        test_x, test_y = self.encoder_features(test_split)
-        return {f"probe/acc/{name}": linear_probe_accuracy(train_x[name], train_y, test_x[name], test_y, seed=self.cfg.seed)
-                for name in self.modalities}
+        """The papers' linear probe of each encoder (Evaluator.linear_probe)."""
+        return self.evaluator.linear_probe(train_split, test_split)
 
     # ---- the run -----------------------------------------------------------------------------
 
@@ -510,12 +434,10 @@ class Trainer:
 
     def _evaluate_for_methods(self, epoch: int | None) -> None:
         """The splits the methods ask for before training (epoch None) or after `epoch`,
-        evaluated and handed over (Balancer.observe_evaluation); "train" goes through the
-        evaluation transforms, like val."""
+        evaluated and handed over (Balancer.observe_evaluation)."""
         for split in self.balancer.evaluations(epoch):
-            fused, unimodal, labels, *features = self.outputs(
-                split if split in self.loaders and split != "train" else self._eval_split(split),
-                features=self.balancer.evaluation_features)
+            fused, unimodal, labels, *features = self.evaluator.outputs(
+                self.evaluator.evaluation_split(split), features=self.balancer.evaluation_features)
             self.balancer.observe_evaluation(split, fused, unimodal, labels, epoch=epoch,
                                              features=features[0] if features else None)
 
@@ -525,41 +447,6 @@ class Trainer:
 
         for run in self.balancer.scratch_runs(epoch):
             self.balancer.observe_scratch(run, run_scratch(self, run), epoch=epoch)
-
-    def _eval_split(self, split: str) -> str:
-        """`split`'s clips through evaluation transforms, as a loader named "{split}_eval"."""
-        from .data import build_loader
-
-        name = f"{split}_eval"
-        if name not in self.loaders:
-            self._add_eval_loader(name, build_loader(data_config(self.cfg, self.device), split, self.cfg.data.backend,
-                                                     train=False))
-        return name
-
-    def _add_eval_loader(self, name: str, loader) -> None:
-        """An evaluation loader; in a distributed run each rank decodes its shard of every batch
-        and evaluate / encoder_features gather the rows (mmfast.distributed)."""
-        if self.dist.enabled:
-            loader.set_shard(self.dist.rank, self.dist.world_size)
-        self.loaders[name] = loader
-
-    def _gather_rows(self, split: str, index: list, *columns: list) -> list:
-        """An evaluation pass's rows (per-batch device tensors, samples along dim 0) on the host:
-        with every rank's rows in a distributed run, in the split's order (clip index), as one
-        process has them."""
-        cat = lambda parts: torch.cat(parts) if parts else None  # noqa: E731
-        if self.dist.enabled:  # (gathered on the device: NCCL moves device tensors only)
-            order = self.dist.gather_rows(cat([i.to(self.device) for i in index]))
-            order = None if order is None else torch.argsort(order)
-            columns = [self.dist.gather_rows(cat(c)) for c in columns]
-            columns = [c if c is None else c[order] for c in columns]
-        else:
-            columns = [cat(c) for c in columns]
-        if columns[0] is None:
-            loader = self.loaders[split]
-            raise RuntimeError(f"split {split!r}: no clip could be decoded in this pass "
-                               f"({loader.last_epoch_skipped.summary()})")
-        return [c.cpu() for c in columns]
 
     def state_dict(self) -> dict:
         rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}

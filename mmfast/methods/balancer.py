@@ -36,8 +36,13 @@ during training (boost's classifiers join the optimizer). Some methods need whol
 evaluated (OLM's per-head losses on val and train, boost's late-fusion weights fitted on val):
 before training and after each epoch, evaluate the splits ``bal.evaluations(epoch)`` names
 (``epoch=None`` before training) and hand each over with ``bal.observe_evaluation(split, fused,
-unimodal, labels, epoch=epoch)``. Boost's alternating update trains one modality per sub-step: run a step for every part of
-``bal.update_parts()``, passing it to ``bal.drop(features, part=part)``.
+unimodal, labels, epoch=epoch)`` (with ``features=`` when ``bal.evaluation_features``: PMR's
+prototypes). A method that trains one modality per sub-step (MLA, boost's alternating update):
+run a step for every part of ``bal.update_parts()``, passing it to ``bal.drop(features,
+part=part)``, and give ``start_epoch`` the epoch's batch count. AGM runs the model again with
+modalities zeroed: pass ``rerun=`` to ``after_forward``. G-Blending weighs its heads from copies of
+the model trained apart: before each epoch, train the runs ``bal.scratch_runs(epoch)`` names and
+hand their curves over with ``bal.observe_scratch``.
 
 Nothing here reads a tensor on the host: the step counter, drop probabilities and coefficients
 stay on the device (``bal.metrics`` holds the last step's, for logging when you choose).

@@ -102,14 +102,14 @@ def test_mmcosine_trains_the_sum_of_scaled_cosines(gen):
         descend(ref_params, grads, 0.5)
         assert float(loss) == pytest.approx(float(ref_loss), rel=1e-5)
     for p, q in zip(params_of(encoders, head), ref_params):
-        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
     # scaling a feature or a class's weight slice leaves the logits unchanged
     feats = [torch.randn(4, 6, generator=gen) for _ in range(2)]
     fused, _ = head(feats)
-    torch.testing.assert_close(head([feats[0] * 3.0, feats[1]])[0], fused)
+    torch.testing.assert_close(head([feats[0] * 3.0, feats[1]])[0], fused, rtol=1e-5, atol=1e-5)
     with torch.no_grad():
         head.fc.weight[2, :6] *= 7.0
-    torch.testing.assert_close(head(feats)[0], fused)
+    torch.testing.assert_close(head(feats)[0], fused, rtol=1e-5, atol=1e-5)
 
 
 def test_mmcosine_needs_the_cosine_head():
@@ -168,7 +168,7 @@ def test_mbsd_loss_and_gradients_follow_the_formulas(gen, variant):
         assert float(loss) == pytest.approx(float(ref_loss), rel=1e-5)
     assert seen == {True, False}
     for p, q in zip(params_of(encoders, head), ref_params):
-        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
 
 
 def test_mbsd_three_modalities_average_the_pairs_and_the_toolkit_rs_reads_probabilities(gen):
@@ -256,7 +256,7 @@ def test_cml_loss_and_gradients_follow_the_formulas(gen, variant, M):
             descend(ref_params, grads, 0.3)
             assert float(loss) == pytest.approx(float(ref_loss), rel=1e-5)
     for p, q in zip(params_of(encoders, head), ref_params):
-        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
 
 
 # ---- AGM -----------------------------------------------------------------------------------------
@@ -296,12 +296,12 @@ def test_agm_controller_slows_a_modality_doing_better_than_its_history():
     assert float(kappa[0]) == pytest.approx(expected_a, rel=1e-6)
 
 
-@pytest.mark.parametrize("alpha", [2.0, 40.0])
+@pytest.mark.parametrize("alpha", [0.5, 2.0])
 def test_agm_steps_follow_the_official_two_modality_computation(gen, alpha):
     """The official code, written out: F in train mode; F_a, F_v in eval mode with autograd;
     responses through identity functions whose backward scales by kappa (hooks); s_bar updated
     after kappa; the total gradient norm clipped to 1 when a head weight's gradient leaves [-1, 1]
-    (with the large alpha, kappa grows enough for that)."""
+    (the rule itself, with a gradient that triggers it: the test below)."""
     lr = 0.5
     encoders, head = make_net(ConcatHead, norm=True)
     bal = mmfast.Balancer("agm", encoders, head=head, alpha=alpha)
@@ -358,9 +358,31 @@ def test_agm_steps_follow_the_official_two_modality_computation(gen, alpha):
         assert kappas[-1] == pytest.approx(kappa, rel=1e-4)
         assert float(loss) == pytest.approx(float(ref_loss), rel=1e-5)
     assert any(abs(k - 1) > 1e-3 for ks in kappas for k in ks)
-    assert any(clipped) == (alpha > 10)
     for p, q in zip(params_of(encoders, head), ref_params):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("largest", [0.5, 3.0])
+def test_agm_clips_the_total_norm_when_a_head_weight_gradient_leaves_the_unit_interval(gen, largest):
+    """After a modulated step: every gradient times min(1, 1 / (total norm + 1e-6)) when an entry
+    of a head weight's gradient is outside [-1, 1] (the official code), else untouched."""
+    encoders, head = make_net(ConcatHead)
+    bal = mmfast.Balancer("agm", encoders, head=head)
+    params = params_of(encoders, head)
+    grads = [torch.randn(p.shape, generator=gen) * 0.1 for p in params]
+    grads[[id(p) for p in params].index(id(head.fc.weight))][0, 0] = largest
+    expected = grads
+    if largest > 1:
+        norm = math.sqrt(sum(float((g.double() ** 2).sum()) for g in grads))
+        expected = [g * min(1.0, 1.0 / (norm + 1e-6)) for g in grads]
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    method = bal.methods[0]
+    method._clip_now = True  # (what after_forward sets on a modulated step)
+    method.after_backward(bal.state)
+    for p, g in zip(params, expected):
+        torch.testing.assert_close(p.grad, g)
+    assert float(bal.state.metrics["agm/clipped"]) == float(largest > 1)
 
 
 def test_agm_needs_the_loops_rerun(gen):
@@ -439,7 +461,7 @@ def test_mmpareto_gradients_follow_the_official_computation(gen):
         grads = reference_mmpareto_grads(ref_enc, ref_head, xs, y, 1.5)
         descend(ref_params, grads, lr)
         for p, q in zip(params_of(encoders, head), ref_params):
-            torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
     assert conflicts > 0
 
 
