@@ -383,45 +383,59 @@ def merge_balance_params(methods: Sequence[Method]) -> dict[str, Any]:
     return merged
 
 
+PER_GROUP_SCHEDULERS = (torch.optim.lr_scheduler.LambdaLR, torch.optim.lr_scheduler.MultiplicativeLR,
+                        torch.optim.lr_scheduler.OneCycleLR, torch.optim.lr_scheduler.CyclicLR)
+
+
+def _loop_optimizer(state: StepState, what: str):
+    """The loop's optimizer and scheduler, for a method that adds parameter groups."""
+    optimizer, scheduler = state.optimizer, state.scheduler
+    if optimizer is None:
+        raise RuntimeError(f"a method {what} but the loop gave no optimizer: pass optimizer= (and scheduler=) to "
+                           f"Balancer")
+    if isinstance(scheduler, PER_GROUP_SCHEDULERS):
+        raise ValueError(f"a method {what}, and {type(scheduler).__name__} keeps one schedule per group that cannot "
+                         f"be extended: use StepLR, CosineAnnealingLR, ReduceLROnPlateau or another scheduler of "
+                         f"base rates")
+    return optimizer, scheduler
+
+
+def _add_group(optimizer, scheduler, params, scale: float = 1.0) -> None:
+    """A parameter group with group 0's settings and scale times its learning rates (the current
+    and the scheduler's initial one), which the scheduler then drives like the rest (a
+    ReduceLROnPlateau lowers every group's rate alike)."""
+    reference = optimizer.param_groups[0]
+    group = {k: v for k, v in reference.items() if k != "params"}
+    group["lr"] = reference["lr"] * scale
+    if "initial_lr" in reference:
+        group["initial_lr"] = reference["initial_lr"] * scale
+    optimizer.add_param_group({**group, "params": list(params)})
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        scheduler.min_lrs.append(scheduler.min_lrs[0] * scale)
+    elif scheduler is not None:
+        scheduler.base_lrs.append(reference.get("initial_lr", reference["lr"]) * scale)
+    if scheduler is not None and hasattr(scheduler, "_last_lr"):
+        scheduler._last_lr.append(group["lr"])
+
+
 def join_optimizer(state: StepState, params: Sequence[torch.nn.Parameter]) -> None:
     """Parameters created during training join the loop's optimizer as a new parameter group
     with the learning rate the scheduler has reached (group 0's) and its initial rate, so that
     the scheduler drives them like the rest; their momentum/Adam state starts at zero, as for
     any fresh parameter."""
-    optimizer, scheduler = state.optimizer, state.scheduler
-    if optimizer is None:
-        raise RuntimeError("a method adds parameters during training but the loop gave no optimizer: pass "
-                           "optimizer= (and scheduler=) to Balancer")
-    reference = optimizer.param_groups[0]
-    group = {k: v for k, v in reference.items() if k != "params"}
-    optimizer.add_param_group({**group, "params": list(params)})
+    optimizer, scheduler = _loop_optimizer(state, "adds parameters during training")
+    _add_group(optimizer, scheduler, params)
     state.parameter_version += 1
-    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-        scheduler.min_lrs.append(scheduler.min_lrs[0])  # (it lowers every group's rate alike)
-    elif scheduler is not None:
-        scheduler.base_lrs.append(reference.get("initial_lr", reference["lr"]))
-    if scheduler is not None and hasattr(scheduler, "_last_lr"):
-        scheduler._last_lr.append(reference["lr"])
 
 
 def split_optimizer(state: StepState, groups: Sequence[tuple[Sequence[torch.nn.Parameter], float]]) -> None:
     """Before the first step: move each (parameters, lr_scale) out of the loop's optimizer's
-    first group into a group of its own with lr_scale times its learning rates (the current and
+    groups into a group of its own with lr_scale times group 0's learning rates (the current and
     the scheduler's initial one), so that the scheduler drives it like the rest. A method calls
     it at fit_start; a resumed run rebuilds the same groups before the optimizer's state loads."""
-    optimizer, scheduler = state.optimizer, state.scheduler
-    if optimizer is None:
-        raise RuntimeError("a method sets learning rates per parameter group but the loop gave no optimizer: pass "
-                           "optimizer= (and scheduler=) to Balancer")
+    optimizer, scheduler = _loop_optimizer(state, "sets learning rates per parameter group")
     if any(optimizer.state.values()):
         raise RuntimeError("split_optimizer: the optimizer has stepped already; regroup before the first step")
-    per_group = (torch.optim.lr_scheduler.LambdaLR, torch.optim.lr_scheduler.MultiplicativeLR,
-                 torch.optim.lr_scheduler.OneCycleLR, torch.optim.lr_scheduler.CyclicLR)
-    if isinstance(scheduler, per_group):
-        raise ValueError(f"a method sets learning rates per parameter group, and {type(scheduler).__name__} keeps "
-                         f"one schedule per group that cannot be extended: use StepLR, CosineAnnealingLR, "
-                         f"ReduceLROnPlateau or another scheduler of base rates")
-    reference = optimizer.param_groups[0]
     moving = {id(p) for params, _ in groups for p in params}
     held = {id(p) for g in optimizer.param_groups for p in g["params"]}
     if not moving <= held:
@@ -429,14 +443,4 @@ def split_optimizer(state: StepState, groups: Sequence[tuple[Sequence[torch.nn.P
     for g in optimizer.param_groups:
         g["params"] = [p for p in g["params"] if id(p) not in moving]
     for params, scale in groups:
-        group = {k: v for k, v in reference.items() if k != "params"}
-        group["lr"] = reference["lr"] * scale
-        if "initial_lr" in reference:
-            group["initial_lr"] = reference["initial_lr"] * scale
-        optimizer.add_param_group({**group, "params": list(params)})
-        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            scheduler.min_lrs.append(scheduler.min_lrs[0] * scale)
-        elif scheduler is not None:
-            scheduler.base_lrs.append(reference.get("initial_lr", reference["lr"]) * scale)
-        if scheduler is not None and hasattr(scheduler, "_last_lr"):
-            scheduler._last_lr.append(group["lr"])
+        _add_group(optimizer, scheduler, params, scale)

@@ -587,6 +587,9 @@ def test_mslr_refuses_unknown_modalities_and_bad_factors():
         mmfast.Balancer("mslr", encoders, head=head, optimizer=opt, lr_scales={"depth": 2.0})
     with pytest.raises(ValueError, match="must be > 0"):
         mmfast.Balancer("mslr", encoders, head=head, optimizer=opt, lr_scales={"audio": 0.0})
+    per_group = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 0.9 ** epoch)
+    with pytest.raises(ValueError, match="LambdaLR keeps one schedule per group"):
+        mmfast.Balancer("mslr", encoders, head=head, optimizer=opt, scheduler=per_group, lr_scales={"audio": 2.0})
 
 
 # ---- MLA -----------------------------------------------------------------------------------------
