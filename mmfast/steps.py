@@ -174,7 +174,7 @@ class StepRunner:
                 inputs, skip=skip, drop=lambda f: bal.drop(f, part=part, shard=shard, labels=labels))
         # (before the loss: methods may add loss terms or compute the task loss from the head's
         # trainable logits; the balance statistics read `measured`)
-        bal.after_forward(measured.float(), labels, fused=fused, extras=extra, trainable=unimodal,
+        bal.after_forward(measured.float(), labels, fused=fused, extras=extra, trainable=unimodal.float(),
                           rerun=lambda subsets: self.rerun(inputs, subsets))
         per_sample = F.cross_entropy(fused.float(), labels, reduction="none")  # (logged: the fused head's)
         # The head's task loss (mmfast/models/registry.py), or the method's where it computes it.
