@@ -69,7 +69,7 @@ OWN_HEADS = {"olm": "late", "boost": "boost", "mmcosine": "cosine", "mmpareto": 
 def make_trainer(root, out, method, batch_size, hparams=None, *overrides):
     hp = [f"hparams.{k}={v!r}".replace("'", "") for k, v in (hparams or {}).items()]
     cfg = load_config("embedded", [f"data.root={root}", f"out={out}", f"method={method}", f"data.batch_size={batch_size}",
-                                   "progress=false", "epochs=1000", *hp, *overrides])
+                                   "progress=false", "epochs=1000", "data.cache=off", *hp, *overrides])
     trainer = Trainer(cfg)
     trainer.prepare()
     trainer.model.train()
@@ -235,49 +235,85 @@ class _NaiveEpochs:
 
 def epoch_benchmark(root, tmp, encoder, size, batch_size, epochs, method="ogm_ge", precision="auto"):
     """Seconds per training epoch, data loading included: naive loader + NaiveStep (in a process
-    of its own) vs DALI + mmfast (and mmfast in fp32, where `precision` resolves to another)."""
+    of its own) vs DALI + mmfast without the decoded-sample cache (and mmfast in fp32, where
+    `precision` resolves to another), and with it: its steady state (every clip read from the
+    cache) and its first epoch (a fresh cache folder and trainer each time: decoding, writing and
+    training at once)."""
     common = [f"model.encoder={encoder}", f"data.size={size}"]
-    mm = make_trainer(root, tmp / f"epoch_mm_{encoder}", method, batch_size, None, *common, f"precision={precision}")
+
+    def trainer(name, *extra):
+        return make_trainer(root, tmp / f"epoch_{name}_{encoder}", method, batch_size, None, *common, *extra)
+
+    mm = trainer("mm", f"precision={precision}", "data.cache=off")
     sides = {"mmfast": mm}
     if mm.precision != "fp32":
-        sides["mmfast_fp32"] = make_trainer(root, tmp / f"epoch_mm32_{encoder}", method, batch_size, None, *common,
-                                            "precision=fp32")
+        sides["mmfast_fp32"] = trainer("mm32", "precision=fp32", "data.cache=off")
+    cached = {"cached": (f"precision={precision}",)}
+    if mm.precision != "fp32":
+        cached["cached_fp32"] = ("precision=fp32",)
+    for side, extra in cached.items():
+        sides[side] = trainer(side, *extra, f"data.cache={tmp / f'cache_{side}_{encoder}'}")
     naive = _NaiveEpochs({"root": str(root), "out": str(tmp / f"epoch_nv_{encoder}"), "method": method,
                           "batch_size": batch_size, "common": common})
 
-    def mmfast_epoch(trainer):
-        trainer.batch_in_epoch = 0
-        trainer.train_epoch()
-        trainer.epoch += 1
+    def mmfast_epoch(t):
+        t.batch_in_epoch = 0
+        t.train_epoch()
+        t.epoch += 1
+
+    def first_epoch(side, r):  # (building the trainer is not timed: probing the clips, the model)
+        t = trainer(f"{side}_first{r}", *cached[side], f"data.cache={tmp / f'cache_{side}_{encoder}_first{r}'}")
+        try:
+            return _timed_pass(lambda: mmfast_epoch(t))
+        finally:
+            t.close()
 
     try:
-        for trainer in sides.values():  # warm-up: pipelines
-            mmfast_epoch(trainer)
-        times = {"naive": [], **{side: [] for side in sides}}
-        data = {"naive": [], "mmfast": []}
-        for _ in range(epochs):
+        for t in sides.values():  # warm-up: pipelines (and the cached sides' caches)
+            mmfast_epoch(t)
+        times = {"naive": [], **{side: [] for side in sides}, **{f"{side}_first": [] for side in cached}}
+        data = {"naive": [], "mmfast": [], "cached": []}
+        for r in range(epochs):
             times["naive"].append(naive.run("epoch"))
-            for side, trainer in sides.items():
-                times[side].append(_timed_pass(lambda t=trainer: mmfast_epoch(t)))
+            for side, t in sides.items():
+                times[side].append(_timed_pass(lambda t=t: mmfast_epoch(t)))
+            for side in cached:
+                times[f"{side}_first"].append(first_epoch(side, r))
             data["naive"].append(naive.run("data"))
             data["mmfast"].append(_timed_pass(lambda: _drain(mm.loaders["train"])))
+            data["cached"].append(_timed_pass(lambda: _drain(sides["cached"].loaders["train"])))
     finally:
         naive.close()
     clips = naive.clips
-    out = {side: {"epoch_s": statistics.median(t), "clips_per_s": clips / statistics.median(t), "epochs_s": t,
-                  "data_only_s": statistics.median(data["naive" if side == "naive" else "mmfast"])}
+    out = {side: {"epoch_s": statistics.median(t), "clips_per_s": clips / statistics.median(t), "epochs_s": t}
            for side, t in times.items()}
-    out["speedup"] = out["naive"]["epoch_s"] / out["mmfast"]["epoch_s"]
+    for side, source in data.items():
+        out[side]["data_only_s"] = statistics.median(source)
+    fp32 = {"mmfast": "mmfast_fp32" if "mmfast_fp32" in out else "mmfast",
+            "cached": "cached_fp32" if "cached_fp32" in out else "cached"}
+    naive_s = out["naive"]["epoch_s"]
+    out["speedup"] = naive_s / out["mmfast"]["epoch_s"]
+    out["speedup_fp32"] = naive_s / out[fp32["mmfast"]]["epoch_s"]
+    out["cached_speedup"] = naive_s / out["cached"]["epoch_s"]
+    out["cached_speedup_fp32"] = naive_s / out[fp32["cached"]]["epoch_s"]
+    # the first cached epoch against an uncached one, same precision
+    out["first_epoch_slowdown"] = out["cached_first"]["epoch_s"] / out["mmfast"]["epoch_s"] - 1
+    out["first_epoch_slowdown_fp32"] = (out[f"{fp32['cached']}_first"]["epoch_s"] /
+                                        out[fp32["mmfast"]]["epoch_s"] - 1)
     out["precision"] = mm.precision
-    if "mmfast_fp32" in out:
-        out["speedup_fp32"] = out["naive"]["epoch_s"] / out["mmfast_fp32"]["epoch_s"]
     out["data_speedup"] = out["naive"]["data_only_s"] / out["mmfast"]["data_only_s"]
+    out["cached_data_speedup"] = out["naive"]["data_only_s"] / out["cached"]["data_only_s"]
     out.update(encoder=encoder, size=size, batch_size=batch_size, clips=clips, method=method)
-    fp32 = (f" (mmfast in fp32 {out['mmfast_fp32']['epoch_s']:.2f} s: {out['speedup_fp32']:.2f}x)"
-            if "mmfast_fp32" in out else "")
-    print(f"epoch {encoder} {size}px B={batch_size} ({clips} clips, {method}): naive {out['naive']['epoch_s']:.2f} s, "
-          f"mmfast ({mm.precision}) {out['mmfast']['epoch_s']:.2f} s: {out['speedup']:.2f}x{fp32}; the loaders "
-          f"alone: naive {out['naive']['data_only_s']:.2f} s, mmfast {out['mmfast']['data_only_s']:.2f} s")
+    print(f"epoch {encoder} {size}px B={batch_size} ({clips} clips, {method}, mmfast in {mm.precision}): naive "
+          f"{naive_s:.2f} s; mmfast uncached {out['mmfast']['epoch_s']:.2f} s ({out['speedup']:.2f}x), cached "
+          f"{out['cached']['epoch_s']:.2f} s ({out['cached_speedup']:.2f}x), first cached epoch "
+          f"{out['cached_first']['epoch_s']:.2f} s ({100 * out['first_epoch_slowdown']:+.1f}% vs uncached); in fp32: "
+          f"uncached {out['speedup_fp32']:.2f}x, cached {out['cached_speedup_fp32']:.2f}x, first "
+          f"{100 * out['first_epoch_slowdown_fp32']:+.1f}%; the loaders alone: naive {out['naive']['data_only_s']:.2f} s, "
+          f"uncached {out['mmfast']['data_only_s']:.2f} s ({out['data_speedup']:.2f}x), cached "
+          f"{out['cached']['data_only_s']:.3f} s ({out['cached_data_speedup']:.1f}x)")
+    for t in sides.values():
+        t.close()
     return out
 
 
@@ -361,16 +397,21 @@ def markdown(report) -> str:
                   f"eager {c['balancing_eager']['median_ms']:.3f} ms, replayed CUDA graph "
                   f"{c['balancing_graph']['median_ms']:.3f} ms ({c['graph_speedup']:.2f}x)", ""]
     if report.get("epoch"):
-        lines += ["epoch including data loading (and a pass of each loader alone: the decoding in it); naive in "
-                  "fp32, mmfast in its precision, and in fp32 where that is another", "",
-                  "| encoder | px | batch | clips | naive s | mmfast s | precision | speedup | mmfast fp32 s | speedup "
-                  "| naive loader s | mmfast loader s | loader speedup |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += ["epoch including data loading: the naive way (fp32) against mmfast without and with the decoded-sample "
+                  "cache (steady state: every clip read from it; first epoch: a fresh cache, decoded, written and "
+                  "trained at once), in mmfast's precision and in fp32; and a pass of each loader alone", "",
+                  "| encoder | px | batch | clips | precision | naive s | uncached s | speedup | cached s | speedup | "
+                  "first cached epoch s | vs uncached | fp32: uncached | cached | first epoch | naive loader s | "
+                  "uncached loader s | cached loader s | cached loader speedup |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for e in report["epoch"]:
-            fp32 = (f"{e['mmfast_fp32']['epoch_s']:.2f} | {e['speedup_fp32']:.2f}x" if "mmfast_fp32" in e
-                    else f"{e['mmfast']['epoch_s']:.2f} | {e['speedup']:.2f}x")
-            lines.append(f"| {e['encoder']} | {e['size']} | {e['batch_size']} | {e['clips']} | {e['naive']['epoch_s']:.2f} | "
-                         f"{e['mmfast']['epoch_s']:.2f} | {e.get('precision', 'fp32')} | {e['speedup']:.2f}x | {fp32} | "
-                         f"{e['naive']['data_only_s']:.2f} | {e['mmfast']['data_only_s']:.2f} | {e['data_speedup']:.2f}x |")
+            lines.append(f"| {e['encoder']} | {e['size']} | {e['batch_size']} | {e['clips']} | {e.get('precision', 'fp32')} "
+                         f"| {e['naive']['epoch_s']:.2f} | {e['mmfast']['epoch_s']:.2f} | {e['speedup']:.2f}x | "
+                         f"{e['cached']['epoch_s']:.2f} | {e['cached_speedup']:.2f}x | {e['cached_first']['epoch_s']:.2f} "
+                         f"| {100 * e['first_epoch_slowdown']:+.1f}% | {e['speedup_fp32']:.2f}x | "
+                         f"{e['cached_speedup_fp32']:.2f}x | {100 * e['first_epoch_slowdown_fp32']:+.1f}% | "
+                         f"{e['naive']['data_only_s']:.2f} | {e['mmfast']['data_only_s']:.2f} | "
+                         f"{e['cached']['data_only_s']:.3f} | {e['cached_data_speedup']:.1f}x |")
     return "\n".join(lines) + "\n"
 
 

@@ -22,6 +22,39 @@ def _synth(args) -> int:
     return 0
 
 
+def _cache(args) -> int:
+    import os
+
+    from mmfast.config import load_config
+    from mmfast.data.dali_cache import build_cache
+    from mmfast.trainer import data_config, resolve_device
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if cfg.data.backend != "dali":
+            raise ValueError("the decoded-sample cache is read by the DALI backend (data.backend=dali)")
+        if cfg.data.cache == "off":
+            cfg.data.cache = "auto"  # (asking for a cache: the default folder)
+        if cfg.data.synth is not None:
+            from mmfast.trainer import ensure_dataset
+
+            ensure_dataset(cfg)
+        dcfg = data_config(cfg, resolve_device(cfg.device))
+        dcfg.num_workers = args.workers or os.cpu_count() or 1
+        report = build_cache(dcfg, args.splits, progress=not args.no_progress and sys.stderr.isatty(),
+                             prune=args.prune)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"mmfast data cache: {exc}", file=sys.stderr)
+        return 2
+    cache = report.pop("cache")
+    for split, r in report.items():
+        failed = f", {len(r['failed'])} failed to decode (e.g. {next(iter(r['failed'].values()))})" if r["failed"] else ""
+        print(f"{split}: {r['clips']} clips, {r['written']} entries written{failed}")
+    pruned = f", {cache['removed']} stale entries removed" if args.prune else ""
+    print(f"cache {cache['folder']}: {cache['entries']} entries, {cache['bytes'] / 1e9:.3f} GB{pruned}")
+    return 0
+
+
 def _train(args) -> int:
     from mmfast.config import load_config
     from mmfast.run_dir import RunDirError
@@ -169,6 +202,16 @@ def main(argv=None) -> int:
     synth.add_argument("--weak-missing", type=float, default=0.1,
                        help="share of other clips without a weak-modality signature")
     synth.add_argument("--jpeg-frames", action="store_true", help="also write 1-fps JPEG frame folders")
+    cache = data.add_parser("cache", help="decode a dataset into the decoded-sample cache ahead of training")
+    cache.add_argument("--config", required=True, help="the training config (a YAML file or a shipped config); "
+                                                       "its data.cache folder (off: the default folder)")
+    cache.add_argument("--splits", nargs="+", help="which splits (default: all)")
+    cache.add_argument("--workers", type=int, help="decoding threads (default: every core)")
+    cache.add_argument("--prune", action="store_true",
+                       help="also remove the folder's entries this config's clips do not have (changed files, "
+                            "other recipes, other datasets)")
+    cache.add_argument("--no-progress", action="store_true")
+    cache.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. data.root=DIR data.cache=DIR")
     train = sub.add_parser("train", help="train a model with a balancing method (see README)")
     train.add_argument("--config", help="a YAML file or a shipped config: embedded, crema_d, kinetics_sounds, "
                                         "vggsound, ave")
@@ -212,6 +255,8 @@ def main(argv=None) -> int:
         return 0
     if args.command == "data" and args.data_command == "synth":
         return _synth(args)
+    if args.command == "data" and args.data_command == "cache":
+        return _cache(args)
     return 2
 
 

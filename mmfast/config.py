@@ -31,6 +31,8 @@ class DataSection:
     num_workers: int = 2
     on_error: str = "raise"  # "raise" | "skip"
     allow_overlap: bool = False  # accept a clip listed in two splits
+    cache: str = "off"  # decoded-sample cache (DALI backend): "off" | "auto" (the user's cache folder) | a folder
+    cache_max_gb: float = 20.0  # the cache's disk budget (no published value: a size most disks spare)
     synth: dict | None = None  # generate the embedded dataset at root if absent (mmfast.data.generate options)
 
 
@@ -98,7 +100,7 @@ CHOICES = {
 }
 POSITIVE = ("epochs", "grad_accum", "data.batch_size", "data.num_frames", "data.size", "model.width", "optim.step_size",
             "optim.patience")
-NON_NEGATIVE = ("seed", "checkpoint_every", "data.num_workers", "optim.lr", "optim.momentum", "optim.weight_decay",
+NON_NEGATIVE = ("seed", "checkpoint_every", "data.num_workers", "data.cache_max_gb", "optim.lr", "optim.momentum", "optim.weight_decay",
                 "optim.gamma")
 
 
@@ -215,10 +217,13 @@ def _coerce(key: str, hint, value):
             return float(value)  # (YAML 1.1 reads 1e6 and 5E-4 as strings: a reader means the number)
         if t is str and isinstance(value, str):
             return value
+        if t is str and isinstance(value, bool) and key in _SWITCH_STRINGS:
+            return _SWITCH_STRINGS[key][value]  # (YAML 1.1 reads off/on/no/yes as booleans)
     names = "/".join(getattr(t, "__name__", str(t)) for t in allowed)
     raise ValueError(f"config key {key!r} must be {names}, got {type(value).__name__} {value!r}")
 
 
+_SWITCH_STRINGS = {"data.cache": {False: "off", True: "auto"}}
 _NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)$")
 
 
@@ -268,6 +273,11 @@ def check_config(cfg: Config) -> None:
     for name, recipe in cfg.recipes.items():
         if name not in methods.NAMES:
             raise ValueError(f"config key 'recipes': {name!r} is not a method ({', '.join(methods.NAMES)})")
+    if not isinstance(cfg.data.cache, str) or not cfg.data.cache:
+        raise ValueError(f"config key 'data.cache' must be off, auto or a folder, got {cfg.data.cache!r}")
+    if cfg.data.backend == "naive" and cfg.data.cache not in ("off", "auto"):
+        raise ValueError(f"config key 'data.cache' names a folder ({cfg.data.cache!r}), but the naive loader decodes "
+                         f"every epoch (it is the research code's way): use data.backend=dali or data.cache=off")
     if not cfg.data.root:
         raise ValueError("config key 'data.root' is empty: set the dataset folder, e.g. data.root=data/cremad")
 
@@ -333,6 +343,10 @@ KEY_HELP = {
     "data.num_workers": "Decoding threads (DALI) or worker processes (naive loader).",
     "data.on_error": "A clip that cannot be read: `raise` stops, `skip` leaves it out and counts it.",
     "data.allow_overlap": "Accept a clip listed in two splits.",
+    "data.cache": "The decoded-sample cache (DALI backend): `off`, `auto` (`$MMFAST_CACHE_DIR`, else the user's "
+                  "cache folder, `~/.cache/mmfast/decoded`) or a folder. Each clip's deterministic decoding is "
+                  "written once and read every later epoch; the samples are the same as without it.",
+    "data.cache_max_gb": "The cache's disk budget in GB; clips beyond it are decoded every epoch (no published value).",
     "data.synth": "Generate the embedded dataset at `data.root` when absent, with these options "
                   "(`mmfast.data.generate`).",
     "model.encoder": "The encoders: a CPU-scale CNN or ResNet-18.",

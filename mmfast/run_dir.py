@@ -412,6 +412,8 @@ RESUMABLE = {
     "dist_timeout_s": "the collectives' timeout", "data.root": "where the dataset is (the same clip lists)",
     "recipes": "recipes applied at the start already",
     "model.weights": "read at start-up only (the checkpoint's weights replace them)",
+    "data.cache": "where decoded clips are kept (the same samples with or without it)",
+    "data.cache_max_gb": "the cache's disk budget",
 }
 
 

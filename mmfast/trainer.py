@@ -82,7 +82,21 @@ def data_config(cfg: config_mod.Config, device: torch.device):
     return DataConfig(root=d.root, layout=d.layout, modalities=d.modalities, audio=getattr(audio_recipes, d.audio)(),
                       frames=FrameRecipe(num_frames=d.num_frames, size=d.size), batch_size=d.batch_size,
                       num_workers=d.num_workers, seed=cfg.seed, on_error=d.on_error, allow_overlap=d.allow_overlap,
-                      device=device.type)
+                      device=device.type, cache=d.cache if d.backend == "dali" else "off",
+                      cache_max_gb=d.cache_max_gb)
+
+
+def ensure_dataset(cfg: config_mod.Config) -> None:
+    """Generates the embedded dataset at data.root when the config asks for it (data.synth) and
+    the folder is absent or empty; then data.root must be a folder."""
+    from .data import generate
+
+    root = Path(cfg.data.root)
+    if cfg.data.synth is not None and not (root.exists() and any(root.iterdir()) if root.is_dir() else root.exists()):
+        generate(root, **cfg.data.synth)
+    if not root.is_dir():
+        raise ValueError(f"config key 'data.root' must be a dataset folder: {root} "
+                         f"{'is a file' if root.exists() else 'does not exist'}")
 
 
 def dataset_identity(index) -> dict:
@@ -144,7 +158,7 @@ class Trainer:
             self.close()
 
     def _build(self, cfg) -> None:
-        from .data import build_loader, generate, read_layout
+        from .data import build_loader, read_layout
 
         self.device = resolve_device(cfg.device)
         if self.dist.enabled and self.device.type == "cuda":
@@ -152,13 +166,7 @@ class Trainer:
         if cfg.retain_freed_memory and self.device.type == "cpu":  # (no page faults on each step's buffers)
             retain_freed_memory()
         self._seed_everything(cfg.seed)
-        root = Path(cfg.data.root)
-        if cfg.data.synth is not None and not (root.exists() and any(root.iterdir()) if root.is_dir() else
-                                               root.exists()):
-            generate(root, **cfg.data.synth)
-        if not root.is_dir():
-            raise ValueError(f"config key 'data.root' must be a dataset folder: {root} "
-                             f"{'is a file' if root.exists() else 'does not exist'}")
+        ensure_dataset(cfg)
         dcfg = data_config(cfg, self.device)
         index = read_layout(dcfg.root, dcfg.layout, modalities=dcfg.modalities, on_error=dcfg.on_error,
                             allow_overlap=dcfg.allow_overlap)

@@ -1,6 +1,9 @@
 """Fixtures for every test: a fresh random generator with its seed printed on failure, the
 native CPU kernels' instruction-set switch. Without a GPU, Triton kernels run in the interpreter."""
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 import torch
@@ -9,6 +12,12 @@ import torch
 # any kernel is defined (that is, before mmfast.kernels.* is imported). With a GPU they compile.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# The embedded config caches decoded clips (data.cache: auto): the suite's go to a folder of its
+# own (shared by its processes: distributed ranks build one cache together), never the user's.
+_CACHE = tempfile.mkdtemp(prefix="mmfast-test-cache-")
+os.environ["MMFAST_CACHE_DIR"] = _CACHE
+atexit.register(shutil.rmtree, _CACHE, True)
 
 
 @pytest.fixture

@@ -29,7 +29,9 @@ def main(spec_path: str) -> None:
         trainer.fit(max_steps=spec["max_steps"])
     rank = trainer.dist.rank
     record = {"steps": records, "world_size": trainer.dist.world_size,
-              "assignments": getattr(trainer.balancer.methods[0], "assignments", None)}
+              "assignments": getattr(trainer.balancer.methods[0], "assignments", None),
+              "cache": {split: {"decoded": loader.cached.decoded, "reads": loader.cached.store.reads}
+                        for split, loader in trainer.loaders.items() if getattr(loader, "cached", None)}}
     if spec.get("evaluate"):  # evaluation of the same weights: sharded per rank, gathered
         record["evaluate"] = {"val": trainer.evaluate("val"), "test": trainer.evaluate("test"), "test_missing": trainer.evaluate("test", missing={"audio": 0.5},
                                                                                                seed=1),

@@ -72,3 +72,23 @@ def test_argument_errors_name_the_problem(tmp_path):
     moved = subprocess.run(common + ["train", "--resume", str(tmp_path), f"out={tmp_path}/x"], capture_output=True,
                            text=True)
     assert moved.returncode == 2 and "Traceback" not in moved.stderr
+
+
+def test_data_cache_builds_prunes_and_names_bad_input(dataset, tmp_path):
+    from mmfast.cli import main
+
+    cache = tmp_path / "cache"
+    args = ["data", "cache", "--config", "embedded", "--no-progress", f"data.root={dataset}", f"data.cache={cache}",
+            "data.size=32"]
+    assert main(args) == 0
+    n = len(list(cache.glob("??/*.npy")))
+    assert n == 2 * 30  # two modalities of every clip of every split
+    (cache / "ab").mkdir(exist_ok=True)
+    (cache / "ab" / ("ab" + "0" * 38 + ".npy")).write_bytes(b"stale")
+    assert main(args + ["--prune"]) == 0 and len(list(cache.glob("??/*.npy"))) == n
+    common = [sys.executable, "-m", "mmfast", "data", "cache", "--config", "embedded", f"data.root={dataset}"]
+    naive = subprocess.run(common + ["data.backend=naive", f"data.cache={cache}"], capture_output=True, text=True)
+    assert naive.returncode == 2 and "naive loader decodes every epoch" in naive.stderr
+    (tmp_path / "a_file").write_text("x")
+    bad = subprocess.run(common + [f"data.cache={tmp_path / 'a_file'}"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "cannot use" in bad.stderr and "Traceback" not in bad.stderr

@@ -58,10 +58,23 @@ def test_a_saved_config_reads_back_equal(tmp_path):
     (["method=boost", "model.fusion=concat"], "'model.fusion'"),
     (["model.estimator=split", "model.fusion=mlp"], "'model.estimator'"),
     (["epochs"], "must look like key=value"),
+    (["data.cache_max_gb=-1"], "'data.cache_max_gb' must be >= 0"),
+    (["data.cache=3"], "'data.cache' must be str"),
+    (["data.backend=naive", "data.cache=/tmp/c"], "the naive loader decodes every epoch"),
 ])
 def test_bad_values_fail_naming_the_key(overrides, needle):
     with pytest.raises(ValueError, match=needle.replace("(", r"\(")):
         load_config(None, ["data.root=d", *overrides])
+
+
+def test_cache_switches_yaml_reads_as_booleans_are_the_settings(tmp_path):
+    """YAML 1.1 reads off/on as booleans: data.cache takes them as the settings they spell."""
+    assert load_config(None, ["data.root=d", "data.cache=off"]).data.cache == "off"
+    assert load_config(None, ["data.root=d", "data.cache=on"]).data.cache == "auto"
+    path = tmp_path / "c.yaml"
+    path.write_text("data: {root: d, cache: off}\n")
+    assert load_config(path).data.cache == "off" and load_config("embedded").data.cache == "auto"
+    assert load_config(None, ["data.root=d", "data.cache=runs/cache"]).data.cache == "runs/cache"
 
 
 def test_numbers_yaml_reads_as_strings_are_numbers():

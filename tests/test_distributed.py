@@ -324,3 +324,32 @@ def test_a_stalled_rank_ends_the_run_after_dist_timeout_s(dataset, tmp_path):
     assert code == 1 and "stalled longer than dist_timeout_s (5.0 s)" in err and "Traceback" not in err, err[-3000:]
     assert "timed out" in err.lower(), err[-3000:]
     assert 4 <= seconds < 30, seconds
+
+
+def test_ranks_build_one_cache_and_read_what_the_other_wrote(dataset, tmp_path):
+    """data.cache with 2 gloo processes: each rank caches the clips it decodes in the first
+    epoch (its shard), and in the second reads every clip of its shard from the cache, among
+    them clips the other rank wrote; the training is the uncached one's, bit for bit."""
+    steps, cache = 2 * STEPS_PER_EPOCH, tmp_path / "cache"
+    plain, plain_states, _ = launch(tmp_path, "plain", 2, base_overrides(dataset, "ogm_ge", "data.cache=off"),
+                                    max_steps=steps)
+    cached, cached_states, _ = launch(tmp_path, "cached", 2, base_overrides(dataset, "ogm_ge", f"data.cache={cache}"),
+                                      max_steps=steps)
+    assert cached[0]["steps"] == plain[0]["steps"] and len(plain[0]["steps"]) == steps
+    for a, b in zip(plain_states, cached_states):
+        assert_same_state(a, b, rtol=0, atol=0)
+    train = [record["cache"]["train"] for record in cached]
+    shards = [11, 10]  # clips per rank per epoch (21 training clips: shards 4/4, 4/4, 3/2)
+    assert [t["decoded"] for t in train] == [2 * n for n in shards]  # epoch 1 only (2 modalities)
+    assert [t["reads"] for t in train] == [2 * n for n in shards]  # epoch 2: every clip from the cache
+    assert plain[0]["cache"] == {}
+    assert len(list(cache.glob("??/*.npy"))) >= 2 * sum(shards)
+    # rank 0's second-epoch shard holds clips only rank 1 decoded (read from rank 1's entries)
+    from mmfast.data import DataConfig, build_loader
+
+    loader = build_loader(DataConfig(root=str(dataset), batch_size=8, seed=3), "train")
+    loader.set_shard(0, 2)
+    first = {int(i) for ids in loader.plan(0) for i in ids}
+    loader.epoch = 1
+    second = {int(i) for ids in loader.plan(0) for i in ids}
+    assert len(first) == shards[0] and second - first

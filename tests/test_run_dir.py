@@ -343,8 +343,10 @@ def test_a_resume_refuses_changes_that_change_the_training(finished, change, nee
 def test_a_resume_accepts_what_does_not_change_the_training(finished, dataset, tmp_path):
     moved = tmp_path / "moved"
     shutil.copytree(dataset, moved)
-    trainer = resume(finished, ["epochs=3", "progress=false", "checkpoint_every=2", f"data.root={moved}"])
+    trainer = resume(finished, ["epochs=3", "progress=false", "checkpoint_every=2", f"data.root={moved}",
+                                f"data.cache={tmp_path / 'cache'}", "data.cache_max_gb=1"])
     assert trainer.cfg.epochs == 3 and trainer.cfg.data.root == str(moved)
+    assert trainer.cfg.data.cache == str(tmp_path / "cache")  # (the same samples with or without a cache)
     trainer.close()
     other = generate(tmp_path / "other", clips=30, seed=7)  # other clips: refused
     with pytest.raises(RunDirError, match="differs from the one the checkpoint trained on"):

@@ -66,9 +66,9 @@ def test_resume_mid_epoch_gives_bitwise_the_same_parameters(dataset, tmp_path, m
     assert resumed.batch_in_epoch == steps % 3 and int(resumed.balancer.state.step) == steps * parts
     decoded = []
     loader = resumed.loaders["train"]
-    original = loader.encode if hasattr(loader, "encode") else None
-    if original is not None:  # the resumed pass decodes only the batches still to train on
-        loader.encode = lambda i, epoch: decoded.append(epoch) or original(i, epoch)
+    original = loader.draw if hasattr(loader, "draw") else None
+    if original is not None:  # the resumed pass reads (or decodes) only the batches still to train on
+        loader.draw = lambda i, epoch: decoded.append(epoch) or original(i, epoch)
     resumed.fit()
     if original is not None:
         per_epoch = {e: decoded.count(e) for e in set(decoded)}

@@ -31,11 +31,17 @@ class DataConfig:
     on_error: str = "raise"
     allow_overlap: bool = False  # accept a clip listed in two splits (refused by default)
     device: str = "auto"  # DALI: "cuda" decodes and transforms on the GPU; "auto": cuda if present
+    cache: str = "off"  # decoded-sample cache (DALI): "off", "auto" (the user's cache folder) or a folder
+    cache_max_gb: float = 20.0  # its disk budget (no published value: a size that fits most disks)
 
     def check(self):
         check_on_error(self.on_error)
         if self.batch_size < 1 or self.num_workers < 0:
             raise ValueError("batch_size must be >= 1 and num_workers >= 0")
+        if not isinstance(self.cache, str) or not self.cache:
+            raise ValueError(f"cache must be 'off', 'auto' or a folder, got {self.cache!r}")
+        if not (isinstance(self.cache_max_gb, (int, float)) and 0 <= self.cache_max_gb < float("inf")):
+            raise ValueError(f"cache_max_gb must be a finite number >= 0, got {self.cache_max_gb!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
 

@@ -40,7 +40,7 @@ import torch
 
 from .audio import DALI_AUDIO_FORMATS, antialias_kernel, kaldi_fbank_features
 from .base import ClipLoader, log
-from .errors import DataError
+from .errors import DataError, detached
 from .transforms import random_resized_crop_box
 from .video import decode_video_frames, segment_indices
 
@@ -81,21 +81,23 @@ class _Feeder:
         while self.plan:
             piece = self.plan.popleft()
             samples, kept = [], []
-            for i in piece.clips:
-                try:
-                    samples.append(loader.encode(i, self.epoch))
+            try:
+                encoded = loader.encode_piece(piece.clips, self.epoch)
+            except BaseException as exc:  # not a data fault: end the pass and re-raise it there
+                self.crashed = exc
+                raise StopIteration from None
+            for i, sample in zip(piece.clips, encoded):
+                if isinstance(sample, DataError):
+                    sample.clip = loader.clips[i].clip_id
+                    self.faults.setdefault(piece.group, []).append(sample)
+                else:
+                    samples.append(sample)
                     kept.append(i)
-                except DataError as err:
-                    err.clip = loader.clips[i].clip_id
-                    self.faults.setdefault(piece.group, []).append(err)
-                except BaseException as exc:  # not a data fault: end the pass and re-raise it there
-                    self.crashed = exc
-                    raise StopIteration from None
             if not kept:  # every clip of the piece failed before decoding
                 self.outstanding[piece.group] -= 1
                 continue
             self.in_flight.append(_Piece(piece.group, kept))
-            return tuple([sample[k] for sample in samples] for k in range(len(samples[0])))
+            return tuple(_batch_field([sample[k] for sample in samples]) for k in range(len(samples[0])))
         raise StopIteration
 
     def split_failed(self) -> _Piece:
@@ -112,6 +114,15 @@ class _Feeder:
             self.outstanding[failed.group] -= 1
             self.plan.extendleft(reversed(behind))
         return failed
+
+
+def _batch_field(arrays: list):
+    """One field of a piece as DALI takes it: a single array when every sample's has the same
+    shape and type (one copy into DALI, instead of one per sample), else the list."""
+    first = arrays[0]
+    if all(a.shape == first.shape and a.dtype == first.dtype for a in arrays):
+        return np.stack(arrays)
+    return arrays
 
 
 def _read_pcm(path) -> np.ndarray:
@@ -173,7 +184,24 @@ class DaliLoader(ClipLoader):
                 kernels = {r: antialias_kernel(r, target) for r in rates}
                 width = max(len(v) for v in kernels.values())
                 self.lowpass[m] = {r: np.pad(v, (width - len(v)) // 2)[None, :] for r, v in kernels.items()}
-        self.fields = self._source_fields()
+        # The decoded-sample cache (data.cache; dali_cache.py): the pipeline then reads decoded
+        # clips (from the cache, or decoded by it for this batch) and applies the random parts.
+        from .cache import resolve_cache_dir
+
+        cache_dir = resolve_cache_dir(cfg.cache)
+        self.cached = None
+        if cache_dir is not None:
+            from .dali_cache import CachedSource
+
+            try:
+                self.cached = CachedSource(self, cache_dir)
+            except ValueError as err:
+                if cfg.cache != "auto":
+                    raise
+                # ("auto" is best effort: a read-only home decodes every epoch, as without a cache)
+                log.warning("%s; decoding every epoch without a cache", err)
+        self.fields = self.cached.fields() if self.cached is not None else self._source_fields()
+        self.outputs = [m for m in self.modalities if self.cached is None or m not in self.cached.bypass]
         self.feeder = _Feeder(self)
         self._dirty = False  # a pass ended early or failed: rebuild before the next one
         self.pipe = self._build()
@@ -200,39 +228,70 @@ class DaliLoader(ClipLoader):
                 fields += [(modality, "roi_start"), (modality, "roi_end"), (modality, "mirror")]
         return fields + [("label", ""), ("index", "")]
 
-    def encode(self, i: int, epoch: int) -> list:
-        """The source outputs of clip i (its position in self.clips), field by field; the draws
-        from its generator come in the naive loader's order (transforms.transform_frames)."""
+    def draw(self, i: int, epoch: int) -> dict:
+        """modality -> the random choices for clip i (its position in self.clips) in `epoch`:
+        audio window start; frame indices, and in training the crop box and flip. Drawn from
+        its generator in the naive loader's order (transforms.transform_frames)."""
         clip, recipe, frames = self.clips[i], self.cfg.audio, self.cfg.frames
         rng = self.sample_rng(epoch, i)
         out = {}
         for modality, kind in self.modalities.items():
+            if kind == "audio":
+                out[modality] = {"start": recipe.window_start(recipe.offset_fraction(self.train, rng))}
+                continue
+            d = {"idx": segment_indices(clip.num_frames[modality], frames.num_frames, self.train, rng)}
+            if self.train:
+                d["box"] = random_resized_crop_box(*clip.frame_sizes[modality], frames, rng)
+                d["flip"] = frames.flip and rng.random() < 0.5
+            out[modality] = d
+        return out
+
+    def crop_fields(self, out: dict, modality, d: dict) -> None:
+        """The training crop box and flip of a visual modality, as the pipeline takes them."""
+        left, top, w, h = d["box"]
+        out[modality, "roi_start"] = np.array([top, left], dtype=np.float32)  # (y, x), as the layout
+        out[modality, "roi_end"] = np.array([top + h, left + w], dtype=np.float32)
+        out[modality, "mirror"] = np.array(int(d["flip"]), dtype=np.int32)
+
+    def encode_piece(self, clips: list, epoch: int) -> list:
+        """The source outputs of each clip of a piece: a list of fields, or the DataError of a
+        clip that could not be read."""
+        if self.cached is not None:
+            return self.cached.encode_piece(clips, epoch)
+        out = []
+        for i in clips:
+            try:
+                out.append(self.encode(i, epoch))
+            except DataError as err:
+                out.append(detached(err))
+        return out
+
+    def encode(self, i: int, epoch: int) -> list:
+        """The source outputs of clip i, field by field (files read, nothing decoded)."""
+        clip, draws = self.clips[i], self.draw(i, epoch)
+        out = {}
+        for modality, kind in self.modalities.items():
+            d = draws[modality]
             if kind == "audio":
                 if modality in self.pcm_modalities:
                     out[modality, "pcm"] = _read_pcm(clip.files[modality])
                     out[modality, "rate"] = np.array(clip.audio_rates[modality], dtype=np.float32)
                 else:
                     out[modality, "bytes"] = _read_bytes(clip.files[modality])
-                start = recipe.window_start(recipe.offset_fraction(self.train, rng))
-                out[modality, "start"] = np.array([start], dtype=np.int32)
+                out[modality, "start"] = np.array([d["start"]], dtype=np.int32)
                 if modality in self.lowpass:
                     out[modality, "lowpass"] = self.lowpass[modality][clip.audio_rates[modality]]
                 continue
-            idx = segment_indices(clip.num_frames[modality], frames.num_frames, self.train, rng)
             if kind == "frames":
-                for t, j in enumerate(idx):
+                for t, j in enumerate(d["idx"]):
                     out[modality, f"jpeg{t}"] = _read_bytes(clip.frame_files[modality][j])
             elif modality in self.pyav_modalities:
-                out[modality, "decoded"] = decode_video_frames(clip.files[modality], idx)
+                out[modality, "decoded"] = decode_video_frames(clip.files[modality], d["idx"])
             else:
                 out[modality, "bytes"] = _read_bytes(clip.files[modality])
-                out[modality, "frames"] = np.asarray(idx, dtype=np.int32)
+                out[modality, "frames"] = np.asarray(d["idx"], dtype=np.int32)
             if self.train:
-                left, top, w, h = random_resized_crop_box(*clip.frame_sizes[modality], frames, rng)
-                flip = frames.flip and rng.random() < 0.5
-                out[modality, "roi_start"] = np.array([top, left], dtype=np.float32)  # (y, x), as the layout
-                out[modality, "roi_end"] = np.array([top + h, left + w], dtype=np.float32)
-                out[modality, "mirror"] = np.array(int(flip), dtype=np.int32)
+                self.crop_fields(out, modality, d)
         out["label", ""] = np.array(clip.label, dtype=np.int64)
         out["index", ""] = np.array(i, dtype=np.int64)
         return [out[f] for f in self.fields]
@@ -249,29 +308,13 @@ class DaliLoader(ClipLoader):
         return pipe
 
     def _define(self, gpu: bool):
-        """The pipeline, defined but not built (defining needs no GPU, so tests check the GPU
-        graph's operators and arguments on CPU-only machines too)."""
+        """The training pipeline, defined but not built (defining needs no GPU, so tests check
+        the GPU graph's operators and arguments on CPU-only machines too). With a cache, its
+        source holds decoded clips (CachedSource.fields) instead of files."""
         import nvidia.dali.fn as fn
-        import nvidia.dali.math as dmath
-        import nvidia.dali.types as types
         from nvidia.dali import pipeline_def
 
-        cfg, train = self.cfg, self.train
-        frames_recipe = cfg.frames
-        mean = [255 * m for m in frames_recipe.mean]
-        std = [255 * s for s in frames_recipe.std]
-        size = [frames_recipe.size] * 2
-
-        def transform(x, src):
-            if train:  # the crop box and flip drawn in the source (naive loader's draws)
-                x = fn.resize(x, size=size, roi_start=src["roi_start"], roi_end=src["roi_end"],
-                              roi_relative=False)
-                mirror = src["mirror"]
-            else:
-                x = fn.resize(x, size=size)
-                mirror = 0
-            return fn.crop_mirror_normalize(x, dtype=types.FLOAT, output_layout="FCHW", mean=mean, std=std,
-                                            mirror=mirror)
+        cfg = self.cfg
 
         @pipeline_def
         def pipeline():
@@ -280,52 +323,95 @@ class DaliLoader(ClipLoader):
             for (modality, name), node in zip(self.fields, nodes):
                 src.setdefault(modality, {})[name] = node
             outs = []
-            for modality, kind in self.modalities.items():
-                s = src[modality]
+            for modality in self.outputs:
+                s, kind = src[modality], self.modalities[modality]
                 if kind == "audio":
-                    recipe = cfg.audio
-                    target = float(recipe.sample_rate)
-                    if modality in self.pcm_modalities:
-                        wave, rate = s["pcm"], s["rate"]
-                    elif modality in self.lowpass:
-                        wave, rate = fn.decoders.audio(s["bytes"], dtype=types.FLOAT, downmix=True)
-                    else:  # every file at the recipe's rate: nothing to resample
-                        wave, rate = fn.decoders.audio(s["bytes"], dtype=types.FLOAT, downmix=True, sample_rate=target)
-                    if modality in self.lowpass:
-                        image = fn.reshape(wave, shape=[1, -1, 1], layout="HWC")
-                        wave = fn.reshape(fn.filter(image, s["lowpass"], border="constant"), shape=[-1])
-                        wave = fn.audio_resample(wave, in_rate=rate, out_rate=target, dtype=types.FLOAT)
-                    copies = self._audio_copies(modality)
-                    looped = fn.cat(*([wave] * copies), axis=0) if copies > 1 else wave
-                    window = fn.slice(looped, start=s["start"], shape=[recipe.window_samples], axes=[0])
-                    if recipe.clip is not None:
-                        window = dmath.clamp(window, -recipe.clip, recipe.clip)
-                    if gpu:
-                        window = window.gpu()
-                    if recipe.features == "fbank":  # computed on the batch after the pipeline
-                        outs.append(window)
-                        continue
-                    power = fn.spectrogram(window, nfft=recipe.n_fft, window_length=recipe.n_fft,
-                                           window_step=recipe.hop_length, window_fn=recipe.hann_window().tolist(),
-                                           center_windows=True, reflect_padding=recipe.pad_mode == "reflect",
-                                           power=2, layout="ft")
-                    # |X| = sqrt(|X|^2): DALI's power-2 spectrogram plus a sqrt is faster than power=1.
-                    outs.append(dmath.log(dmath.sqrt(power) + recipe.log_eps))
-                elif kind == "video":
-                    if modality in self.pyav_modalities:  # already decoded frames [T, H, W, 3]
-                        frames = fn.reshape(s["decoded"], layout="FHWC")
-                    else:
-                        frames = fn.decoders.video(s["bytes"], device="mixed" if gpu else "cpu", frames=s["frames"],
-                                                   pad_mode="none")  # a missing frame is an error, not zeros
-                    outs.append(transform(frames, s))
+                    wave = s["wave"] if "wave" in s else self.wave_node(s, modality)
+                    outs.append(self.features_node(wave, s["start"], modality, gpu))
                 else:
-                    images = [fn.decoders.image(s[f"jpeg{t}"], device="mixed" if gpu else "cpu",
-                                                output_type=types.RGB) for t in range(frames_recipe.num_frames)]
-                    outs.append(transform(fn.stack(*images, axis_name="F"), s))
+                    if self.cached is not None:  # decoded frames [T, H, W, 3]
+                        frames = fn.reshape(s["frames"], layout="FHWC")
+                        frames = frames.gpu() if gpu else frames
+                    else:
+                        frames = self.frames_node(s, modality, kind, gpu)
+                    outs.append(self.transform_node(frames, s))
             return (*outs, src["label"][""], src["index"][""])
 
         return pipeline(batch_size=cfg.batch_size, num_threads=max(1, cfg.num_workers),
                         device_id=0 if gpu else None, seed=cfg.seed, prefetch_queue_depth=2)
+
+    # The graph's pieces, shared by the training pipeline and the cache's decoding pipelines
+    # (dali_cache.py), so that a cached clip goes through the very operators an uncached one does.
+    def wave_node(self, s: dict, modality):
+        """Mono float32 samples at the recipe's rate from the source's audio fields."""
+        import nvidia.dali.fn as fn
+        import nvidia.dali.types as types
+
+        target = float(self.cfg.audio.sample_rate)
+        if modality in self.pcm_modalities:
+            wave, rate = s["pcm"], s["rate"]
+        elif modality in self.lowpass:
+            wave, rate = fn.decoders.audio(s["bytes"], dtype=types.FLOAT, downmix=True)
+        else:  # every file at the recipe's rate: nothing to resample
+            wave, rate = fn.decoders.audio(s["bytes"], dtype=types.FLOAT, downmix=True, sample_rate=target)
+        if modality in self.lowpass:
+            image = fn.reshape(wave, shape=[1, -1, 1], layout="HWC")
+            wave = fn.reshape(fn.filter(image, s["lowpass"], border="constant"), shape=[-1])
+            wave = fn.audio_resample(wave, in_rate=rate, out_rate=target, dtype=types.FLOAT)
+        return wave
+
+    def features_node(self, wave, start, modality, gpu: bool):
+        """Loop, window from `start`, clip, then the log-magnitude spectrogram (fbank: the window;
+        its features are computed on the batch after the pipeline)."""
+        import nvidia.dali.fn as fn
+        import nvidia.dali.math as dmath
+
+        recipe = self.cfg.audio
+        copies = self._audio_copies(modality)
+        looped = fn.cat(*([wave] * copies), axis=0) if copies > 1 else wave
+        window = fn.slice(looped, start=start, shape=[recipe.window_samples], axes=[0])
+        if recipe.clip is not None:
+            window = dmath.clamp(window, -recipe.clip, recipe.clip)
+        if gpu:
+            window = window.gpu()
+        if recipe.features == "fbank":
+            return window
+        power = fn.spectrogram(window, nfft=recipe.n_fft, window_length=recipe.n_fft,
+                               window_step=recipe.hop_length, window_fn=recipe.hann_window().tolist(),
+                               center_windows=True, reflect_padding=recipe.pad_mode == "reflect", power=2, layout="ft")
+        # |X| = sqrt(|X|^2): DALI's power-2 spectrogram plus a sqrt is faster than power=1.
+        return dmath.log(dmath.sqrt(power) + recipe.log_eps)
+
+    def frames_node(self, s: dict, modality, kind: str, gpu: bool):
+        """uint8 frames [T, H, W, 3] decoded from the source's fields."""
+        import nvidia.dali.fn as fn
+        import nvidia.dali.types as types
+
+        if kind == "frames":
+            images = [fn.decoders.image(s[f"jpeg{t}"], device="mixed" if gpu else "cpu", output_type=types.RGB)
+                      for t in range(self.cfg.frames.num_frames)]
+            return fn.stack(*images, axis_name="F")
+        if modality in self.pyav_modalities:  # already decoded frames [T, H, W, 3]
+            return fn.reshape(s["decoded"], layout="FHWC")
+        return fn.decoders.video(s["bytes"], device="mixed" if gpu else "cpu", frames=s["frames"],
+                                 pad_mode="none")  # a missing frame is an error, not zeros
+
+    def transform_node(self, x, s: dict):
+        """Training: resize of the crop box drawn in the source, and its flip; evaluation: resize.
+        Then normalised, channels first."""
+        import nvidia.dali.fn as fn
+        import nvidia.dali.types as types
+
+        recipe = self.cfg.frames
+        size = [recipe.size] * 2
+        if self.train:
+            x = fn.resize(x, size=size, roi_start=s["roi_start"], roi_end=s["roi_end"], roi_relative=False)
+            mirror = s["mirror"]
+        else:
+            x = fn.resize(x, size=size)
+            mirror = 0
+        return fn.crop_mirror_normalize(x, dtype=types.FLOAT, output_layout="FCHW", mean=[255 * m for m in recipe.mean],
+                                        std=[255 * v for v in recipe.std], mirror=mirror)
 
     def batches(self, start: int = 0):
         """A pass over the current epoch from plan batch `start` on."""
@@ -333,11 +419,14 @@ class DaliLoader(ClipLoader):
         if self._dirty:  # an earlier pass stopped early or failed: pieces may still be in flight
             self.pipe = self._build()
         self._dirty = True
-        self.feeder.reset(self.epoch, [_Piece(start + b, list(map(int, ids))) for b, ids in enumerate(plan)])
+        pieces = [_Piece(start + b, list(map(int, ids))) for b, ids in enumerate(plan)]
+        if self.cached is not None:
+            self.cached.start_pass([p.clips for p in pieces], self.epoch)
+        self.feeder.reset(self.epoch, pieces)
         return self._run_pass(this_pass, start, start + len(plan))
 
     def _run_pass(self, this_pass: int, group: int, end: int):
-        feeder, names = self.feeder, list(self.modalities) + ["label", "index"]
+        feeder, names = self.feeder, self.outputs + ["label", "index"]
         done: dict = {}  # group -> decoded batches of its pieces
         while group < end:
             while group < end and feeder.outstanding[group] == 0:  # in plan order
@@ -367,7 +456,10 @@ class DaliLoader(ClipLoader):
                         self._clip_error(failed.clips[0], exc, feeder.epoch))
                 continue
             piece = feeder.in_flight.popleft()
-            done.setdefault(piece.group, []).append({n: _to_torch(o) for n, o in zip(names, outputs)})
+            part = {n: _to_torch(o) for n, o in zip(names, outputs)}
+            if self.cached is not None:
+                self.cached.attach(part)
+            done.setdefault(piece.group, []).append(part)
             feeder.outstanding[piece.group] -= 1
         try:  # the source is exhausted: let DALI say so, then rewind it for the next pass
             self.pipe.run()

@@ -22,6 +22,12 @@ class DataError(ValueError):
         return DataError, (self.path, self.reason, self.clip)
 
 
+def detached(err: DataError) -> DataError:
+    """The same error without its traceback and context: a stored error whose traceback holds
+    frames (and their f_back chain) would keep the loader that made it in a reference cycle."""
+    return DataError(err.path, err.reason, err.clip)
+
+
 def check_on_error(on_error: str) -> str:
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")

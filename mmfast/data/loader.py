@@ -28,6 +28,9 @@ def build_loader(cfg: DataConfig, split: str, backend: str = "dali", *, train: b
     cfg.check()
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "naive" and cfg.cache not in ("off", "auto"):
+        raise ValueError(f"data.cache={cfg.cache!r}: the decoded-sample cache is read by the DALI backend; the "
+                         f"naive loader (the research code's way) decodes every epoch (use data.cache=off)")
     index = read_layout(cfg.root, cfg.layout, modalities=cfg.modalities, on_error=cfg.on_error,
                         allow_overlap=cfg.allow_overlap)
     train = (split == "train") if train is None else train

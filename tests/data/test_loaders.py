@@ -161,7 +161,7 @@ def _remove_audio_file(clip):
 
 @pytest.mark.parametrize("break_fn,reason", [(_break_audio, "too short"), (_break_frames, "corrupt image"),
                                              (_cut_video, "truncated video"), (_remove_audio_file, "missing file")])
-@pytest.mark.parametrize("backend,workers", [("dali", 2), ("naive", 0), ("naive", 1)])
+@pytest.mark.parametrize("backend,workers", [("dali", 2), ("dali-cached", 2), ("naive", 0), ("naive", 1)])
 def test_clip_that_breaks_during_an_epoch_is_named_or_skipped(synth, tmp_path, break_fn, reason, backend, workers):
     """A clip that probed fine but fails while the epoch runs: on_error="raise" names the clip's
     broken file (also from a worker process, also inside a DALI batch); "skip" leaves out that
@@ -169,8 +169,10 @@ def test_clip_that_breaks_during_an_epoch_is_named_or_skipped(synth, tmp_path, b
     epoch, bitwise as decoded without the fault."""
     root = tmp_path / "data"
     shutil.copytree(synth, root, ignore=None if break_fn is _break_frames else shutil.ignore_patterns("Image-01-FPS"))
-    loaders = {mode: build_loader(config(root, on_error=mode, batch_size=3, num_workers=workers), "val",
-                                  backend=backend) for mode in ("raise", "skip")}
+    # (dali-cached: the clean pass caches every clip, the broken one's entry then no longer matches)
+    cache = {"cache": str(tmp_path / "cache")} if backend == "dali-cached" else {}
+    loaders = {mode: build_loader(config(root, on_error=mode, batch_size=3, num_workers=workers, **cache), "val",
+                                  backend=backend.split("-")[0]) for mode in ("raise", "skip")}
     clean = collect(loaders["skip"])
     victim = loaders["skip"].clips[1]  # inside the first batch, not its first clip
     broken = break_fn(victim)
