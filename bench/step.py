@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import gc
 import json
 import statistics
 import subprocess
@@ -267,6 +268,8 @@ def epoch_benchmark(root, tmp, encoder, size, batch_size, epochs, method="ogm_ge
             return _timed_pass(lambda: mmfast_epoch(t))
         finally:
             t.close()
+            del t
+            gc.collect()  # (the trainer's pipelines and buffers go now, not during a later timing)
 
     try:
         for t in sides.values():  # warm-up: pipelines (and the cached sides' caches)

@@ -9,8 +9,8 @@ bytes before it, their length), which those readers ignore. Entries are named by
 key:
 
     key = (format version, what the entry holds and the recipe fields it depends on, the DALI
-           version and decoder that made it, and each source file's absolute path, size and
-           modification time in ns)
+           version and decoder that made it, and each source file's absolute path, size,
+           modification and change times in ns)
 
 so a changed file, recipe or decoder is decoded again under a new name; stale entries stay until
 ``mmfast data cache --prune`` (or a deletion of the folder) removes them.
@@ -35,7 +35,9 @@ import hashlib
 import json
 import logging
 import os
+import socket
 import struct
+import threading
 import time
 import zlib
 from pathlib import Path
@@ -74,15 +76,17 @@ def resolve_cache_dir(setting: str) -> Path | None:
 
 
 def source_signature(paths) -> list:
-    """[(absolute path, size, mtime in ns)] of the files an entry is decoded from; None when one
-    cannot be read (the decoder, not the cache, then says what is wrong with it)."""
+    """[(absolute path, size, modification and change times in ns)] of the files an entry is
+    decoded from; None when one cannot be read (the decoder, not the cache, then says what is
+    wrong with it). The change time is the kernel's (a copy that keeps the modification time,
+    as `cp -p` or `rsync -a` do, still gets a new one)."""
     out = []
     for path in paths:
         try:
             st = os.stat(path)
         except OSError:
             return None
-        out.append((os.path.abspath(path), st.st_size, st.st_mtime_ns))
+        out.append((os.path.abspath(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns))
     return out
 
 
@@ -191,6 +195,8 @@ class CacheStore:
         if offset + count * dtype.itemsize != length:
             raise ValueError(f"the header's shape {shape} does not fill the entry (damaged)")
         array = np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape)
+        if rows is not None and not all(0 <= r < shape[0] for r in rows):
+            raise ValueError(f"rows {list(rows)} of an entry of {shape[0]}")
         self._verified[key] = (size, offset, shape, dtype)
         self.reads += 1
         return array if rows is None else array[list(rows)]
@@ -200,13 +206,16 @@ class CacheStore:
         log.warning("decoded-sample cache: entry %s is unreadable (%s); it is removed and decoded again", path, why)
         self.damaged += 1
         self._verified.pop(key, None)
-        with self._locked():
-            try:
-                freed = path.stat().st_size
-                path.unlink()
-            except FileNotFoundError:
-                freed = 0
-            self._write_usage(max(0, self._usage() - freed))
+        try:
+            with self._locked():
+                try:
+                    freed = path.stat().st_size
+                    path.unlink()
+                except FileNotFoundError:
+                    freed = 0
+                self._write_usage(max(0, self._usage() - freed))
+        except OSError as exc:  # (a read-only or full disk: the entry stays unread in this process)
+            self._stop_writing(exc)
 
     # -- writing ----------------------------------------------------------------------------
     def write(self, key: str, array: np.ndarray) -> bool:
@@ -214,49 +223,66 @@ class CacheStore:
 
     def write_many(self, items: list) -> list:
         """Adds the entries [(key, array)] (True each), or leaves out those beyond the budget
-        (False). An entry another process wrote meanwhile is kept as it is."""
+        (False). An entry another process wrote meanwhile is kept as it is. The files are written
+        under temporary names first; the lock is held only to check the budget and rename them.
+        A write that fails (a full disk, a quota) ends this process's writes, never the run."""
         if self.full or not items:
             return [False] * len(items)
-        done = []
-        with self._locked():
-            usage = start = self._usage()
+        staged = []  # (key, path, temporary file, bytes, header length, shape, dtype)
+        try:
             for key, array in items:
                 path = self.path(key)
-                if self.full:
-                    done.append(False)
-                    continue
                 if path.exists():
-                    done.append(True)
+                    staged.append((key, path, None, 0, 0, None, None))
                     continue
                 array = np.ascontiguousarray(array)
                 header = _npy_header(array)
                 body = memoryview(array).cast("B")
                 length = len(header) + body.nbytes
                 trailer = _MAGIC + struct.pack("<IQ", zlib.crc32(body, zlib.crc32(header)), length)
-                if usage + length + len(trailer) > self.max_bytes:
+                if path.parent not in self._dirs:
+                    path.parent.mkdir(exist_ok=True)
+                    self._dirs.add(path.parent)
+                tmp = _write_temporary(path, header, body, trailer)
+                staged.append((key, path, tmp, length + len(trailer), len(header), array.shape, array.dtype))
+            done = self._commit(staged)
+        except OSError as exc:
+            self._stop_writing(exc)
+            done = [False] * len(items)
+        finally:
+            for item in staged:
+                if item[2] is not None:
+                    item[2].unlink(missing_ok=True)  # (committed ones were renamed away)
+        return done
+
+    def _commit(self, staged: list) -> list:
+        done = []
+        with self._locked():
+            usage = start = self._usage()
+            for key, path, tmp, size, header, shape, dtype in staged:
+                if tmp is None or path.exists():  # (another process wrote it meanwhile)
+                    done.append(True)
+                    continue
+                if self.full or usage + size > self.max_bytes:
+                    if not self.full:
+                        log.info("decoded-sample cache %s: the budget of %.3g GB is reached; the clips not cached "
+                                 "are decoded every epoch", self.root, self.max_bytes / 1e9)
                     self.full = True
-                    log.info("decoded-sample cache %s: the budget of %.3g GB is reached; the clips not cached are "
-                             "decoded every epoch", self.root, self.max_bytes / 1e9)
                     done.append(False)
                     continue
-                try:
-                    if path.parent not in self._dirs:
-                        path.parent.mkdir(exist_ok=True)
-                        self._dirs.add(path.parent)
-                    _write_atomic(path, header, body, trailer)
-                except OSError as exc:  # a full disk: no entry, and no more writes from this process
-                    self.full = True
-                    log.warning("decoded-sample cache %s: cannot write an entry (%s); the clips not cached are "
-                                "decoded every epoch", self.root, exc.strerror or exc)
-                    done.append(False)
-                    continue
-                usage += length + len(trailer)
-                self._verified[key] = (length + len(trailer), len(header), array.shape, array.dtype)
+                os.replace(tmp, path)
+                usage += size
+                self._verified[key] = (size, header, shape, dtype)
                 self.written += 1
                 done.append(True)
             if usage != start:
                 self._write_usage(usage)
         return done
+
+    def _stop_writing(self, exc: OSError) -> None:
+        self.full = True
+        log.warning("decoded-sample cache %s: cannot write (%s); the clips not cached are decoded every epoch",
+                    self.root, exc.strerror or exc)
 
     # -- bookkeeping ------------------------------------------------------------------------
     def _locked(self):
@@ -326,12 +352,26 @@ def _pread_into(fd: int, out: np.ndarray, offset: int) -> None:
         raise ValueError("short read (truncated)")
 
 
-def _write_atomic(path: Path, *parts) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+def _temporary_name(path: Path) -> Path:
+    # (host and pid: writers on several machines may share a network folder)
+    return path.with_name(f"{path.name}.tmp-{socket.gethostname()}-{os.getpid()}-{threading.get_ident()}")
+
+
+def _write_temporary(path: Path, *parts) -> Path:
+    tmp = _temporary_name(path)
     try:
         with open(tmp, "wb") as f:
             for part in parts:
                 f.write(part)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def _write_atomic(path: Path, *parts) -> None:
+    tmp = _write_temporary(path, *parts)
+    try:
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -339,7 +379,8 @@ def _write_atomic(path: Path, *parts) -> None:
 
 
 class _FileLock:
-    """An exclusive flock held for a `with` block (blocking: writers hold it for milliseconds)."""
+    """An exclusive flock held for a `with` block (blocking: writers hold it to check the
+    budget and rename, not while they write)."""
 
     def __init__(self, path: Path):
         self.path = path

@@ -116,6 +116,14 @@ class _Feeder:
         return failed
 
 
+def dali_device_id(gpu: bool):
+    """The GPU a pipeline runs on: this process's current CUDA device (a distributed run's rank
+    sets its own), None for a CPU pipeline. (0 where no GPU is present: tests define GPU graphs.)"""
+    if not gpu:
+        return None
+    return torch.cuda.current_device() if torch.cuda.is_available() else 0
+
+
 def _batch_field(arrays: list):
     """One field of a piece as DALI takes it: a single array when every sample's has the same
     shape and type (one copy into DALI, instead of one per sample), else the list."""
@@ -338,7 +346,7 @@ class DaliLoader(ClipLoader):
             return (*outs, src["label"][""], src["index"][""])
 
         return pipeline(batch_size=cfg.batch_size, num_threads=max(1, cfg.num_workers),
-                        device_id=0 if gpu else None, seed=cfg.seed, prefetch_queue_depth=2)
+                        device_id=dali_device_id(gpu), seed=cfg.seed, prefetch_queue_depth=2)
 
     # The graph's pieces, shared by the training pipeline and the cache's decoding pipelines
     # (dali_cache.py), so that a cached clip goes through the very operators an uncached one does.

@@ -66,8 +66,9 @@ def test_data_bench_runs(tmp_path):
     load("data").main(["--clips", "24", "--epochs", "1", "--size", "32", "--batch-size", "4",
                        "--json", str(tmp_path / "d.json")])
     report = json.loads((tmp_path / "d.json").read_text())
-    assert report["results"] and all(r["clips_per_s"] > 0 for r in report["results"].values())
-    assert report["speedup"] > 0
+    assert set(report["results"]) == {"naive", "dali", "dali_cached", "dali_cached_first"}
+    assert all(r["clips_per_s"] > 0 for r in report["results"].values())
+    assert report["speedup"] > 0 and report["cached_speedup"] > 0 and report["cached_first_pass_cost"] > -1
     assert_sane(report)
 
 
@@ -90,6 +91,10 @@ def test_step_bench_runs_and_counts_host_reads(tmp_path):
     # mmfast not in fp32: the epoch part times mmfast in fp32 beside it (bf16's share of the speedup)
     assert out["mmfast_precision"] == "bf16" and all(e["precision"] == "bf16" for e in out["epoch"])
     assert all(e["speedup_fp32"] > 0 and e["mmfast_fp32"]["epoch_s"] > 0 for e in out["epoch"])
+    # with the decoded-sample cache: steady state, first epoch, a loader pass, in both precisions
+    for e in out["epoch"]:
+        assert all(e[side]["epoch_s"] > 0 for side in ("cached", "cached_fp32", "cached_first", "cached_fp32_first"))
+        assert e["cached"]["data_only_s"] > 0 and e["cached_speedup_fp32"] > 0 and e["first_epoch_slowdown"] > -1
     text = (tmp_path / "s.md").read_text()
     assert f"{out['machine']['cores']} cores, {out['machine']['vector_isa']}," in text  # (figures name the machine)
     assert "| ogm_ge |" in text and "(vs joint@late)" in text and "| joint@boost |" in text

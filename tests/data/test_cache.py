@@ -44,13 +44,17 @@ def assert_same_batches(a: dict, b: dict):
 
 @pytest.mark.parametrize("visual", ["video", "frames"])
 @pytest.mark.parametrize("split,train", [("train", True), ("test", False)])
-def test_cached_epochs_give_the_uncached_samples_bit_for_bit(synth, tmp_path, visual, split, train):
+@pytest.mark.parametrize("ahead", [False, True])
+def test_cached_epochs_give_the_uncached_samples_bit_for_bit(synth, tmp_path, visual, split, train, ahead):
     """Training (random frames, crops and flips) and evaluation: every epoch from the cache (the
-    first decodes and writes, the next read only) equals the uncached loader's epoch."""
+    first decodes and writes, the next read only) equals the uncached loader's epoch; prepared in
+    the source (a CPU device) or ahead in a thread (as on a GPU)."""
     root = videos_only(synth, tmp_path) if visual == "video" else synth
     cfg = config(root, batch_size=4, num_workers=2)
     plain = build_loader(cfg, split, train=train)
     cached = build_loader(replace(cfg, cache=str(tmp_path / "cache")), split, train=train)
+    assert cached.cached.prepare_ahead is False  # (the default on a CPU device)
+    cached.cached.prepare_ahead = ahead
     n = len(cached.clips)
     for epoch in range(3):
         assert_same_batches(collect(cached), collect(plain))
@@ -134,6 +138,16 @@ def test_a_changed_file_or_recipe_is_decoded_again(video_root, tmp_path):
     collect(again)
     assert again.cached.decoded == 1  # that clip's audio alone
     assert len(set(entries(tmp_path / "cache")) - before) == 1
+    # rewritten with the same size and its old modification time put back (as `cp -p`, `rsync -a`
+    # leave a copy): the change time still differs
+    other = loader.clips[2].files["audio"]
+    st = other.stat()
+    other.write_bytes(other.read_bytes())
+    os.utime(other, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (other.stat().st_size, other.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    third = build_loader(cfg, "val")
+    collect(third)
+    assert third.cached.decoded == 1
     # another recipe (hop length): every audio entry is new, the frames' stay
     other = build_loader(replace(cfg, audio=replace(cfg.audio, hop_length=300)), "val")
     collect(other)
@@ -150,8 +164,10 @@ def test_prune_keeps_only_the_config_s_entries(video_root, tmp_path):
     assert build_cache(cfg, progress=False)["train"]["written"] == 0  # (nothing missing)
     stale = build_loader(replace(cfg, audio=replace(cfg.audio, hop_length=300)), "val")
     collect(stale)
-    pruned = build_cache(cfg, progress=False, prune=True)
+    pruned = build_cache(cfg, ["train"], progress=False, prune=True)  # (the other splits' entries stay)
     assert pruned["cache"]["removed"] == len(stale.clips) and pruned["cache"]["entries"] == 2 * clips
+    with pytest.raises(ValueError, match="no split"):
+        build_cache(cfg, ["nope"], progress=False)
 
 
 # --- damage, budget, concurrency -------------------------------------------------------------------
@@ -212,8 +228,12 @@ def test_beyond_the_budget_clips_are_decoded_every_epoch(video_root, tmp_path):
     assert 0 < written < 2 * len(cached.clips) and cached.cached.store.full
     assert sum(p.stat().st_size for p in entries(tmp_path / "cache")) <= budget * 1e9
     decoded = cached.cached.decoded
+    units, decode = [], cached.cached._decode
+    cached.cached._decode = lambda m, kind, todo: units.append((m, [len(ix or ()) for _, ix in todo])) or decode(m, kind, todo)
     assert_same_batches(collect(cached), collect(clean))
     assert cached.cached.decoded - decoded == 2 * len(cached.clips) - written  # the rest, decoded again
+    # ... as without a cache: the chosen frames (T = 3), not every frame of the clip
+    assert {n for m, lengths in units if m == "visual" for n in lengths} == {FRAMES.num_frames}
 
 
 def test_two_processes_building_one_cache_at_once(video_root, tmp_path):
@@ -291,3 +311,42 @@ def test_auto_falls_back_to_no_cache_where_the_folder_is_unusable(video_root, tm
     assert loader.cached is None and "decoding every epoch without a cache" in caplog.text
     with pytest.raises(ValueError, match="cannot use"):  # (a folder named by the user is not best effort)
         build_loader(replace(config(video_root), cache=str(tmp_path / "a_file")), "val")
+    from mmfast.data.dali_cache import build_cache
+
+    with pytest.raises(ValueError, match="cache folder cannot be used"):
+        build_cache(replace(config(video_root), cache="auto"), progress=False)
+
+
+def test_a_full_disk_while_writing_ends_the_writes_not_the_run(video_root, tmp_path, monkeypatch):
+    import errno
+
+    cfg = config(video_root, batch_size=4)
+    cached = build_loader(replace(cfg, cache=str(tmp_path / "cache")), "train")
+
+    def full(self, value):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(CacheStore, "_write_usage", full)  # (after the first batch's entries fit)
+    assert_same_batches(collect(cached), collect(build_loader(cfg, "train")))
+    assert cached.cached.store.full and not list((tmp_path / "cache").glob("??/*.tmp-*"))
+
+
+def test_an_interrupted_pass_and_a_dropped_loader_stop_the_ahead_thread(video_root, tmp_path):
+    import gc
+    import threading
+
+    cfg = replace(config(video_root, batch_size=2), cache=str(tmp_path / "cache"))
+    loader = build_loader(cfg, "val")
+    loader.cached.prepare_ahead = True
+    full = collect(loader)
+    stale = iter(loader)
+    next(stale)  # abandoned after one batch, with more prepared ahead
+    assert_same_batches(collect(loader), full)
+    next(iter(loader))  # abandoned again; then the loader is dropped mid-pass
+    gc.disable()
+    try:
+        del loader, stale
+        alive = [t for t in threading.enumerate() if t.name == "mmfast-cache-ahead"]
+    finally:
+        gc.enable()
+    assert alive == []
