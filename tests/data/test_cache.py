@@ -350,3 +350,23 @@ def test_an_interrupted_pass_and_a_dropped_loader_stop_the_ahead_thread(video_ro
     finally:
         gc.enable()
     assert alive == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("visual", ["video", "frames"])
+def test_cached_gpu_epochs_give_the_uncached_samples(synth, tmp_path, visual):
+    """On a GPU (mixed decoders, the spectrogram and transforms on the device, batches prepared
+    ahead by a thread): video frames and audio bit for bit; JPEG frames within the rounding of
+    the hardware JPEG decoder, which DALI hands part of each batch to (docs/data.md)."""
+    root = videos_only(synth, tmp_path) if visual == "video" else synth
+    cfg = config(root, batch_size=4, num_workers=2, device="cuda")
+    plain = build_loader(cfg, "train")
+    cached = build_loader(replace(cfg, cache=str(tmp_path / "cache")), "train")
+    assert cached.cached.prepare_ahead
+    for _ in range(2):
+        got, want = collect(cached), collect(plain)
+        assert got.keys() == want.keys() and got["visual"].is_cuda and got["audio"].is_cuda
+        for k in ("audio", "label", "index") + (("visual",) if visual == "video" else ()):
+            assert torch.equal(got[k], want[k]), k
+        pixel = 1 / (255 * min(FRAMES.std))
+        assert (got["visual"] - want["visual"]).abs().max() <= 4 * pixel
