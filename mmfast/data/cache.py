@@ -138,9 +138,10 @@ class CacheStore:
         """Whether the entry is there (not checked: read() checks)."""
         return self.path(key).exists()
 
-    def read(self, key: str, rows=None) -> np.ndarray | None:
-        """The entry's array (`rows`: only these indices of its first axis), or None (absent, or
-        damaged: then it is removed)."""
+    def read(self, key: str, rows=None, out: np.ndarray | None = None) -> np.ndarray | None:
+        """The entry's array (`rows`: only these indices of its first axis; `out`: read into
+        this array, of the entry's shape and type), or None (absent, or damaged: then it is
+        removed)."""
         path = self.path(key)
         try:
             fd = os.open(path, os.O_RDONLY)
@@ -150,11 +151,18 @@ class CacheStore:
             size = os.fstat(fd).st_size
             info = self._verified.get(key)
             if info is None or info[0] != size:  # first read here, or written again meanwhile
-                return self._read_verified(key, fd, size, rows)
+                array = self._read_verified(key, fd, size, rows)
+                if out is None:
+                    return array
+                _check_out(out, array.shape, array.dtype)
+                np.copyto(out, array)
+                return out
             _, offset, shape, dtype = info
             self.reads += 1
             if rows is None:
-                out = np.empty(shape, dtype)
+                if out is None:
+                    out = np.empty(shape, dtype)
+                _check_out(out, shape, dtype)
                 _pread_into(fd, out, offset)
                 return out
             row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
@@ -344,6 +352,11 @@ def _read_header(f) -> tuple:
     if fortran:
         raise ValueError("a Fortran-ordered array (not written by mmfast)")
     return shape, dtype
+
+
+def _check_out(out: np.ndarray, shape, dtype) -> None:
+    if out.shape != tuple(shape) or out.dtype != dtype or not out.flags.c_contiguous:
+        raise ValueError(f"an entry of {tuple(shape)} {dtype} where {out.shape} {out.dtype} was expected")
 
 
 def _pread_into(fd: int, out: np.ndarray, offset: int) -> None:

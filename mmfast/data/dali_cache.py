@@ -171,7 +171,10 @@ class CachedSource:
     def _prepare(self, clips: list, epoch: int) -> list:
         loader = self.loader
         draws = {i: loader.draw(i, epoch) for i in clips}
-        arrays, errors = self.arrays(clips, draws, epoch)
+        # The bypassed modalities are read straight into one batch array per modality.
+        batches = {m: np.empty((len(clips),) + loader.cfg.audio.shape, np.float32) for m in self.bypass}
+        out = {(i, m): batch[k] for m, batch in batches.items() for k, i in enumerate(clips)}
+        arrays, errors = self.arrays(clips, draws, epoch, out=out)
         out = []
         for i in clips:
             if i in errors:
@@ -182,7 +185,7 @@ class CachedSource:
                 d = draws[i][m]
                 if kind == "audio":
                     if m in self.bypass:
-                        self.side.setdefault(i, {})[m] = arrays[i, m]
+                        self.side.setdefault(i, {})[m] = (batches[m], clips.index(i))
                     else:
                         fields[m, "wave"] = arrays[i, m]
                         fields[m, "start"] = np.array([d["start"]], dtype=np.int32)
@@ -202,23 +205,28 @@ class CachedSource:
         clips = part["index"].tolist()
         device = self.loader.device
         for m in self.bypass:
-            part[m] = torch.from_numpy(np.stack([self.side[i].pop(m) for i in clips])).to(device)
+            rows = [self.side[i].pop(m) for i in clips]
+            batch = rows[0][0]
+            if not (all(b is batch for b, _ in rows) and [k for _, k in rows] == list(range(len(batch)))):
+                batch = np.stack([b[k] for b, k in rows])  # (a piece with clips left out, or a retry)
+            part[m] = torch.from_numpy(batch).to(device)
         for i in clips:
             if not self.side.get(i):
                 self.side.pop(i, None)
 
-    def arrays(self, clips: list, draws: dict, epoch: int, *, need=True) -> tuple[dict, dict]:
+    def arrays(self, clips: list, draws: dict, epoch: int, *, need=True, out=None) -> tuple[dict, dict]:
         """({(clip, modality): the decoded array the sample takes}, {clip: DataError}). `need`
-        False (filling the cache): entries present are not read."""
+        False (filling the cache): entries present are not read. `out`: {(clip, modality): an
+        array to fill}, for entries taken whole."""
         loader = self.loader
-        arrays, errors, todo = {}, {}, {}
+        arrays, errors, todo, out = {}, {}, {}, out or {}
         for i in clips:
             for m, kind in loader.modalities.items():
                 e = self.entry(i, m, kind, draws[i][m])
                 if e.key is not None:
                     if not need and self.store.has(e.key):
                         continue
-                    found = self.store.read(e.key, e.rows) if need else None
+                    found = self.store.read(e.key, e.rows, out=out.get((i, m))) if need else None
                     if found is not None:
                         arrays[i, m] = found
                         continue
@@ -235,7 +243,11 @@ class CachedSource:
                                    if w and not isinstance(r, BaseException)])
             for (i, e), result, w in zip(items, results, write):
                 if not isinstance(result, BaseException):
-                    arrays[i, m] = result[e.rows] if w and e.rows is not None else np.array(result)
+                    if (i, m) in out:
+                        arrays[i, m] = out[i, m]
+                        np.copyto(out[i, m], result)
+                    else:
+                        arrays[i, m] = result[e.rows] if w and e.rows is not None else np.array(result)
                     continue
                 if w and e.rows is not None:
                     # Not every frame decodes: the chosen ones, as without a cache (every epoch).
