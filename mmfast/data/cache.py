@@ -106,7 +106,7 @@ def _npy_header(array: np.ndarray) -> bytes:
 
 class CacheStore:
     """One cache folder. ``read(key)`` returns an entry's array or None (absent, or found damaged
-    and removed); ``write(key, array, sources)`` adds one unless the budget is spent (False)."""
+    and removed); ``write_many([(key, array)])`` adds entries until the budget is spent."""
 
     def __init__(self, root: Path, max_gb: float):
         self.root = Path(root)
@@ -226,9 +226,6 @@ class CacheStore:
             self._stop_writing(exc)
 
     # -- writing ----------------------------------------------------------------------------
-    def write(self, key: str, array: np.ndarray) -> bool:
-        return self.write_many([(key, array)])[0]
-
     def write_many(self, items: list) -> list:
         """Adds the entries [(key, array)] (True each), or leaves out those beyond the budget
         (False). An entry another process wrote meanwhile is kept as it is. The files are written

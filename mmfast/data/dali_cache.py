@@ -173,10 +173,10 @@ class CachedSource:
         draws = {i: loader.draw(i, epoch) for i in clips}
         # The bypassed modalities are read straight into one batch array per modality.
         batches = {m: np.empty((len(clips),) + loader.cfg.audio.shape, np.float32) for m in self.bypass}
-        out = {(i, m): batch[k] for m, batch in batches.items() for k, i in enumerate(clips)}
-        arrays, errors = self.arrays(clips, draws, epoch, out=out)
+        rows = {(i, m): batch[k] for m, batch in batches.items() for k, i in enumerate(clips)}
+        arrays, errors = self.arrays(clips, draws, epoch, out=rows)
         out = []
-        for i in clips:
+        for k, i in enumerate(clips):
             if i in errors:
                 out.append(errors[i])
                 continue
@@ -185,7 +185,7 @@ class CachedSource:
                 d = draws[i][m]
                 if kind == "audio":
                     if m in self.bypass:
-                        self.side.setdefault(i, {})[m] = (batches[m], clips.index(i))
+                        self.side.setdefault(i, {})[m] = (batches[m], k)
                     else:
                         fields[m, "wave"] = arrays[i, m]
                         fields[m, "start"] = np.array([d["start"]], dtype=np.int32)
@@ -302,7 +302,7 @@ class CachedSource:
             return out
         if kind == "frames":  # one sample per frame file, stacked per clip afterwards
             flat = [(i, loader.clips[i].frame_files[m][j]) for i, indices in units for j in indices]
-            images = self._run(("frames", m), kind, m, [_files(path, jpeg=path) for _, path in flat])
+            images = self._run(("frames", m), kind, m, [_files(jpeg=path) for _, path in flat])
             out, k = [], 0
             for i, indices in units:
                 mine = images[k:k + len(indices)]
@@ -316,7 +316,7 @@ class CachedSource:
             if kind == "audio":
                 feeds.append(_audio_feeds(loader, m, clip))
             else:
-                feeds.append(_files(clip.files[m], bytes=clip.files[m], frames=np.asarray(indices, dtype=np.int32)))
+                feeds.append(_files(bytes=clip.files[m], frames=np.asarray(indices, dtype=np.int32)))
         return self._run((kind, m), kind, m, feeds)
 
     def _run(self, name, kind, m, feeds: list) -> list:
@@ -442,9 +442,9 @@ class _Ahead:
             self.thread.join()
 
 
-def _files(path, **fields) -> dict:
-    """Input arrays for a decoding pipeline: fields given as paths are read as bytes. The
-    DataError of a file that cannot be read is returned in place of the dict."""
+def _files(**fields) -> dict:
+    """Input arrays for a decoding pipeline: the fields "jpeg" and "bytes" name files, read as
+    bytes. The DataError of a file that cannot be read is returned in place of the dict."""
     from .dali_loader import _read_bytes
 
     try:
@@ -454,19 +454,12 @@ def _files(path, **fields) -> dict:
 
 
 def _audio_feeds(loader, m, clip):
-    from .dali_loader import _read_pcm
-
+    """The audio decoding pipeline's inputs for a clip (DaliLoader.audio_source, and the fixed
+    window's start where the entry is the spectrogram), or the DataError of its file."""
     try:
-        if m in loader.pcm_modalities:
-            feeds = {"pcm": _read_pcm(clip.files[m]), "rate": np.array(clip.audio_rates[m], dtype=np.float32)}
-        else:
-            feeds = _files(clip.files[m], bytes=clip.files[m])
-            if isinstance(feeds, DataError):
-                return feeds
+        feeds = loader.audio_source(clip, m)
     except DataError as err:
         return detached(err)
-    if m in loader.lowpass:
-        feeds["lowpass"] = loader.lowpass[m][clip.audio_rates[m]]
     contents = loader.cached.contents[m]
     if contents["what"] == "audio-features":
         feeds["start"] = np.array([contents["start"]], dtype=np.int32)

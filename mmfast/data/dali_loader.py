@@ -281,14 +281,8 @@ class DaliLoader(ClipLoader):
         for modality, kind in self.modalities.items():
             d = draws[modality]
             if kind == "audio":
-                if modality in self.pcm_modalities:
-                    out[modality, "pcm"] = _read_pcm(clip.files[modality])
-                    out[modality, "rate"] = np.array(clip.audio_rates[modality], dtype=np.float32)
-                else:
-                    out[modality, "bytes"] = _read_bytes(clip.files[modality])
+                out.update({(modality, name): v for name, v in self.audio_source(clip, modality).items()})
                 out[modality, "start"] = np.array([d["start"]], dtype=np.int32)
-                if modality in self.lowpass:
-                    out[modality, "lowpass"] = self.lowpass[modality][clip.audio_rates[modality]]
                 continue
             if kind == "frames":
                 for t, j in enumerate(d["idx"]):
@@ -303,6 +297,18 @@ class DaliLoader(ClipLoader):
         out["label", ""] = np.array(clip.label, dtype=np.int64)
         out["index", ""] = np.array(i, dtype=np.int64)
         return [out[f] for f in self.fields]
+
+    def audio_source(self, clip, modality) -> dict:
+        """What wave_node takes of a clip's audio file: its bytes (or, for formats DALI cannot
+        read, its samples and rate), and the low-pass kernel of its rate where one applies."""
+        if modality in self.pcm_modalities:
+            out = {"pcm": _read_pcm(clip.files[modality]),
+                   "rate": np.array(clip.audio_rates[modality], dtype=np.float32)}
+        else:
+            out = {"bytes": _read_bytes(clip.files[modality])}
+        if modality in self.lowpass:
+            out["lowpass"] = self.lowpass[modality][clip.audio_rates[modality]]
+        return out
 
     def _audio_copies(self, modality) -> int:
         """How many copies of the shortest clip cover loop_to seconds (DALI has no wrap-around)."""
