@@ -68,6 +68,7 @@ class ProbedClip:
     frame_sizes: dict  # video/frames modality -> (width, height)
     audio_rates: dict  # audio modality -> the file's sample rate
     audio_formats: dict  # audio modality -> container format as soundfile names it (WAV, FLAC, MP3, ...)
+    audio_subtypes: dict  # audio modality -> sample format as soundfile names it (PCM_16, FLOAT, ...)
 
 
 def probe(index: DatasetIndex, clips, cfg: DataConfig, report: SkipReport) -> list:
@@ -76,7 +77,7 @@ def probe(index: DatasetIndex, clips, cfg: DataConfig, report: SkipReport) -> li
     probed = []
     for clip in clips:
         try:
-            seconds, counts, listed, codecs, sizes, rates, formats = {}, {}, {}, {}, {}, {}, {}
+            seconds, counts, listed, codecs, sizes, rates, formats, subtypes = {}, {}, {}, {}, {}, {}, {}, {}
             for modality, kind in index.kinds.items():
                 path = Path(clip.files[modality])
                 if kind == "audio":
@@ -85,6 +86,7 @@ def probe(index: DatasetIndex, clips, cfg: DataConfig, report: SkipReport) -> li
                     try:
                         info = sf.info(str(path))
                         declared, rates[modality], formats[modality] = info.frames, info.samplerate, info.format
+                        subtypes[modality] = info.subtype
                         wave, rate = sf.read(str(path), dtype="float32", always_2d=True)
                     except Exception as exc:
                         raise DataError(path, f"corrupt audio: {type(exc).__name__}: {exc}") from None
@@ -99,7 +101,7 @@ def probe(index: DatasetIndex, clips, cfg: DataConfig, report: SkipReport) -> li
                     listed[modality], sizes[modality] = probe_frames(path)
                     counts[modality] = len(listed[modality])
             probed.append(ProbedClip(clip.clip_id, clip.label, dict(clip.files), seconds, counts, listed, codecs,
-                                     sizes, rates, formats))
+                                     sizes, rates, formats, subtypes))
         except DataError as err:
             if cfg.on_error == "raise":
                 raise

@@ -50,6 +50,30 @@ def test_dali_spectrogram_matches_librosa_for_both_pad_modes(synth, pad_mode):
     assert np.linalg.norm(got - expected) / np.linalg.norm(expected) < 1e-4
 
 
+def test_dali_leaves_out_the_clamp_only_where_it_changes_nothing(synth, tmp_path):
+    """Integer PCM at the recipe's rate cannot leave [-1, 1]: the pipeline without the clamp
+    gives the very spectrograms of the one with it. Float samples beyond 1 keep the clamp."""
+    cfg = config(synth)
+    loader = build_loader(cfg, "test", backend="dali")
+    assert loader.within_unit == {"audio"} and {c.audio_subtypes["audio"] for c in loader.clips} == {"PCM_16"}
+    without = collect(loader)["audio"]
+    loader.within_unit = set()
+    loader.pipe = loader._build()
+    assert torch.equal(collect(loader)["audio"], without)
+
+    loud = tmp_path / "loud"
+    shutil.copytree(synth, loud, ignore=shutil.ignore_patterns("Image-01-FPS"))
+    rng = np.random.default_rng(int(torch.randint(1 << 30, ())))
+    for path in sorted((loud / "AudioWAV").glob("*.wav")):
+        wave, rate = sf.read(path, dtype="float32")
+        sf.write(path, wave * rng.uniform(2, 4), rate, subtype="FLOAT")
+    cfg = config(loud)
+    dali = build_loader(cfg, "test", backend="dali")
+    assert dali.within_unit == set()
+    got, naive = collect(dali)["audio"], collect(build_loader(cfg, "test", backend="naive"))["audio"]
+    assert (got - naive).norm() / naive.norm() < 1e-4  # (unclamped, they would differ by far more)
+
+
 # --- resampling and audio formats -------------------------------------------------------------------
 
 def _retone(synth, tmp_path, rate, fmt, make):
