@@ -149,10 +149,24 @@ def _parse_missing(text: str) -> dict:
     return out
 
 
+def _write_per_sample(path, rows: dict) -> None:
+    """The per-sample Shapley values as CSV: clip, label, one column per modality."""
+    import csv
+
+    columns = list(rows)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(columns)
+        writer.writerows(zip(*(rows[c] for c in columns)))
+
+
 def _eval(args) -> int:
     from mmfast.run_dir import RunDirError
     from mmfast.trainer import NonFiniteError, resume
 
+    if args.per_sample and not args.shapley:
+        print("mmfast eval: --per-sample needs --shapley", file=sys.stderr)
+        return 2
     try:
         missing = _parse_missing(args.missing) if args.missing else None
         trainer = resume(args.run_dir, read_only=True)
@@ -162,6 +176,12 @@ def _eval(args) -> int:
         result.update(trainer.evaluate(split, missing=missing))
         if args.linear_probe:
             result.update(trainer.linear_probe(test_split=split))
+        if args.shapley:
+            values = trainer.shapley(split, zeroing=args.zeroing)
+            per_sample = values.pop("per_sample")
+            result["shapley"] = values
+            if args.per_sample:
+                _write_per_sample(args.per_sample, per_sample)
     except (ValueError, FileNotFoundError, RunDirError, NonFiniteError) as exc:
         print(f"mmfast eval: {exc}", file=sys.stderr)
         return 2
@@ -226,6 +246,12 @@ def main(argv=None) -> int:
     evaluate.add_argument("run_dir")
     evaluate.add_argument("--missing", help="drop modalities at test time, e.g. audio=0.3,visual=0.1")
     evaluate.add_argument("--linear-probe", action="store_true", help="also fit a linear probe on each encoder")
+    evaluate.add_argument("--shapley", action="store_true",
+                          help="also each modality's Shapley value of the fused accuracy, overall and per class")
+    evaluate.add_argument("--zeroing", choices=["features", "inputs"], default="features",
+                          help="how --shapley makes a modality absent: zero its pooled features (default) or its "
+                               "input")
+    evaluate.add_argument("--per-sample", metavar="CSV", help="with --shapley: write each sample's values here")
     demo = sub.add_parser("demo", help="train every method on the embedded dataset and print the table")
     demo.add_argument("--out", default="runs/demo")
     demo.add_argument("--data", default="data", help="where the embedded dataset is (generated when absent)")

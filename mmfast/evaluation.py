@@ -6,6 +6,7 @@ softmax scores) for the fused logits and each modality's uni-modal logits, and t
 accuracy; docs/methods/README.md)."""
 from __future__ import annotations
 
+import math
 import warnings
 
 import numpy as np
@@ -154,6 +155,76 @@ class Evaluator:
             columns += [[f[m] for f in features_all] for m in range(len(self.modalities))]
         fused, unimodal, labels, *feats = self.gather_rows(split, index_all, *columns)
         return (fused, unimodal.transpose(0, 1), labels) + ((feats,) if features else ())
+
+    @torch.no_grad()
+    def coalition_outputs(self, split: str, zeroing: str = "features"):
+        """(fused [2^M, N, C], labels [N], clip index [N]) on every readable sample of `split`: the
+        fused logits of each coalition of modalities (mmfast/valuation.py: row k holds the
+        modalities of bitmask k, the others absent), from one pass that decodes each clip once.
+        zeroing="features": each batch is encoded once and the head runs on every coalition's
+        features; "inputs": each encoder also encodes zeros (independent encoders), or the
+        whole model runs on every coalition's inputs (encoders that exchange features)."""
+        from .valuation import ZEROINGS, coalition_masks
+
+        if zeroing not in ZEROINGS:
+            raise ValueError(f"zeroing must be one of {ZEROINGS}, got {zeroing!r}")
+        if zeroing == "features" and self.model.fused_representation:
+            raise ValueError(f"fusion {self.steps.fusion!r} fuses inside the encoders: its features cannot be "
+                             f"zeroed one modality at a time; value the modalities with zeroing='inputs'")
+        loader = self.loaders[split]
+        self.model.eval()
+        M = len(self.modalities)
+        masks = coalition_masks(M, self.device)
+        K = masks.shape[0]
+        skip = self.balancer.unused_modalities if self.balancer is not None else ()
+        fused_all, labels_all, index_all = [], [], []
+        for batch in loader:
+            inputs, labels = self.steps.inputs(batch)
+            B = labels.shape[0]
+            with self.steps.autocast():
+                if zeroing == "inputs" and self.model.fused_representation:
+                    stacked = {}
+                    for k, m in enumerate(self.modalities):
+                        x = inputs[m]
+                        stacked[m] = (x.unsqueeze(0) * masks[:, k].to(x.dtype).view(K, *(1,) * x.dim())).flatten(0, 1)
+                    fused = self.model.head(self.model.encode(stacked, skip=skip))[0]
+                else:
+                    present = self.model.encode(inputs, skip=skip)
+                    absent = ([torch.zeros_like(f) for f in present] if zeroing == "features" else
+                              self.model.encode({m: torch.zeros_like(x) for m, x in inputs.items()}, skip=skip))
+                    # (every coalition's features as one batch [K * B, d_m]: one head call)
+                    features = [torch.where(masks[:, m].view(K, 1, 1), p.unsqueeze(0), a.unsqueeze(0)).flatten(0, 1)
+                                for m, (p, a) in enumerate(zip(present, absent))]
+                    fused = self.model.head(features)[0]
+            fused_all.append(fused.float().view(K, B, -1).transpose(0, 1))  # [B, K, C]: samples first
+            labels_all.append(labels)
+            index_all.append(batch["index"])
+        fused, labels, index = self.gather_rows(split, index_all, fused_all, labels_all,
+                                                [i.to(self.device) for i in index_all])
+        return fused.transpose(0, 1), labels, index
+
+    def shapley(self, split: str, zeroing: str = "features") -> dict:
+        """Each modality's Shapley value of the fused accuracy on `split`, overall and per class,
+        the accuracy of every coalition, and each sample's values (mmfast/valuation.py)."""
+        from .valuation import class_values, coalition_masks, coalition_name, sample_values, shapley_values, \
+            split_values
+
+        fused, labels, index = self.coalition_outputs(split, zeroing)
+        if not torch.isfinite(fused).all():
+            raise NonFiniteError(f"the model's outputs on split {split!r} are non-finite ({self.context()})")
+        names = self.modalities
+        overall = split_values(fused, labels)
+        per_class = shapley_values(class_values(fused, labels, len(self.classes)))
+        per_sample = shapley_values(sample_values(fused, labels))
+        masks = coalition_masks(len(names))
+        return {"split": split, "zeroing": zeroing, "samples": len(labels),
+                "coalitions": {coalition_name(mask, names): float(v) for mask, v in zip(masks, overall)},
+                "values": dict(zip(names, shapley_values(overall).tolist())),
+                "per_class": {name: {c: (None if math.isnan(v) else v) for c, v in zip(self.classes, row.tolist())}
+                              for name, row in zip(names, per_class)},
+                "per_sample": {"clip": [self.loaders[split].clips[i].clip_id for i in index.tolist()],
+                               "label": labels.tolist(),
+                               **{name: row.tolist() for name, row in zip(names, per_sample)}}}
 
     @torch.no_grad()
     def encoder_features(self, split: str):

@@ -383,6 +383,11 @@ class Trainer:
         """The papers' linear probe of each encoder (Evaluator.linear_probe)."""
         return self.evaluator.linear_probe(train_split, test_split)
 
+    def shapley(self, split: str, zeroing: str = "features") -> dict:
+        """Each modality's Shapley value of the fused accuracy on `split`: overall, per class, per
+        sample (Evaluator.shapley; the formulas: mmfast/valuation.py)."""
+        return self.evaluator.shapley(split, zeroing)
+
     # ---- the run -----------------------------------------------------------------------------
 
     def fit(self, *, max_steps: int | None = None) -> dict | None:
