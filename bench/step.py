@@ -58,7 +58,8 @@ MMFAST_METHODS = {"joint": {}, "ogm": CODE_OGM, "ogm_ge": CODE_OGM, "ogm_star": 
                   "opm": {"timing": "current", "p_exe": 0.7}, "moddrop": {"probs": {"audio": 0.3}},
                   "opm_ogm": {}, "olm": {}, "boost": {}, "unimodal": {"modality": "visual"},
                   "mmcosine": {}, "mbsd": {}, "cml": {}, "agm": {}, "mmpareto": {}, "pmr": {},
-                  "mslr": {"lr_scales": {"audio": 0.5}}, "mla": {}, "reconboost": {}, "gblending": {}}
+                  "mslr": {"lr_scales": {"audio": 0.5}}, "mla": {}, "reconboost": {}, "gblending": {},
+                  "relearning": {}}
 NAIVE_METHODS = ("joint", "ogm", "ogm_ge", "opm")
 # Methods whose model has heads of its own (trainable per-modality classifiers): their
 # balancing overhead is against plain joint training of that same model (model.fusion), beside

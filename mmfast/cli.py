@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 
 def _synth(args) -> int:
@@ -189,6 +190,21 @@ def _eval(args) -> int:
     return 0
 
 
+def _diagnose(args) -> int:
+    from mmfast.diagnose import diagnose
+    from mmfast.run_dir import RunDirError
+    from mmfast.trainer import NonFiniteError
+
+    try:
+        diagnose(args.config, args.overrides, out=args.out, epochs=args.epochs,
+                 echo=lambda line: print(line, file=sys.stderr, flush=True))
+    except (ValueError, FileExistsError, FileNotFoundError, RunDirError, NonFiniteError) as exc:
+        print(f"mmfast diagnose: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(json.loads((Path(args.out) / "report.json").read_text()), indent=2))
+    return 0
+
+
 def _demo(args) -> int:
     from mmfast.demo import run_demo
 
@@ -213,7 +229,8 @@ def main(argv=None) -> int:
     synth.add_argument("--out", required=True, help="output folder (must be empty or absent)")
     synth.add_argument("--clips", type=int, default=480)
     synth.add_argument("--classes", type=int, default=6)
-    synth.add_argument("--dominant", choices=["audio", "visual"], default="audio")
+    synth.add_argument("--dominant", choices=["audio", "visual", "none"], default="audio",
+                       help="the modality joint training favours; none: a balanced variant")
     synth.add_argument("--imbalance", type=float, default=2.5,
                        help="how much weaker the other modality's class signal is (>= 1)")
     synth.add_argument("--seed", type=int, default=0)
@@ -252,6 +269,12 @@ def main(argv=None) -> int:
                           help="how --shapley makes a modality absent: zero its pooled features (default) or its "
                                "input")
     evaluate.add_argument("--per-sample", metavar="CSV", help="with --shapley: write each sample's values here")
+    diag = sub.add_parser("diagnose", help="is a dataset imbalanced, and which method to try: trains joint and "
+                                           "each modality alone briefly, writes a report")
+    diag.add_argument("--config", required=True, help="a YAML file or a shipped config")
+    diag.add_argument("--epochs", type=int, help="epochs of each run (default: the config's)")
+    diag.add_argument("--out", default="runs/diagnose", help="where the runs and the report go")
+    diag.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. data.root=DIR")
     demo = sub.add_parser("demo", help="train every method on the embedded dataset and print the table")
     demo.add_argument("--out", default="runs/demo")
     demo.add_argument("--data", default="data", help="where the embedded dataset is (generated when absent)")
@@ -261,7 +284,7 @@ def main(argv=None) -> int:
     demo.add_argument("--clips", type=int, default=480)
     demo.add_argument("--methods", nargs="+", metavar="ROW",
                       help="which rows: 'all' (the seed papers' methods, the baselines and the peers' methods "
-                           "mmcosine, mbsd, cml, agm, mmpareto, pmr, mla, reconboost, gblending, mslr) or row labels / method names; default: "
+                           "mmcosine, mbsd, cml, agm, mmpareto, pmr, mla, reconboost, gblending, mslr, relearning) or row labels / method names; default: "
                            "the seed papers' methods and the baselines")
     demo.add_argument("--no-progress", action="store_true")
     demo.add_argument("--study", action="store_true",
@@ -274,6 +297,8 @@ def main(argv=None) -> int:
         return _train(args)
     if args.command == "eval":
         return _eval(args)
+    if args.command == "diagnose":
+        return _diagnose(args)
     if args.command == "info":
         import mmfast
 

@@ -27,11 +27,11 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import math
 
 import torch
 import torch.nn.functional as F
 
+from ..valuation import shapley_matrix as shapley_weights
 from .base import Method, StepState, WindowParams, check_number
 
 
@@ -42,19 +42,10 @@ def coalitions(M: int) -> list[tuple[int, ...]]:
 
 def shapley_matrix(M: int) -> torch.Tensor:
     """W [M, K + 1] with r_m = sum_k W[m, k] f(S_k): S_k the coalitions(M), then the full set
-    last; f({}) = 0 drops the empty coalition's terms."""
+    last: the Shapley weights of mmfast/valuation.py in this order, the empty coalition's column
+    left out (f({}) = 0)."""
     subsets = coalitions(M) + [tuple(range(M))]
-    column = {s: k for k, s in enumerate(subsets)}
-    W = torch.zeros(M, len(subsets), dtype=torch.float64)
-    for m in range(M):
-        others = [j for j in range(M) if j != m]
-        for size in range(M):
-            weight = math.factorial(size) * math.factorial(M - size - 1) / math.factorial(M)
-            for S in itertools.combinations(others, size):
-                W[m, column[tuple(sorted(S + (m,)))]] += weight
-                if S:
-                    W[m, column[S]] -= weight
-    return W
+    return shapley_weights(M)[:, [sum(1 << m for m in s) for s in subsets]]
 
 
 def agm_coefficients(scores: torch.Tensor, mean_scores: torch.Tensor, alpha: float, cap: float) -> torch.Tensor:

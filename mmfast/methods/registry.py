@@ -20,11 +20,12 @@ from .ogm import OGM, OGMGE, OGMStar
 from .olm import OLM
 from .pmr import PMR
 from .reconboost import ReconBoost
+from .relearning import ReLearning
 from .unimodal import Unimodal
 
 METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (Joint, Unimodal, OGM, OGMGE, OGMStar, OPM, ModDrop, OLM,
                                                               Boost, MMCosine, MBSD, CML, PMR, AGM, MMPareto, MLA, ReconBoost,
-                                                              MSLR, GBlending)}
+                                                              MSLR, GBlending, ReLearning)}
 # Names standing for several methods at once; a hyper-parameter goes to every part that has it.
 COMBINATIONS: dict[str, tuple[str, ...]] = {"opm_ogm": ("opm", "ogm_ge")}
 NAMES = tuple(METHODS) + tuple(COMBINATIONS)

@@ -49,3 +49,17 @@ def test_synth_modalities_are_complementary():
     assert abs((~has[:, 1]).mean() - 0.3) < 0.03 and abs((~has[:, 0]).mean() - 0.1) < 0.03
     with pytest.raises(ValueError, match="sum below 1"):
         SynthSpec(dominant_missing=0.6, weak_missing=0.5).check()
+
+
+def test_synth_balanced_variant_splits_the_missing_share_and_uses_the_calibrated_amplitudes():
+    from mmfast.data.synth import BALANCED, SynthSpec, make_audio
+
+    spec = SynthSpec(clips=4000, dominant="none", dominant_missing=0.3, weak_missing=0.1, seed=5)
+    has = np.array([spec.signatures(i) for i in range(spec.clips)])
+    assert has.any(axis=1).all()
+    assert abs((~has[:, 0]).mean() - 0.2) < 0.03 and abs((~has[:, 1]).mean() - 0.2) < 0.03
+    quiet = SynthSpec(dominant="none", noise=0.0)
+    wave = make_audio(np.random.default_rng(0), 0, 1.0, quiet)
+    assert np.abs(wave).max() == pytest.approx(0.25 * BALANCED["audio"], rel=1e-3)  # (a full tone's peak)
+    with pytest.raises(ValueError, match="dominant must be one of"):
+        SynthSpec(dominant="both").check()
