@@ -11,6 +11,7 @@ from .cml import CML
 from .feature_dropping import OPM, ModDrop
 from .gblending import GBlending
 from .joint import Joint
+from .lfm import LFM
 from .mbsd import MBSD
 from .mla import MLA
 from .mmcosine import MMCosine
@@ -25,7 +26,7 @@ from .unimodal import Unimodal
 
 METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (Joint, Unimodal, OGM, OGMGE, OGMStar, OPM, ModDrop, OLM,
                                                               Boost, MMCosine, MBSD, CML, PMR, AGM, MMPareto, MLA, ReconBoost,
-                                                              MSLR, GBlending, ReLearning)}
+                                                              MSLR, GBlending, ReLearning, LFM)}
 # Names standing for several methods at once; a hyper-parameter goes to every part that has it.
 COMBINATIONS: dict[str, tuple[str, ...]] = {"opm_ogm": ("opm", "ogm_ge")}
 NAMES = tuple(METHODS) + tuple(COMBINATIONS)
