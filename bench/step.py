@@ -59,13 +59,13 @@ MMFAST_METHODS = {"joint": {}, "ogm": CODE_OGM, "ogm_ge": CODE_OGM, "ogm_star": 
                   "opm_ogm": {}, "olm": {}, "boost": {}, "unimodal": {"modality": "visual"},
                   "mmcosine": {}, "mbsd": {}, "cml": {}, "agm": {}, "mmpareto": {}, "pmr": {},
                   "mslr": {"lr_scales": {"audio": 0.5}}, "mla": {}, "reconboost": {}, "gblending": {},
-                  "relearning": {}, "lfm": {}}
+                  "relearning": {}, "lfm": {}, "amco": {}}
 NAIVE_METHODS = ("joint", "ogm", "ogm_ge", "opm")
 # Methods whose model has heads of its own (trainable per-modality classifiers): their
 # balancing overhead is against plain joint training of that same model (model.fusion), beside
 # the overhead against joint training of the concat-fusion model every other method uses.
 OWN_HEADS = {"olm": "late", "boost": "boost", "mmcosine": "cosine", "mmpareto": "late", "mslr": "sum", "mla": "shared",
-             "reconboost": "ensemble", "gblending": "late", "lfm": "sum"}
+             "reconboost": "ensemble", "gblending": "late", "lfm": "sum", "amco": "amco"}
 
 
 def make_trainer(root, out, method, batch_size, hparams=None, *overrides):

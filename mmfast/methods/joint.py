@@ -8,4 +8,4 @@ class Joint(Method):
     name = "joint"
     # Also the method-specific heads (boost's; the shared classifier of MLA and ReconBoost), trained
     # plainly with every head's cross-entropy: the same-model baselines their costs are measured against.
-    fusions = (*GENERIC_FUSIONS, "boost", "shared", "ensemble")
+    fusions = (*GENERIC_FUSIONS, "boost", "shared", "ensemble", "amco")

@@ -6,6 +6,7 @@ from typing import Any
 
 from .base import Method, merge_balance_params
 from .agm import AGM
+from .amco import AMCo
 from .boost import Boost
 from .cml import CML
 from .feature_dropping import OPM, ModDrop
@@ -26,7 +27,7 @@ from .unimodal import Unimodal
 
 METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (Joint, Unimodal, OGM, OGMGE, OGMStar, OPM, ModDrop, OLM,
                                                               Boost, MMCosine, MBSD, CML, PMR, AGM, MMPareto, MLA, ReconBoost,
-                                                              MSLR, GBlending, ReLearning, LFM)}
+                                                              MSLR, GBlending, ReLearning, LFM, AMCo)}
 # Names standing for several methods at once; a hyper-parameter goes to every part that has it.
 COMBINATIONS: dict[str, tuple[str, ...]] = {"opm_ogm": ("opm", "ogm_ge")}
 NAMES = tuple(METHODS) + tuple(COMBINATIONS)

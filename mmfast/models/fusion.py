@@ -136,8 +136,22 @@ class CosineHead(nn.Module):
         return partial.sum(dim=0), measured
 
 
+class MixedConcatHead(ConcatHead):
+    """AMCo's head (as the field's toolkit builds it): the concat head's logits, the sum of the
+    weight-split uni-modal logits o_m = W_m phi_m + b / M, then a C x C linear layer `mix` across
+    the classes: fused = mix(sum_m o_m). The uni-modal estimates are the o_m."""
+
+    def __init__(self, in_dims: Sequence[int], num_classes: int):
+        super().__init__(in_dims, num_classes)
+        self.mix = nn.Linear(num_classes, num_classes)
+
+    def forward(self, features, measure=None):
+        fused, unimodal = super().forward(features, measure)
+        return self.mix(fused), unimodal
+
+
 FUSIONS = {"concat": ConcatHead, "sum": SumHead, "film": FiLMHead, "gated": GatedHead, "mlp": MLPHead,
-           "cosine": CosineHead}
+           "cosine": CosineHead, "amco": MixedConcatHead}
 
 
 def make_fusion(name: str, in_dims: Sequence[int], num_classes: int, **options) -> nn.Module:

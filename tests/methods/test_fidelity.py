@@ -221,7 +221,15 @@ def test_dataset_configs_apply_their_published_recipe_to_the_method_that_runs():
 
 DOC_PAGES = {"ogm": "ogm.md", "ogm_ge": "ogm.md", "ogm_star": "ogm.md", "opm": "opm.md", "moddrop": "opm.md",
              "olm": "olm.md", "boost": "boost.md", **{name: f"{name}.md" for name in (
-                 "mmcosine", "mbsd", "cml", "agm", "mmpareto", "pmr", "mslr", "mla", "reconboost", "gblending")}}
+                 "mmcosine", "mbsd", "cml", "agm", "mmpareto", "pmr", "mslr", "mla", "reconboost", "gblending",
+                 "relearning", "lfm", "amco")}}
+
+
+def test_every_method_with_hyper_parameters_has_a_page():
+    from mmfast.methods import hyper_parameters
+    from mmfast.methods.registry import METHODS
+
+    assert {name for name in METHODS if hyper_parameters(name)} - {"unimodal"} <= set(DOC_PAGES)
 
 
 @pytest.mark.parametrize("method", sorted(DOC_PAGES))

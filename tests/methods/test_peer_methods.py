@@ -16,7 +16,7 @@ from mmfast.methods.agm import agm_coefficients, shapley_matrix
 from mmfast.methods.mmpareto import pareto_weights
 from mmfast.models import LateHeads, SharedHead
 from mmfast.models.estimators import ConcatHead
-from mmfast.models.fusion import CosineHead, SumHead
+from mmfast.models.fusion import CosineHead, MixedConcatHead, SumHead
 
 C = 5
 
@@ -766,11 +766,11 @@ def test_gblending_asks_for_a_scratch_run_per_head_on_schedule_and_trains_the_we
 # ---- every peer method: no host read in a step ---------------------------------------------------
 
 HEADS = {"mmcosine": CosineHead, "mmpareto": LateHeads, "gblending": LateHeads, "mslr": SumHead, "mla": shared("entropy"),
-         "reconboost": shared("ensemble")}
+         "reconboost": shared("ensemble"), "lfm": SumHead, "amco": MixedConcatHead}
 
 
 @pytest.mark.parametrize("name", ["mmcosine", "mbsd", "cml", "agm", "mmpareto", "pmr", "mslr", "mla", "reconboost",
-                                  "gblending"])
+                                  "gblending", "relearning", "lfm", "amco"])
 def test_peer_method_steps_read_nothing_on_the_host(gen, name):
     encoders, head = make_net(HEADS.get(name, ConcatHead))
     opt = torch.optim.SGD(params_of(encoders, head), lr=0.1)
@@ -785,7 +785,7 @@ def test_peer_method_steps_read_nothing_on_the_host(gen, name):
         return torch.stack([head([e(x if n in S else torch.zeros_like(x)) for (n, e), x in zip(encoders.items(), xs)])[0]
                             for S in subsets])
 
-    bal.start_epoch(0, batches=3)
+    bal.start_epoch(2 if name == "amco" else 0, batches=3)  # (amco: from epoch 1 on the mask grows)
     for i in range(3):
         xs, y = batch(gen)
         with count_host_reads() as counts:
