@@ -209,7 +209,8 @@ class Evaluator:
         from .valuation import class_values, coalition_masks, coalition_name, sample_values, shapley_values, \
             split_values
 
-        fused, labels, index = self.coalition_outputs(split, zeroing)
+        loader_name = self.evaluation_split(split)  # (the training split through evaluation transforms)
+        fused, labels, index = self.coalition_outputs(loader_name, zeroing)
         if not torch.isfinite(fused).all():
             raise NonFiniteError(f"the model's outputs on split {split!r} are non-finite ({self.context()})")
         names = self.modalities
@@ -222,7 +223,7 @@ class Evaluator:
                 "values": dict(zip(names, shapley_values(overall).tolist())),
                 "per_class": {name: {c: (None if math.isnan(v) else v) for c, v in zip(self.classes, row.tolist())}
                               for name, row in zip(names, per_class)},
-                "per_sample": {"clip": [self.loaders[split].clips[i].clip_id for i in index.tolist()],
+                "per_sample": {"clip": [self.loaders[loader_name].clips[i].clip_id for i in index.tolist()],
                                "label": labels.tolist(),
                                **{name: row.tolist() for name, row in zip(names, per_sample)}}}
 

@@ -166,6 +166,9 @@ def test_shapley_report_is_consistent_with_the_evaluation(trained):
     assert report["per_sample"]["clip"] == [trained.loaders["test"].clips[i].clip_id for i in range(6)]
     with pytest.raises(ValueError, match="zeroing must be one of"):
         trained.shapley("test", zeroing="noise")
+    train = trained.shapley("train")  # (through evaluation transforms, in the split's order)
+    assert train["samples"] == len(trained.loaders["train"].clips) and "train_eval" in trained.evaluator.loaders
+    assert train["per_sample"]["clip"] == [c.clip_id for c in trained.loaders["train"].clips]
 
 
 def test_command_line_eval_prints_shapley_values_and_writes_each_samples(trained, tmp_path):

@@ -44,7 +44,7 @@ FUSION_KINDS: dict[str, FusionKind] = {k.name: k for k in (
                summary="ReconBoost: one classifier shared by every modality; fused: beta times the sum"),
     FusionKind("boost", pooled=True, splittable=False, trains_unimodal=True, method_specific=True,
                summary="sustained boosting's growing classifiers per modality"),
-    FusionKind("amco", pooled=True, splittable=True, trains_unimodal=False, method_specific=True,
+    FusionKind("amco", pooled=True, splittable=False, trains_unimodal=False, method_specific=True,
                summary="AMCo: the concat head's weight-split logits summed, then a linear layer across the classes"),
 )}
 FUSION_NAMES = tuple(FUSION_KINDS)
