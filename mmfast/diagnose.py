@@ -62,8 +62,8 @@ def recommend(dominant: str, gaps: dict, alone: dict, fused: float, untrained=()
             reason += (f". But {', '.join(untrained)} learned nothing alone in this budget (its probe is near "
                        f"chance), so starving cannot show yet: diagnose again with more --epochs")
         return {"methods": ["joint"], "reason": reason}
-    starved = sorted((m for m in gaps if gaps[m] > GAP_THRESHOLD), key=gaps.get, reverse=True)
-    weak = starved[0]
+    starved = sorted((m for m in gaps if gaps[m] > GAP_THRESHOLD and m != dominant), key=gaps.get, reverse=True)
+    weak = starved[0] if starved else max((m for m in gaps if m != dominant), key=gaps.get)
     reason = (f"{dominant} dominates joint training (the highest discrepancy ratio) and the {weak} encoder learns "
               f"{gaps[weak]:.3f} less inside the joint model than alone")
     if alone[weak] >= alone[dominant] - 0.1:
@@ -101,6 +101,10 @@ def diagnose(config, overrides=(), *, out="runs/diagnose", epochs: int | None = 
                              f"leave it out of the overrides")
     cfg = load_config(config, overrides)  # (a bad config fails here, before anything is written)
     epochs = epochs or cfg.epochs
+    try:  # (and a config the uni-modal runs cannot train: before the joint run has trained)
+        load_config(config, [*overrides, "method=unimodal", "hparams.modality=any"])
+    except ValueError as err:
+        raise ValueError(f"the runs of each modality alone (method=unimodal) cannot train this config: {err}") from None
     request = {"config": str(config), "overrides": overrides, "epochs": epochs}
     marker = out / "diagnose.json"
     if marker.exists():
@@ -123,16 +127,18 @@ def diagnose(config, overrides=(), *, out="runs/diagnose", epochs: int | None = 
     rows = [json.loads(line) for line in (out / "joint" / "metrics.jsonl").read_text().splitlines() if line.strip()]
     ratio = {m: [r[f"train/ratio/{m}"] for r in rows if f"train/ratio/{m}" in r] for m in modalities}
     mean_ratio = {m: statistics.fmean(v) if v else None for m, v in ratio.items()}
-    shapley = joint.shapley(split)
+    shapley = joint.shapley(split, zeroing="inputs" if joint.model.fused_representation else "features")
     shapley.pop("per_sample")
     fused = joint.evaluate(split)[f"{split}/acc"]
-    imbalanced = max(gaps.values()) > GAP_THRESHOLD
+    starved = {m for m in modalities if gaps[m] > GAP_THRESHOLD}
+    imbalanced = bool(starved)
     chance = 1.0 / len(joint.classes)
     untrained = [m for m in modalities if probes["alone"][m] < chance + CHANCE_MARGIN]
     measured = {m: v for m, v in mean_ratio.items() if v is not None}
     dominant = "none"
-    if imbalanced:  # (no ratio logged: the largest Shapley value names it instead)
-        dominant = max(measured, key=measured.get) if measured else max(shapley["values"], key=shapley["values"].get)
+    if imbalanced:  # the highest ratio among the encoders not starved (no ratio logged: the largest Shapley value)
+        scores = measured or shapley["values"]
+        dominant = max([m for m in scores if m not in starved] or list(scores), key=scores.get)
     report = {"dominant": dominant, "imbalanced": imbalanced, "gap_threshold": GAP_THRESHOLD, "gaps": gaps,
               "probes": probes, "fused_accuracy": fused, "split": split, "mean_ratio": mean_ratio, "ratio": ratio,
               "shapley": shapley, "recommendation": recommend(dominant, gaps, probes["alone"], fused, untrained),

@@ -59,6 +59,9 @@ def test_recommendation_follows_the_measured_pattern():
     assert strong_alone["methods"][0] == "opm" and "below" not in strong_alone["reason"]
     balanced = recommend("none", {"audio": 0.01, "visual": 0.02}, {"audio": 0.8, "visual": 0.8}, fused=0.9)
     assert balanced["methods"] == ["joint"] and "more --epochs" not in balanced["reason"]
+    # (the dominant modality's own gap is never the starved one the reason names)
+    both = recommend("audio", {"audio": 0.4, "visual": 0.2}, {"audio": 0.8, "visual": 0.5}, fused=0.7)
+    assert "the visual encoder learns 0.200 less" in both["reason"]
     early = recommend("none", {"audio": 0.0, "visual": 0.0}, {"audio": 0.8, "visual": 0.17}, fused=0.7,
                       untrained=["visual"])
     assert "visual learned nothing alone" in early["reason"] and "more --epochs" in early["reason"]
@@ -68,6 +71,9 @@ def test_diagnose_refuses_what_it_chooses_itself_and_foreign_folders(tmp_path):
     for item in ("method=opm", "epochs=3", "hparams.alpha=1", "out=x"):
         with pytest.raises(ValueError, match="chooses"):
             diagnose("embedded", [item], out=tmp_path / "d")
+    with pytest.raises(ValueError, match="each modality alone.*irfb"):  # (before anything trains)
+        diagnose("embedded", ["model.fusion=irfb"], out=tmp_path / "d")
+    assert not (tmp_path / "d").exists()
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="not a diagnosis folder"):

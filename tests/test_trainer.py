@@ -162,6 +162,22 @@ def test_training_steps_read_nothing_on_the_host(dataset, tmp_path, method):
     assert len(reads) == 3 and all(r == {} for r in reads), reads
 
 
+def test_relearning_resumed_between_its_diagnosis_and_its_mix(dataset, tmp_path):
+    """A run that ends right after a diagnosis keeps the mix pending in its checkpoint: trained
+    further, it applies it when the next epoch starts, as one run straight through does."""
+    extra = ["method=relearning", "hparams.interval=1", "hparams.times=1"]
+    full = Trainer(make_config(dataset, tmp_path / "full", *extra, "epochs=3"))
+    full.fit()
+    first = Trainer(make_config(dataset, tmp_path / "two", *extra))
+    first.fit()
+    assert first.balancer.methods[0].pending is not None  # (diagnosed after epoch 1, not yet applied)
+    resumed = resume(tmp_path / "two", ["epochs=3"])
+    assert resumed.balancer.methods[0].pending == first.balancer.methods[0].pending
+    resumed.fit()
+    a, b = parameters(full), parameters(resumed)
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
 def test_missing_modality_evaluation_and_linear_probe(dataset, tmp_path):
     trainer = Trainer(make_config(dataset, tmp_path / "eval", "epochs=1"))
     trainer.fit()

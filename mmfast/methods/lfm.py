@@ -71,7 +71,10 @@ class LFM(Method):
         self.epoch_start(state)
 
     def epoch_start(self, state: StepState) -> None:
-        self.a_cls, self.a_al = fitted_weights(state.epoch * OFFICIAL_EPOCHS / self.params.curve_epochs)
+        # (beyond the curve's 200 epochs it has no source and leaves [0, 1] from epoch 227 on: it is
+        # held at its end value, a_cls(200) = 0.90)
+        self.a_cls, self.a_al = fitted_weights(min(state.epoch * OFFICIAL_EPOCHS / self.params.curve_epochs,
+                                                   OFFICIAL_EPOCHS))
         self._logged = torch.tensor(self.a_cls, device=state.device)  # (one copy to the device an epoch)
 
     def after_forward(self, state: StepState) -> None:

@@ -84,6 +84,9 @@ class ConcatHead(nn.Module):
         self.in_dims = list(in_dims)
         self.gamma = None if gamma is None else list(gamma)
         self.fc = nn.Linear(sum(in_dims), num_classes)
+        # (the bias shares on the head's device: no copy from the host in a step; not in state dicts)
+        M = len(self.in_dims)
+        self.register_buffer("bias_shares", torch.tensor(self.gamma or [1.0 / M] * M), persistent=False)
 
     def forward(self, features: Sequence[torch.Tensor], measure: Sequence[torch.Tensor] | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,8 +105,7 @@ class ConcatHead(nn.Module):
         methods that train them (they add up to the fused logits)."""
         M = len(self.in_dims)
         partial = self.partial_logits(features)
-        gamma = torch.tensor(self.gamma or [1.0 / M] * M, dtype=partial.dtype, device=partial.device)
-        return partial + gamma.view(M, 1, 1) * self.fc.bias
+        return partial + self.bias_shares.to(partial.dtype).view(M, 1, 1) * self.fc.bias
 
 
 def zero_out_logits(head: Callable[[list[torch.Tensor]], torch.Tensor],

@@ -61,6 +61,19 @@ def test_dali_leaves_out_the_clamp_only_where_it_changes_nothing(synth, tmp_path
     loader.pipe = loader._build()
     assert torch.equal(collect(loader)["audio"], without)
 
+    full = tmp_path / "full_scale"  # (stereo PCM_16 at full scale, -32768 included, downmixed)
+    shutil.copytree(synth, full, ignore=shutil.ignore_patterns("Image-01-FPS"))
+    for path in sorted((full / "AudioWAV").glob("*.wav")):
+        n = len(sf.read(path, dtype="int16")[0])
+        square = np.where(np.arange(n) % 40 < 20, 32767, -32768).astype(np.int16)
+        sf.write(path, np.stack([square, square], axis=1), SAMPLE_RATE, subtype="PCM_16")
+    loader = build_loader(config(full), "test", backend="dali")
+    assert loader.within_unit == {"audio"}
+    without = collect(loader)["audio"]
+    loader.within_unit = set()
+    loader.pipe = loader._build()
+    assert torch.equal(collect(loader)["audio"], without)
+
     loud = tmp_path / "loud"
     shutil.copytree(synth, loud, ignore=shutil.ignore_patterns("Image-01-FPS"))
     rng = np.random.default_rng(int(torch.randint(1 << 30, ())))

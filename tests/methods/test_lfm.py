@@ -47,6 +47,8 @@ def test_fitted_schedule_is_the_official_curve():
     stretched = mmfast.Balancer("lfm", {"audio": nn.Linear(2, 2), "visual": nn.Linear(2, 2)}, curve_epochs=20)
     stretched.start_epoch(10)  # (half of a 20-epoch run reads the curve at epoch 100)
     assert stretched.methods[0].a_cls == pytest.approx(fitted_weights(100)[0])
+    stretched.start_epoch(25)  # (past the curve's end: held at its last value, inside [0, 1])
+    assert stretched.methods[0].a_cls == pytest.approx(fitted_weights(200)[0])
     with pytest.raises(ValueError, match="lfm.schedule"):
         mmfast.Balancer("lfm", {"audio": nn.Linear(2, 2), "visual": nn.Linear(2, 2)}, schedule="learned")
 
