@@ -176,18 +176,15 @@ class Evaluator:
         M = len(self.modalities)
         masks = coalition_masks(M, self.device)
         K = masks.shape[0]
+        subsets = [tuple(m for m, p in zip(self.modalities, row) if p) for row in coalition_masks(M).tolist()]
         skip = self.balancer.unused_modalities if self.balancer is not None else ()
         fused_all, labels_all, index_all = [], [], []
         for batch in loader:
             inputs, labels = self.steps.inputs(batch)
             B = labels.shape[0]
             with self.steps.autocast():
-                if zeroing == "inputs" and self.model.fused_representation:
-                    stacked = {}
-                    for k, m in enumerate(self.modalities):
-                        x = inputs[m]
-                        stacked[m] = (x.unsqueeze(0) * masks[:, k].to(x.dtype).view(K, *(1,) * x.dim())).flatten(0, 1)
-                    fused = self.model.head(self.model.encode(stacked, skip=skip))[0]
+                if zeroing == "inputs" and self.model.fused_representation:  # (the whole model per coalition)
+                    fused = self.steps.rerun(inputs, subsets)
                 else:
                     present = self.model.encode(inputs, skip=skip)
                     absent = ([torch.zeros_like(f) for f in present] if zeroing == "features" else
