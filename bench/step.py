@@ -59,13 +59,15 @@ MMFAST_METHODS = {"joint": {}, "ogm": CODE_OGM, "ogm_ge": CODE_OGM, "ogm_star": 
                   "opm_ogm": {}, "olm": {}, "boost": {}, "unimodal": {"modality": "visual"},
                   "mmcosine": {}, "mbsd": {}, "cml": {}, "agm": {}, "mmpareto": {}, "pmr": {},
                   "mslr": {"lr_scales": {"audio": 0.5}}, "mla": {}, "reconboost": {}, "gblending": {},
-                  "relearning": {}, "lfm": {}, "amco": {}}
+                  "relearning": {}, "lfm": {}, "amco": {}, "greedy": {}}
 NAIVE_METHODS = ("joint", "ogm", "ogm_ge", "opm")
 # Methods whose model has heads of its own (trainable per-modality classifiers): their
 # balancing overhead is against plain joint training of that same model (model.fusion), beside
 # the overhead against joint training of the concat-fusion model every other method uses.
 OWN_HEADS = {"olm": "late", "boost": "boost", "mmcosine": "cosine", "mmpareto": "late", "mslr": "sum", "mla": "shared",
-             "reconboost": "ensemble", "gblending": "late", "lfm": "sum", "amco": "amco"}
+             "reconboost": "ensemble", "gblending": "late", "lfm": "sum", "amco": "amco", "greedy": "sum+mmtm"}
+# Same-model baselines that are more than a head: their config overrides.
+MODEL_OVERRIDES = {"sum+mmtm": ["model.fusion=sum", "model.mmtm=[2, 3, 4]"]}  # (greedy's model: MMTM blocks)
 
 
 def make_trainer(root, out, method, batch_size, hparams=None, *overrides):
@@ -123,7 +125,8 @@ def step_benchmark(root, tmp, batch_sizes, rounds, steps, common=()):
             trainer = joint if method == "joint" else make_trainer(root, tmp / f"{method}{B}", method, B, hp, *common)
             runners[("mmfast", method)] = lambda t=trainer: t.train_step(device_batch)
         for fusion in dict.fromkeys(OWN_HEADS.values()):
-            trainer = make_trainer(root, tmp / f"joint_{fusion}{B}", "joint", B, None, f"model.fusion={fusion}", *common)
+            model = MODEL_OVERRIDES.get(fusion, [f"model.fusion={fusion}"])
+            trainer = make_trainer(root, tmp / f"joint_{fusion}{B}", "joint", B, None, *model, *common)
             runners[("mmfast", f"joint@{fusion}")] = lambda t=trainer: t.train_step(device_batch)
         for method in NAIVE_METHODS:
             naive = naive_for(joint, method)

@@ -44,6 +44,7 @@ class ModelSection:
     irfb: dict | None = None  # IRFBEncoder options (dim, depth, heads, bottleneck_tokens, patch), used when fusion=irfb
     weights: dict | None = None  # modality -> local ResNet-18 weights file
     estimator: str = "auto"  # "auto" | "split" (concat/sum only) | "zero_out"
+    mmtm: list | None = None  # encoder stages followed by an MMTM block; None: the method's (greedy: [2, 3, 4]; else none)
 
 
 @dataclasses.dataclass
@@ -217,6 +218,8 @@ def _coerce(key: str, hint, value):
             return float(value)  # (YAML 1.1 reads 1e6 and 5E-4 as strings: a reader means the number)
         if t is str and isinstance(value, str):
             return value
+        if t is list and isinstance(value, list):
+            return list(value)
         if t is str and isinstance(value, bool) and key in _SWITCH_STRINGS:
             return _SWITCH_STRINGS[key][value]  # (YAML 1.1 reads off/on/no/yes as booleans)
     names = "/".join(getattr(t, "__name__", str(t)) for t in allowed)
@@ -267,6 +270,16 @@ def check_config(cfg: Config) -> None:
         raise ValueError(f"config key 'model.estimator': 'split' needs a fusion of one linear layer "
                          f"({' or '.join(fusions_where(splittable=True))}; fusion {fusion!r} cannot be split by "
                          f"modality; use estimator=zero_out or auto)")
+    mmtm = resolved_mmtm(cfg)
+    if mmtm and not fusion_kind(fusion).pooled:
+        raise ValueError(f"config key 'model.mmtm': MMTM blocks sit between pooled encoders; fusion {fusion!r} has "
+                         f"encoders of its own")
+    if mmtm and cfg.compile:
+        raise ValueError("config key 'compile': the encoders of a model with MMTM blocks run stage by stage, not "
+                         "through the compiled forward; set compile=false or model.mmtm=[]")
+    if methods.mmtm_stages(cfg.method) and not mmtm:
+        raise ValueError(f"config key 'model.mmtm': method {cfg.method!r} needs MMTM blocks between the encoders "
+                         f"(its default: {list(methods.mmtm_stages(cfg.method))})")
     if cfg.model.estimator == "zero_out" and fusion_kind(fusion).trains_unimodal:
         raise ValueError(f"config key 'model.estimator': fusion {fusion!r} has a classifier per modality; "
                          f"use estimator=auto")
@@ -291,6 +304,19 @@ def _float_keys(section, prefix: str = ""):
             yield from _float_keys(value, f"{prefix}{f.name}.")
         elif hints[f.name] is float:
             yield f"{prefix}{f.name}", value
+
+
+def resolved_mmtm(cfg: Config) -> tuple[int, ...]:
+    """model.mmtm's stages, with None resolved to the method's (Method.mmtm_stages)."""
+    from . import methods
+    from .models.mmtm import check_stages
+
+    if cfg.model.mmtm is None:
+        return methods.mmtm_stages(cfg.method)
+    try:
+        return check_stages(cfg.model.mmtm)
+    except ValueError as err:
+        raise ValueError(f"config key 'model.mmtm': {err}") from None
 
 
 def resolved_fusion(cfg: Config) -> str:
@@ -354,6 +380,9 @@ KEY_HELP = {
     "model.width": "Width of the small encoder.",
     "model.irfb": "IRFB encoder options (dim, depth, heads, bottleneck_tokens, patch), for fusion irfb.",
     "model.weights": "modality -> a local ResNet-18 weights file.",
+    "model.mmtm": "Encoder stages (1 to 4) each followed by an MMTM block exchanging the modalities' channel gates "
+                  "(`[]`: independent encoders); unset: the method's (`greedy`: `[2, 3, 4]`, the official "
+                  "placement; every other method: none).",
     "model.estimator": "How uni-modal logits are estimated: `auto` (the head's own), `split` (the fused linear's "
                        "weight split; concat and sum) or `zero_out` (the head run with the other modalities zeroed).",
     "optim.name": "The optimizer.",

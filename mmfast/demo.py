@@ -20,7 +20,7 @@ def peer_runs(dominant: str) -> list[tuple[str, str, dict, tuple]]:
     re-initialises every 5 epochs instead of 20 (its 90 epochs' schedule in the demo's 20), and LFM's
     weight curve spans the demo's 20 epochs instead of 200."""
     runs = [(name, name, {}, ()) for name in ("mmcosine", "mbsd", "cml", "agm", "mmpareto", "pmr", "mla", "reconboost",
-                                              "gblending", "amco")]
+                                              "gblending", "amco", "greedy")]
     runs.append((f"mslr ({dominant} x0.5)", "mslr", {"lr_scales": {dominant: 0.5}}, ()))
     # (the official schedules scaled to the demo's 20 epochs: ReLearning's every 20 of 90 epochs,
     # LFM's weight curve over 200)
@@ -44,6 +44,8 @@ def demo_runs(dominant: str, study: bool = False, peers: bool = False) -> list[t
     if peers or study:
         runs += peer_runs(dominant)
     if study:
+        # (Greedy's model without its curation: the sum head and MMTM blocks after stages 2-4)
+        runs += [("joint (sum, MMTM)", "joint", {}, ("model.fusion=sum", "model.mmtm=[2, 3, 4]"))]
         runs += [("joint (late heads)", "joint", {}, ("model.fusion=late",)),
                  ("olm (normalized λ)", "olm", {"lambda_form": "normalized"}, ()),
                  ("opm (code timing)", "opm", {"timing": "current", "p_exe": 0.7}, ())]

@@ -183,7 +183,7 @@ class Evaluator:
             inputs, labels = self.steps.inputs(batch)
             B = labels.shape[0]
             with self.steps.autocast():
-                if zeroing == "inputs" and self.model.fused_representation:  # (the whole model per coalition)
+                if zeroing == "inputs" and self.model.exchanges_features:  # (the whole model per coalition)
                     fused = self.steps.rerun(inputs, subsets)
                 else:
                     present = self.model.encode(inputs, skip=skip)

@@ -179,7 +179,7 @@ class Trainer:
         self.fusion = config_mod.resolved_fusion(cfg)
         self.model = build_model(self.modalities, len(self.classes), encoder=cfg.model.encoder, fusion=self.fusion,
                                  width=cfg.model.width, weights=cfg.model.weights, in_dims=self._sequence_dims(dcfg),
-                                 irfb=cfg.model.irfb)
+                                 irfb=cfg.model.irfb, mmtm=config_mod.resolved_mmtm(cfg))
         self.model.to(self.device)
         if self.dist.enabled and cfg.sync_bn:
             self.model = sync_batch_norm(self.model, self.device)
@@ -206,7 +206,7 @@ class Trainer:
             self.balancer = Balancer(cfg.method, dict(self.model.encoders.items()), seed=cfg.seed, device=self.device,
                                      measure=True, head=self.model.fusion, optimizer=self.optimizer,
                                      scheduler=self.scheduler, dist=self.dist, estimate=self.steps.estimate,
-                                     **cfg.hparams)
+                                     mmtm=getattr(self.model, "mmtm", None), **cfg.hparams)
         except ValueError as err:
             raise ValueError(f"config key 'hparams' (method {cfg.method!r}): {err}") from None
         wanted = {s for epoch in (None, *range(cfg.epochs)) for s in self.balancer.evaluations(epoch)}

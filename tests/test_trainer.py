@@ -55,7 +55,7 @@ def test_fit_writes_the_run_directory(dataset, tmp_path):
                                                ("mla", [], 4), ("reconboost", ["hparams.phase1_epochs=1"], 4),
                                                ("gblending", ["hparams.super_epoch=2"], 4),
                                                ("relearning", ["hparams.interval=1", "hparams.times=1", "epochs=3"], 4),
-                                               ("lfm", [], 2), ("amco", [], 4)])
+                                               ("lfm", [], 2), ("amco", [], 4), ("greedy", [], 4)])
 def test_resume_mid_epoch_gives_bitwise_the_same_parameters(dataset, tmp_path, method, extra, steps):
     full = Trainer(make_config(dataset, tmp_path / "full", f"method={method}", *extra))
     full.fit()

@@ -33,8 +33,8 @@ from __future__ import annotations
 from .balancer import Balancer
 from .base import EVENTS, Method, ScratchRun, StepState, join_optimizer, merge_balance_params, split_optimizer
 from .ogm import select_encoder_params
-from .registry import COMBINATIONS, METHODS, NAMES, create, fusions, hyper_parameters, register
+from .registry import COMBINATIONS, METHODS, NAMES, create, fusions, hyper_parameters, mmtm_stages, register
 
 __all__ = ["Balancer", "COMBINATIONS", "EVENTS", "METHODS", "NAMES", "Method", "ScratchRun", "StepState", "create",
-           "fusions", "hyper_parameters", "join_optimizer", "merge_balance_params", "register", "select_encoder_params",
+           "fusions", "hyper_parameters", "join_optimizer", "merge_balance_params", "mmtm_stages", "register", "select_encoder_params",
            "split_optimizer"]

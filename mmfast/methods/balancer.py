@@ -64,7 +64,7 @@ class Balancer:
     def __init__(self, method: str, encoders: Mapping[str, nn.Module], *, seed: int = 0,
                  device: torch.device | str | None = None, measure: bool = False, head: nn.Module | None = None,
                  optimizer: torch.optim.Optimizer | None = None, scheduler=None, dist: Distributed | None = None,
-                 estimate=None, **hparams):
+                 estimate=None, mmtm: nn.Module | None = None, **hparams):
         """method: a name of mmfast.methods.NAMES; encoders: modality name -> encoder module, in
         the order of the features and uni-modal logits you pass; seed: the noise key and drop
         generator seed; measure: compute the balance statistics every step even when no method
@@ -73,7 +73,9 @@ class Balancer:
         classifiers of their own need it); optimizer, scheduler: the loop's (see the module doc);
         dist: the process group of a distributed run (None: the initialised default group, if
         any: mmfast.distributed.Distributed.current()); estimate: features -> uni-modal logits
-        [M, B, C], for a method that measures before the fusion (opm timing="current")."""
+        [M, B, C], for a method that measures before the fusion (opm timing="current"); mmtm: the
+        model's MMTM blocks between the encoders (mmfast.models.MMTMExchange; greedy sets their
+        curation flags)."""
         if not isinstance(encoders, Mapping) or len(encoders) < 2:
             raise ValueError("Balancer: encoders must map at least two modality names to their encoder modules")
         for name, module in encoders.items():
@@ -90,6 +92,7 @@ class Balancer:
                                dist=dist if dist is not None else Distributed.current())
         self.state.optimizer, self.state.scheduler = optimizer, scheduler
         self.state.estimate = estimate
+        self.state.mmtm = mmtm
         self.computes_task_loss = any(m.computes_task_loss for m in self.methods)
         self.metrics: dict[str, torch.Tensor] = {}
         self.measure = bool(measure)

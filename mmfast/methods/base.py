@@ -103,7 +103,8 @@ class StepState:
     extra_losses: name -> scalar tensor added to the task loss;
     part: None, or the modalities this (sub-)step trains when a method updates them in turn;
     metrics: name -> device tensor, read by the loop only at logging points;
-    head: the model's head module; optimizer, scheduler: the loop's (a method that adds
+    head: the model's head module; mmtm: the model's MMTM blocks between the encoders, or None
+        (mmfast.models.MMTMExchange: Greedy writes its curation flags); optimizer, scheduler: the loop's (a method that adds
         parameters during training, such as boost's classifiers, joins them to it);
     evaluation: the evaluation_end event's "split", "epoch", "fused" [N, C], "unimodal" [M, N, C] and
         "labels" [N] (a whole split, evaluated for the methods that ask: Method.evaluations);
@@ -131,6 +132,7 @@ class StepState:
         self.modalities = list(modalities)
         self.encoders = dict(encoders or {})  # modality name -> encoder module, in modality order
         self.head = head
+        self.mmtm: torch.nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         # Bumped whenever a method adds parameters (join_optimizer): a loop that wraps the model
         # (DistributedDataParallel) rebuilds the wrapper when it changes.
@@ -261,6 +263,7 @@ class Method:
     evaluation_features: ClassVar[bool] = False  # its evaluations carry the encoders' features
     single_micro_batch: ClassVar[bool] = False  # a step is one batch (no gradient accumulation)
     skips_parameters: ClassVar[bool] = False  # some steps leave parameters without a gradient (DDP looks for them)
+    mmtm_stages: ClassVar[tuple[int, ...]] = ()  # encoder stages followed by MMTM blocks it needs (model.mmtm's default)
     # ... and, below: balance_params, unused_modalities, update_parts, evaluations, scratch_runs.
 
     @dataclasses.dataclass

@@ -11,6 +11,7 @@ from .boost import Boost
 from .cml import CML
 from .feature_dropping import OPM, ModDrop
 from .gblending import GBlending
+from .greedy import Greedy
 from .joint import Joint
 from .lfm import LFM
 from .mbsd import MBSD
@@ -27,7 +28,7 @@ from .unimodal import Unimodal
 
 METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (Joint, Unimodal, OGM, OGMGE, OGMStar, OPM, ModDrop, OLM,
                                                               Boost, MMCosine, MBSD, CML, PMR, AGM, MMPareto, MLA, ReconBoost,
-                                                              MSLR, GBlending, ReLearning, LFM, AMCo)}
+                                                              MSLR, GBlending, ReLearning, LFM, AMCo, Greedy)}
 # Names standing for several methods at once; a hyper-parameter goes to every part that has it.
 COMBINATIONS: dict[str, tuple[str, ...]] = {"opm_ogm": ("opm", "ogm_ge")}
 NAMES = tuple(METHODS) + tuple(COMBINATIONS)
@@ -83,6 +84,13 @@ def create(name: str, **hparams) -> list[Method]:
         methods.append(METHODS[part](**{k: v for k, v in hparams.items() if k in fields}))
     merge_balance_params(methods)  # conflicts are configuration errors, found now
     return methods
+
+
+def mmtm_stages(name: str) -> tuple[int, ...]:
+    """The encoder stages followed by MMTM blocks that the methods `name` stands for need by
+    default (Method.mmtm_stages; empty: none)."""
+    stages = {s for p in COMBINATIONS.get(name, (name,)) for s in METHODS[p].mmtm_stages}
+    return tuple(sorted(stages))
 
 
 def fusions(name: str) -> tuple[str, ...]:

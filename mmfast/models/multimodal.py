@@ -10,7 +10,10 @@ The uni-modal logits are detached estimates (mmfast.models.estimators), or, for 
 of their own (``head.trains_unimodal``: late, irfb, boost), trainable logits. A head may return a
 third item, a dict of further logits for the methods (boost: every classifier's). A model with an
 intermediate fusion (IRFB) returns one more feature after the M modalities: the fused
-representation (``model.fused_representation``); the methods see the first M.
+representation (``model.fused_representation``); the methods see the first M. A model whose
+encoders exchange information on the way (IRFB, MMTM blocks: ``model.exchanges_features``)
+changes every modality's features when one input changes, so a modality is absent only when the
+whole model runs without its input.
 
 ``build_model`` assembles one from the data layer's modality kinds.
 """
@@ -25,6 +28,7 @@ from torch import nn
 from .fusion import make_fusion
 from .heads import BoostedClassifiers, LateHeads, SharedHead
 from .irfb import IRFBEncoder
+from .mmtm import MMTMExchange, check_stages, encode_with_mmtm
 from .registry import fusion_kind
 from .resnet import resnet18_encoder
 from .small import SmallConvEncoder
@@ -36,6 +40,7 @@ CHANNELS = {"audio": 1, "frames": 3, "video": 3}
 
 class MultimodalModel(nn.Module):
     fused_representation = False
+    exchanges_features = False
 
     def __init__(self, encoders: Mapping[str, nn.Module], fusion: nn.Module):
         super().__init__()
@@ -71,14 +76,44 @@ class MultimodalModel(nn.Module):
         return self.head(self.encode(batch))
 
 
+class MMTMModel(MultimodalModel):
+    """The encoders run stage by stage with MMTM blocks between them after the named stages
+    (mmfast/models/mmtm.py); ``mmtm`` holds the blocks and Greedy's curation flags."""
+
+    exchanges_features = True
+
+    def __init__(self, encoders: Mapping[str, nn.Module], fusion: nn.Module, stages, ratio: int = 4):
+        super().__init__(encoders, fusion)
+        stages = check_stages(stages)
+        if not stages:
+            raise ValueError("MMTMModel needs at least one MMTM stage")
+        for name, encoder in encoders.items():
+            if not hasattr(encoder, "stage"):
+                raise ValueError(f"MMTMModel: encoder {name!r} ({type(encoder).__name__}) has no stages to put MMTM "
+                                 f"blocks between")
+        self.mmtm = MMTMExchange([e.stage_channels for e in encoders.values()], stages, ratio)
+
+    def encode(self, batch: Mapping[str, torch.Tensor], skip=()) -> list[torch.Tensor]:
+        if skip:
+            raise ValueError(f"MMTMModel.encode: cannot skip {sorted(skip)}: its MMTM blocks need every modality's "
+                             f"feature maps")
+        return encode_with_mmtm(self.encoders, self.mmtm, batch, self.modalities)
+
+
 def build_model(modalities: Mapping[str, str], num_classes: int, *, encoder: str = "small", fusion: str = "concat",
                 width: int = 16, weights: Mapping[str, str | Path] | None = None,
-                in_dims: Mapping[str, int] | None = None, irfb: Mapping | None = None, **fusion_options) -> nn.Module:
+                in_dims: Mapping[str, int] | None = None, irfb: Mapping | None = None, mmtm=(),
+                **fusion_options) -> nn.Module:
     """modalities: name -> kind ("audio", "frames" or "video"; "features" with fusion="irfb"), in
     order; encoder: "small" (the CPU-scale CNN) or "resnet18" (the papers'); weights: name ->
     local state-dict file for ResNet-18 encoders (random init otherwise). fusion="irfb" builds
     IRFB's Transformer encoders instead (options `irfb`: IRFBEncoder's; in_dims: frequency bins of
-    audio and sizes of features modalities) with late heads on the [CLS] and bottleneck outputs."""
+    audio and sizes of features modalities) with late heads on the [CLS] and bottleneck outputs.
+    mmtm: encoder stages (1..4) each followed by an MMTM block between the encoders (MMTMModel);
+    empty: independent encoders."""
+    mmtm = check_stages(list(mmtm or ()))
+    if mmtm and not fusion_kind(fusion).pooled:
+        raise ValueError(f"MMTM blocks sit between pooled encoders; fusion {fusion!r} has encoders of its own")
     if not fusion_kind(fusion).pooled:  # (fuses inside encoders of its own)
         return IRFBModel(modalities, num_classes, in_dims=in_dims, **dict(irfb or {}))
     if fusion == "irfb":
@@ -108,7 +143,7 @@ def build_model(modalities: Mapping[str, str], num_classes: int, *, encoder: str
                           **fusion_options)
     else:
         head = make_fusion(fusion, dims, num_classes, **fusion_options)
-    return MultimodalModel(encoders, head)
+    return MMTMModel(encoders, head, mmtm) if mmtm else MultimodalModel(encoders, head)
 
 
 class IRFBModel(nn.Module):
@@ -117,6 +152,7 @@ class IRFBModel(nn.Module):
     encode() returns the M [CLS] features and then the fused representation."""
 
     fused_representation = True
+    exchanges_features = True
 
     def __init__(self, modalities: Mapping[str, str], num_classes: int, *, in_dims: Mapping[str, int] | None = None,
                  **options):

@@ -35,6 +35,7 @@ class ResNet18Encoder(nn.Module):
     """x [B, C, H, W] or [B, T, C, H, W] -> features [B, 512]."""
 
     out_dim = 512
+    stage_channels = (64, 128, 256, 512)
 
     def __init__(self, in_channels: int = 3):
         super().__init__()
@@ -57,6 +58,13 @@ class ResNet18Encoder(nn.Module):
         """[N, C, H, W] -> [N, 512, H/32, W/32]."""
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+    def stage(self, i: int) -> nn.Module:
+        """Stage i (1..4) of the trunk alone (1: the stem and layer1), for models that act
+        between the stages (MMTM)."""
+        if i == 1:
+            return nn.Sequential(self.conv1, self.bn1, self.relu, self.maxpool, self.layer1)
+        return getattr(self, f"layer{i}")
 
     def forward(self, x):
         return pooled_features(self.feature_map, x, "ResNet18Encoder")

@@ -20,6 +20,11 @@ class SmallConvEncoder(nn.Module):
             c = w
         self.body = nn.Sequential(*layers)
         self.out_dim = c
+        self.stage_channels = (width, width * 2, width * 4, width * 4)
+
+    def stage(self, i: int) -> nn.Module:
+        """Conv block i (1..4) alone, for models that act between the blocks (MMTM)."""
+        return self.body[3 * (i - 1):3 * i]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return pooled_features(self.body, x, "SmallConvEncoder")
