@@ -284,12 +284,14 @@ def main(argv=None) -> int:
     demo.add_argument("--clips", type=int, default=480)
     demo.add_argument("--methods", nargs="+", metavar="ROW",
                       help="which rows: 'all' (the seed papers' methods, the baselines and the peers' methods "
-                           "mmcosine, mbsd, cml, agm, mmpareto, pmr, mla, reconboost, gblending, amco, mslr, relearning, lfm) or row labels / method names; default: "
+                           "mmcosine, mbsd, cml, agm, mmpareto, pmr, mla, reconboost, gblending, amco, greedy, umt, mslr, relearning, lfm) "
+                           "or row labels / method names; default: "
                            "the seed papers' methods and the baselines")
     demo.add_argument("--no-progress", action="store_true")
     demo.add_argument("--study", action="store_true",
-                      help="every row (as --methods all) and the study's comparison rows (late-heads joint, "
-                           "OLM's normalized factors, OPM's public-code timing)")
+                      help="every row (as --methods all) and the study's comparison rows (Greedy's model without its "
+                           "curation, late-heads joint, OLM's normalized factors, OPM's public-code timing); with "
+                           "--methods: those rows only")
     args = parser.parse_args(argv)
     if args.command == "demo":
         return _demo(args)

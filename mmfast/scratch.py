@@ -26,7 +26,7 @@ def run_scratch(trainer, run: ScratchRun) -> dict[str, list[float]]:
     optimizer = trainer.make_optimizer(model.parameters())
     m = None if run.head is None else modalities.index(run.head)
     skip = set() if m is None else {name for name in modalities if name != run.head}
-    dist, loader = trainer.dist, trainer.loaders["train"]
+    loader = trainer.loaders["train"]
     curves = {"train": [], "val": [], "train_batch_sum": [], "val_batch_sum": []}
 
     def head_loss(inputs, labels):  # per-sample CE of the run's head [B]
@@ -38,35 +38,46 @@ def run_scratch(trainer, run: ScratchRun) -> dict[str, list[float]]:
         for t in range(run.epochs):
             model.train()
             loader.epoch = trainer.epoch + t  # (the data order the run's next epochs see)
-            total = torch.zeros(3, device=trainer.device)  # loss sum, samples, sum of batch means
-            for position, batch in enumerate(loader.batches(), start=1):
-                inputs, labels = trainer.steps.inputs(batch)
-                per_sample = head_loss(inputs, labels)
-                count = torch.tensor(float(len(labels)), device=trainer.device)
-                if dist.enabled:  # (this rank's share of the global batch's mean)
-                    global_count = dist.all_reduce_sum(count)
-                    loss = per_sample.sum() / global_count
-                else:
-                    global_count, loss = count, per_sample.mean()
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if dist.enabled:
-                    grads = [p.grad for p in model.parameters() if p.grad is not None]
-                    flat = dist.all_reduce_sum(torch.cat([g.reshape(-1) for g in grads]))
-                    parts = torch.split(flat, [g.numel() for g in grads])
-                    torch._foreach_copy_(grads, [part.view_as(g) for part, g in zip(parts, grads)])
-                    grads = None
-                optimizer.step()
-                batch_sum = per_sample.detach().sum()
-                share = torch.stack([batch_sum, count, batch_sum / global_count])
-                total += dist.all_reduce_sum(share) if dist.enabled else share
-            loss_sum, samples, batch_means = total.tolist()  # (scratch runs: outside the training steps)
+            loss_sum, samples, batch_means = train_epoch(trainer, model, optimizer, head_loss)
             curves["train"].append(loss_sum / max(samples, 1.0))
             curves["train_batch_sum"].append(batch_means)
             val, val_batch_sum = _validation_loss(trainer, model, head_loss)
             curves["val"].append(val)
             curves["val_batch_sum"].append(val_batch_sum)
     return curves
+
+
+def train_epoch(trainer, model, optimizer, per_sample_loss) -> tuple[float, float, float]:
+    """One epoch of a model trained apart from the run (a scratch run, a teacher) on the run's
+    training loader at its current epoch: per_sample_loss(inputs, labels) -> [B], its batch mean
+    minimised by `optimizer`; in a distributed run each rank trains on its shard and the
+    gradients are all-reduced. Returns (loss sum, samples, sum of the batch means) over the
+    global batches, read once at the end of the epoch."""
+    dist = trainer.dist
+    total = torch.zeros(3, device=trainer.device)  # loss sum, samples, sum of batch means
+    for batch in trainer.loaders["train"].batches():
+        inputs, labels = trainer.steps.inputs(batch)
+        per_sample = per_sample_loss(inputs, labels)
+        count = torch.tensor(float(len(labels)), device=trainer.device)
+        if dist.enabled:  # (this rank's share of the global batch's mean)
+            global_count = dist.all_reduce_sum(count)
+            loss = per_sample.sum() / global_count
+        else:
+            global_count, loss = count, per_sample.mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if dist.enabled:
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            flat = dist.all_reduce_sum(torch.cat([g.reshape(-1) for g in grads]))
+            parts = torch.split(flat, [g.numel() for g in grads])
+            torch._foreach_copy_(grads, [part.view_as(g) for part, g in zip(parts, grads)])
+            grads = None
+        optimizer.step()
+        batch_sum = per_sample.detach().sum()
+        share = torch.stack([batch_sum, count, batch_sum / global_count])
+        total += dist.all_reduce_sum(share) if dist.enabled else share
+    loss_sum, samples, batch_means = total.tolist()  # (apart from the run's steps: once an epoch)
+    return loss_sum, samples, batch_means
 
 
 @torch.no_grad()

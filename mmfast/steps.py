@@ -175,7 +175,7 @@ class StepRunner:
         # (before the loss: methods may add loss terms or compute the task loss from the head's
         # trainable logits; the balance statistics read `measured`)
         bal.after_forward(measured.float(), labels, fused=fused, extras=extra, trainable=unimodal.float(),
-                          rerun=lambda subsets: self.rerun(inputs, subsets))
+                          rerun=lambda subsets: self.rerun(inputs, subsets), inputs=inputs if bal.needs_inputs else None)
         per_sample = F.cross_entropy(fused.float(), labels, reduction="none")  # (logged: the fused head's)
         # The head's task loss (mmfast/models/registry.py), or the method's where it computes it.
         loss = bal.loss() if bal.computes_task_loss else bal.loss(task_loss_per_sample(self.fusion, fused, unimodal,

@@ -206,7 +206,7 @@ class Trainer:
             self.balancer = Balancer(cfg.method, dict(self.model.encoders.items()), seed=cfg.seed, device=self.device,
                                      measure=True, head=self.model.fusion, optimizer=self.optimizer,
                                      scheduler=self.scheduler, dist=self.dist, estimate=self.steps.estimate,
-                                     mmtm=getattr(self.model, "mmtm", None), **cfg.hparams)
+                                     mmtm=getattr(self.model, "mmtm", None), epochs=cfg.epochs, **cfg.hparams)
         except ValueError as err:
             raise ValueError(f"config key 'hparams' (method {cfg.method!r}): {err}") from None
         wanted = {s for epoch in (None, *range(cfg.epochs)) for s in self.balancer.evaluations(epoch)}
@@ -252,13 +252,18 @@ class Trainer:
         return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
 
     def _make_scheduler(self):
+        return self.make_scheduler(self.optimizer, self.cfg.epochs)
+
+    def make_scheduler(self, optimizer, epochs: int):
+        """A schedule of the run's settings (optim.scheduler) for `optimizer` over `epochs` epochs
+        (stepped once an epoch; plateau: with the epoch's training loss), or None."""
         o = self.cfg.optim
         if o.scheduler == "step":
-            return torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=o.step_size, gamma=o.gamma)
+            return torch.optim.lr_scheduler.StepLR(optimizer, step_size=o.step_size, gamma=o.gamma)
         if o.scheduler == "cosine":
-            return torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=self.cfg.epochs)
+            return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
         if o.scheduler == "plateau":  # (x gamma when the training loss stops falling)
-            return torch.optim.lr_scheduler.ReduceLROnPlateau(self.optimizer, factor=o.gamma, patience=o.patience)
+            return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=o.gamma, patience=o.patience)
         return None
 
     # ---- the step ----------------------------------------------------------------------------
@@ -441,9 +446,20 @@ class Trainer:
         """What training needs before its first step: the evaluations the methods ask for before
         training (e.g. initial per-head losses), once. fit() calls it; call it before driving
         train_step yourself."""
+        if not self._prepared:
+            self._teachers_for_methods()
         if self.global_step == 0 and not self._prepared:
             self._evaluate_for_methods(None)
         self._prepared = True
+
+    def _teachers_for_methods(self) -> None:
+        """The uni-modal teachers the methods ask for (mmfast/teachers.py): loaded where kept,
+        else trained and kept in the run folder; handed over before the first step (and again
+        to a resumed run, whose checkpoint does not hold them)."""
+        from .teachers import teacher_for
+
+        for run in self.balancer.teacher_runs():
+            self.balancer.observe_teacher(run, teacher_for(self, run, run.source))
 
     def _evaluate_for_methods(self, epoch: int | None) -> None:
         """The splits the methods ask for before training (epoch None) or after `epoch`,

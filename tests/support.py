@@ -25,3 +25,12 @@ def no_device_sync(device):
         yield
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def small_run_config(dataset, out, *overrides):
+    """A run of the embedded config on a small generated dataset: 2 epochs of batches of 8 at
+    32 px, one decoding thread, fp32, no progress bar; `overrides` as on the command line."""
+    from mmfast.config import load_config
+
+    return load_config("embedded", [f"data.root={dataset}", f"out={out}", "epochs=2", "data.batch_size=8",
+                                    "data.size=32", "data.num_workers=1", "progress=false", "precision=fp32", *overrides])

@@ -10,6 +10,7 @@ import torch
 from mmfast.config import load_config
 from mmfast.data import generate
 from mmfast.trainer import NonFiniteError, Trainer, resolve_precision, resume
+from support import small_run_config as make_config
 
 pytest.importorskip("nvidia.dali")
 pytest.importorskip("sklearn")
@@ -20,9 +21,6 @@ def dataset(tmp_path_factory):
     return generate(tmp_path_factory.mktemp("trainer") / "cremad", clips=30, seed=2)
 
 
-def make_config(dataset, out, *overrides):
-    return load_config("embedded", [f"data.root={dataset}", f"out={out}", "epochs=2", "data.batch_size=8",
-                                    "data.size=32", "data.num_workers=1", "progress=false", "precision=fp32", *overrides])
 
 
 def parameters(trainer):
@@ -55,7 +53,8 @@ def test_fit_writes_the_run_directory(dataset, tmp_path):
                                                ("mla", [], 4), ("reconboost", ["hparams.phase1_epochs=1"], 4),
                                                ("gblending", ["hparams.super_epoch=2"], 4),
                                                ("relearning", ["hparams.interval=1", "hparams.times=1", "epochs=3"], 4),
-                                               ("lfm", [], 2), ("amco", [], 4), ("greedy", [], 4)])
+                                               ("lfm", [], 2), ("amco", [], 4), ("greedy", [], 4),
+                                               ("umt", ["hparams.teacher_epochs=1"], 2)])
 def test_resume_mid_epoch_gives_bitwise_the_same_parameters(dataset, tmp_path, method, extra, steps):
     full = Trainer(make_config(dataset, tmp_path / "full", f"method={method}", *extra))
     full.fit()

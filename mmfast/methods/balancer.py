@@ -64,7 +64,7 @@ class Balancer:
     def __init__(self, method: str, encoders: Mapping[str, nn.Module], *, seed: int = 0,
                  device: torch.device | str | None = None, measure: bool = False, head: nn.Module | None = None,
                  optimizer: torch.optim.Optimizer | None = None, scheduler=None, dist: Distributed | None = None,
-                 estimate=None, mmtm: nn.Module | None = None, **hparams):
+                 estimate=None, mmtm: nn.Module | None = None, epochs: int | None = None, **hparams):
         """method: a name of mmfast.methods.NAMES; encoders: modality name -> encoder module, in
         the order of the features and uni-modal logits you pass; seed: the noise key and drop
         generator seed; measure: compute the balance statistics every step even when no method
@@ -75,7 +75,7 @@ class Balancer:
         any: mmfast.distributed.Distributed.current()); estimate: features -> uni-modal logits
         [M, B, C], for a method that measures before the fusion (opm timing="current"); mmtm: the
         model's MMTM blocks between the encoders (mmfast.models.MMTMExchange; greedy sets their
-        curation flags)."""
+        curation flags); epochs: the run's length (UMT trains its teachers as long by default)."""
         if not isinstance(encoders, Mapping) or len(encoders) < 2:
             raise ValueError("Balancer: encoders must map at least two modality names to their encoder modules")
         for name, module in encoders.items():
@@ -93,7 +93,9 @@ class Balancer:
         self.state.optimizer, self.state.scheduler = optimizer, scheduler
         self.state.estimate = estimate
         self.state.mmtm = mmtm
+        self.state.run_epochs = epochs
         self.computes_task_loss = any(m.computes_task_loss for m in self.methods)
+        self.needs_inputs = any(m.needs_inputs for m in self.methods)
         self.metrics: dict[str, torch.Tensor] = {}
         self.measure = bool(measure)
         self._measures = self.measure or any(m.measures_balance for m in self.methods)
@@ -198,6 +200,19 @@ class Balancer:
         self.state.scratch = {"run": run, "epoch": epoch, "curves": {k: list(v) for k, v in curves.items()}}
         self._emit("scratch_end")
 
+    def teacher_runs(self) -> tuple:
+        """The uni-modal teachers (mmfast.methods.TeacherRun) the methods need before the first
+        step; hand each one over with observe_teacher."""
+        return tuple(dict.fromkeys(run for m in self.methods for run in m.teacher_runs(self.state)))
+
+    def observe_teacher(self, run, teacher: nn.Module) -> None:
+        """The trained uni-modal teacher of `run` (a module mapping the modality's batch to pooled
+        features with ``features(x)``, frozen, in eval mode), before the first step (teacher_end)."""
+        if not callable(getattr(teacher, "features", None)):
+            raise TypeError(f"Balancer.observe_teacher: the teacher of {run.modality!r} needs a features(x) method")
+        self.state.teachers[run.modality] = teacher
+        self._emit("teacher_end")
+
     def observe_head_losses(self, val: torch.Tensor, train: torch.Tensor, *, epoch: int | None) -> None:
         """Per-head mean cross-entropies [M + 1] (the modalities' classifiers, then the fused one)
         on the validation and training splits, measured before training (epoch None) or after
@@ -268,7 +283,8 @@ class Balancer:
         return total * self.state.dist.world_size if self.state.dist.enabled else total
 
     def after_forward(self, unimodal_logits: torch.Tensor, labels: torch.Tensor, *, fused: torch.Tensor | None = None,
-                      extras: Mapping | None = None, rerun=None, trainable: torch.Tensor | None = None) -> None:
+                      extras: Mapping | None = None, rerun=None, trainable: torch.Tensor | None = None,
+                      inputs: Mapping[str, torch.Tensor] | None = None) -> None:
         """Hand over this (micro-)batch's uni-modal logits [M, B, C] and labels: the methods measure
         (balance statistics, once) and update their device state (OPM's next probabilities).
         Optional: after_backward does it when given the logits. With gradient accumulation, call
@@ -278,7 +294,9 @@ class Balancer:
         (AGM): subsets of modality names -> the model's fused logits [K, B, C] on this batch with
         the other modalities' inputs zeroed, in eval mode, with autograd (StepState.rerun).
         `trainable`: the head's trainable uni-modal logits [M, B, C] where they differ from the
-        measured ones passed first (features a method changed before the fusion)."""
+        measured ones passed first (features a method changed before the fusion). `inputs`: the
+        batch's inputs (modality name -> tensor), for a method that runs models of its own on them
+        (UMT's teachers: Balancer.needs_inputs)."""
         if not isinstance(unimodal_logits, torch.Tensor) or unimodal_logits.dim() != 3 \
                 or unimodal_logits.shape[0] != len(self.state.modalities):
             raise ValueError(f"Balancer: unimodal_logits must be [M={len(self.state.modalities)}, B, C], got "
@@ -292,7 +310,12 @@ class Balancer:
             raise ValueError(f"Balancer.after_forward: method(s) {rerunners} run the model with modalities zeroed: "
                              f"pass rerun= (subsets of modality names -> fused logits [K, B, C], eval mode, "
                              f"with autograd)")
+        readers = [m.name for m in self.methods if m.needs_inputs]
+        if readers and inputs is None:
+            raise ValueError(f"Balancer.after_forward: method(s) {readers} read the batch's inputs: pass inputs= "
+                             f"(modality name -> tensor)")
         self.state.rerun = rerun
+        self.state.inputs = inputs
         self.state.head_logits = {"fused": fused, "unimodal": unimodal_logits if trainable is None else trainable,
                                   **dict(extras or {})}
         self.state.unimodal_logits = unimodal_logits.detach()

@@ -21,6 +21,9 @@ step:
                    apart with one head's loss (G-Blending's generalisation and overfitting)
     head_losses    per-head validation and training losses (``state.head_losses``), handed over by a
                    loop that measured them itself (``Balancer.observe_head_losses``)
+    teacher_end    a uni-modal teacher a method asked for (``Method.teacher_runs``) was trained or
+                   loaded before the first step (``state.teachers``: modality -> the frozen model,
+                   in eval mode; UMT distils from them)
     state_loaded   the loop restored a checkpoint (the model's weights first, then the methods'
                    state, then the optimizer's): a method re-creates what it added during
                    training (boost's classifiers rejoin the optimizer, in the order they joined it)
@@ -51,7 +54,7 @@ from ..ops import BalanceStats, balance_coefficients, modality_scores
 from ..ops.balance import ALPHA_DEFAULTS
 
 EVENTS = ("fit_start", "epoch_start", "before_fusion", "after_forward", "after_backward", "after_step", "epoch_end",
-          "state_loaded", "evaluation_end", "scratch_end", "head_losses")
+          "state_loaded", "evaluation_end", "scratch_end", "head_losses", "teacher_end")
 # Model fusions (mmfast/models/registry.py) a method accepts unless it says otherwise: not the
 # method-specific ones ("boost", whose classifiers only the boost method trains).
 GENERIC_FUSIONS = fusions_where(method_specific=False)
@@ -78,6 +81,19 @@ class ScratchRun:
     epochs: int
 
 
+@dataclasses.dataclass(frozen=True)
+class TeacherRun:
+    """A uni-modal teacher a method asks for (``Method.teacher_runs``): a model of `modality` alone
+    (the run's kind of encoder and a linear classifier) trained with cross-entropy for `epochs`
+    epochs before the run's first step, with a fresh optimizer and schedule of the run's
+    settings (mmfast/teachers.py). `source`: a run folder whose kept teachers to load (None: this
+    run's folder, training the teacher when it holds none)."""
+
+    modality: str
+    epochs: int
+    source: str | None = None
+
+
 class StepState:
     """What the loop knows about the current step, shared by every method.
 
@@ -96,6 +112,9 @@ class StepState:
         a method that measures before the fusion (OPM with timing="current");
     head_logits: the head's outputs with autograd: "fused" [B, C], "unimodal" [M, B, C] and any
         further item the head returned (boost: "classifiers");
+    inputs: the batch's inputs (modality name -> device tensor), for a method that runs models of
+        its own on them (UMT's teachers; ``Method.needs_inputs``), else None;
+    teachers: modality -> the frozen uni-modal teacher a method asked for (teacher_end);
     rerun: for a method that declares ``extra_forwards``: subsets (tuples of modality names) ->
         the fused logits [K, B, C] of the model on this batch with every modality outside each
         subset zeroed at its input, in eval mode, with autograd (AGM's coalitions);
@@ -110,6 +129,7 @@ class StepState:
         "labels" [N] (a whole split, evaluated for the methods that ask: Method.evaluations);
     head_losses: "val" and "train" [M + 1] per-head losses (modalities, then fused), "initial";
     batches_per_epoch: the epoch's batch count when the loop gives it (start_epoch), else None;
+    run_epochs: the run's epoch count when the loop gives it (Balancer's epochs=), else None;
     dist: the process group (mmfast.distributed.Distributed; one process: every sum is the
         identity); shard: (start, total) of this (micro-)batch, the rank's first sample in the
         global batch and the global batch size ((0, B) in one process).
@@ -133,6 +153,7 @@ class StepState:
         self.encoders = dict(encoders or {})  # modality name -> encoder module, in modality order
         self.head = head
         self.mmtm: torch.nn.Module | None = None
+        self.teachers: dict[str, torch.nn.Module] = {}
         self.optimizer: torch.optim.Optimizer | None = None
         # Bumped whenever a method adds parameters (join_optimizer): a loop that wraps the model
         # (DistributedDataParallel) rebuilds the wrapper when it changes.
@@ -151,6 +172,7 @@ class StepState:
         self.estimate = None
         self.epoch = 0
         self.batches_per_epoch: int | None = None  # (Balancer.start_epoch's batches)
+        self.run_epochs: int | None = None  # (Balancer's epochs)
         self.begin_step()
 
     def begin_batch(self) -> None:
@@ -163,6 +185,7 @@ class StepState:
         self.sample_weight: torch.Tensor | None = None
         self.head_logits: dict[str, Any] = {}
         self.rerun = None
+        self.inputs: Mapping[str, torch.Tensor] | None = None
         self.task_loss: torch.Tensor | None = None
         self.extra_losses: dict[str, torch.Tensor] = {}
         self._batch_scores: tuple[torch.Tensor, torch.Tensor] | None = None  # (S [M] global, s [M, B])
@@ -263,8 +286,10 @@ class Method:
     evaluation_features: ClassVar[bool] = False  # its evaluations carry the encoders' features
     single_micro_batch: ClassVar[bool] = False  # a step is one batch (no gradient accumulation)
     skips_parameters: ClassVar[bool] = False  # some steps leave parameters without a gradient (DDP looks for them)
+    needs_inputs: ClassVar[bool] = False  # reads the batch's inputs (state.inputs) in after_forward
     mmtm_stages: ClassVar[tuple[int, ...]] = ()  # encoder stages followed by MMTM blocks it needs (model.mmtm's default)
-    # ... and, below: balance_params, unused_modalities, update_parts, evaluations, scratch_runs.
+    # ... and, below: balance_params, unused_modalities, update_parts, evaluations, scratch_runs,
+    # teacher_runs.
 
     @dataclasses.dataclass
     class Params:
@@ -300,6 +325,11 @@ class Method:
         loop hands each one's curves over in the scratch_end event (``state.scratch``)."""
         return ()
 
+    def teacher_runs(self, state: "StepState") -> tuple[TeacherRun, ...]:
+        """The uni-modal teachers this method needs before the first step (TeacherRun); the loop
+        hands each one over in the teacher_end event (``state.teachers``). Asked after fit_start."""
+        return ()
+
     def fit_start(self, state: StepState) -> None: ...
     def epoch_start(self, state: StepState) -> None: ...
     def before_fusion(self, state: StepState) -> None: ...
@@ -311,6 +341,7 @@ class Method:
     def evaluation_end(self, state: StepState) -> None: ...
     def scratch_end(self, state: StepState) -> None: ...
     def head_losses(self, state: StepState) -> None: ...
+    def teacher_end(self, state: StepState) -> None: ...
 
     def summary(self) -> dict[str, Any]:
         """What the run's summary.json records of this method (after fit_start): JSON values."""

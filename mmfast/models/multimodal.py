@@ -62,7 +62,7 @@ class MultimodalModel(nn.Module):
             if name in skip:
                 features.append(x.new_zeros(x.shape[0], self.encoders[name].out_dim))
                 continue
-            f = self.encoders[name](x.unsqueeze(1) if x.dim() == 3 else x)
+            f = self.encoders[name](encoder_input(x))
             if f.dim() != 2 or f.shape[0] != x.shape[0]:
                 raise ValueError(f"MultimodalModel.encode: encoder {name!r} must return pooled features [B, d], "
                                  f"got {tuple(f.shape)}")
@@ -126,13 +126,7 @@ def build_model(modalities: Mapping[str, str], num_classes: int, *, encoder: str
         raise ValueError(f"weights names {unknown}, not modalities {list(modalities)}")
     if weights and encoder != "resnet18":
         raise ValueError("weights files are for encoder='resnet18'")
-    encoders = {}
-    for name, kind in modalities.items():
-        if kind not in CHANNELS:
-            raise ValueError(f"modality {name!r} has kind {kind!r}; expected one of {tuple(CHANNELS)}")
-        channels = CHANNELS[kind]
-        encoders[name] = (resnet18_encoder(channels, weights.get(name)) if encoder == "resnet18"
-                          else SmallConvEncoder(channels, width))
+    encoders = {name: make_encoder(name, kind, encoder, width, weights.get(name)) for name, kind in modalities.items()}
     dims = [e.out_dim for e in encoders.values()]
     if fusion == "late":
         head = LateHeads(dims, num_classes, **fusion_options)
@@ -144,6 +138,19 @@ def build_model(modalities: Mapping[str, str], num_classes: int, *, encoder: str
     else:
         head = make_fusion(fusion, dims, num_classes, **fusion_options)
     return MMTMModel(encoders, head, mmtm) if mmtm else MultimodalModel(encoders, head)
+
+
+def make_encoder(name: str, kind: str, encoder: str = "small", width: int = 16,
+                 weights: str | Path | None = None) -> nn.Module:
+    """One modality's pooled encoder (build_model's, also a uni-modal teacher's)."""
+    if kind not in CHANNELS:
+        raise ValueError(f"modality {name!r} has kind {kind!r}; expected one of {tuple(CHANNELS)}")
+    return resnet18_encoder(CHANNELS[kind], weights) if encoder == "resnet18" else SmallConvEncoder(CHANNELS[kind], width)
+
+
+def encoder_input(x: torch.Tensor) -> torch.Tensor:
+    """A batch of one modality as its encoder takes it: a spectrogram [B, F, T] gets its channel axis."""
+    return x.unsqueeze(1) if x.dim() == 3 else x
 
 
 class IRFBModel(nn.Module):

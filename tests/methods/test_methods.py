@@ -235,7 +235,7 @@ def test_configuration_errors_name_the_key(name, kwargs, needle):
 @pytest.mark.parametrize("name", [n for n in NAMES if n not in ("olm", "boost", "mmcosine", "mbsd", "cml", "agm",
                                                                 "mmpareto", "pmr", "mslr", "mla", "reconboost",
                                                                 "gblending", "relearning", "lfm", "amco",
-                                                                "greedy")])
+                                                                "greedy", "umt")])
 def test_steps_read_nothing_on_the_host(gen, name, device):
     """No host read in any step; on a GPU also no synchronisation after the first step
     (set_sync_debug_mode("error") raises; the first step is the warm-up: lazy allocations,
