@@ -60,7 +60,7 @@ MMFAST_METHODS = {"joint": {}, "ogm": CODE_OGM, "ogm_ge": CODE_OGM, "ogm_star": 
                   "mmcosine": {}, "mbsd": {}, "cml": {}, "agm": {}, "mmpareto": {}, "pmr": {},
                   "mslr": {"lr_scales": {"audio": 0.5}}, "mla": {}, "reconboost": {}, "gblending": {},
                   "relearning": {}, "lfm": {}, "amco": {}, "greedy": {},
-                  "umt": {"teacher_epochs": 1}}  # (umt: its teachers' training before the steps, not timed)
+                  "umt": {"teacher_epochs": 1}, "resample": {}}  # (umt: its teachers' training before the steps, not timed)
 NAIVE_METHODS = ("joint", "ogm", "ogm_ge", "opm")
 # Methods whose model has heads of its own (trainable per-modality classifiers): their
 # balancing overhead is against plain joint training of that same model (model.fusion), beside

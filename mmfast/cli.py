@@ -284,7 +284,7 @@ def main(argv=None) -> int:
     demo.add_argument("--clips", type=int, default=480)
     demo.add_argument("--methods", nargs="+", metavar="ROW",
                       help="which rows: 'all' (the seed papers' methods, the baselines and the peers' methods "
-                           "mmcosine, mbsd, cml, agm, mmpareto, pmr, mla, reconboost, gblending, amco, greedy, umt, mslr, relearning, lfm) "
+                           "mmcosine, mbsd, cml, agm, mmpareto, pmr, mla, reconboost, gblending, amco, greedy, umt, resample, mslr, relearning, lfm) "
                            "or row labels / method names; default: "
                            "the seed papers' methods and the baselines")
     demo.add_argument("--no-progress", action="store_true")

@@ -20,12 +20,13 @@ def peer_runs(dominant: str) -> list[tuple[str, str, dict, tuple]]:
     re-initialises every 5 epochs instead of 20 (its 90 epochs' schedule in the demo's 20), and LFM's
     weight curve spans the demo's 20 epochs instead of 200."""
     runs = [(name, name, {}, ()) for name in ("mmcosine", "mbsd", "cml", "agm", "mmpareto", "pmr", "mla", "reconboost",
-                                              "gblending", "amco", "greedy", "umt")]
+                                              "gblending", "amco", "greedy", "umt", "resample")]
     runs.append((f"mslr ({dominant} x0.5)", "mslr", {"lr_scales": {dominant: 0.5}}, ()))
     # (the official schedules scaled to the demo's 20 epochs: ReLearning's every 20 of 90 epochs,
     # LFM's weight curve over 200)
     runs.append(("relearning (every 5)", "relearning", {"interval": 5}, ()))
     runs.append(("lfm (curve over 20)", "lfm", {"curve_epochs": 20}, ()))
+    runs.append(("resample (modality)", "resample", {"level": "modality"}, ()))
     return runs
 
 

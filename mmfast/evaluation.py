@@ -110,10 +110,12 @@ class Evaluator:
         return out
 
     @torch.no_grad()
-    def outputs(self, split: str, *, missing: dict[str, float] | None = None, seed: int = 0, features: bool = False):
+    def outputs(self, split: str, *, missing: dict[str, float] | None = None, seed: int = 0, features: bool = False,
+                index: bool = False):
         """(fused [N, C], unimodal [M, N, C], labels [N]) of the model on every readable sample of
         `split`, in the split's order (float32; gathered over the ranks of a distributed run).
-        `missing`: as in evaluate. `features`: a fourth item, the M encoders' features [N, d_m]."""
+        `missing`: as in evaluate. `features`: one more item, the M encoders' features [N, d_m];
+        `index`: then one more, each row's clip position in the split [N]."""
         from .ops import feature_drop
 
         loader = self.loaders[split]
@@ -150,11 +152,11 @@ class Evaluator:
             uni_all.append(unimodal.float().transpose(0, 1))  # [B, M, C]: samples first
             labels_all.append(labels)
             index_all.append(batch["index"])
-        columns = [fused_all, uni_all, labels_all]
+        columns = [fused_all, uni_all, labels_all, [i.to(self.device) for i in index_all]]
         if features:  # (one column per modality: each gathered like the logits)
             columns += [[f[m] for f in features_all] for m in range(len(self.modalities))]
-        fused, unimodal, labels, *feats = self.gather_rows(split, index_all, *columns)
-        return (fused, unimodal.transpose(0, 1), labels) + ((feats,) if features else ())
+        fused, unimodal, labels, rows, *feats = self.gather_rows(split, index_all, *columns)
+        return (fused, unimodal.transpose(0, 1), labels) + ((feats,) if features else ()) + ((rows,) if index else ())
 
     @torch.no_grad()
     def coalition_outputs(self, split: str, zeroing: str = "features"):
@@ -164,7 +166,7 @@ class Evaluator:
         zeroing="features": each batch is encoded once and the head runs on every coalition's
         features; "inputs": each encoder also encodes zeros (independent encoders), or the
         whole model runs on every coalition's inputs (encoders that exchange features)."""
-        from .valuation import ZEROINGS, coalition_masks
+        from .valuation import ZEROINGS, coalition_logits, coalition_masks
 
         if zeroing not in ZEROINGS:
             raise ValueError(f"zeroing must be one of {ZEROINGS}, got {zeroing!r}")
@@ -174,8 +176,7 @@ class Evaluator:
         loader = self.loaders[split]
         self.model.eval()
         M = len(self.modalities)
-        masks = coalition_masks(M, self.device)
-        K = masks.shape[0]
+        K = 2 ** M
         subsets = [tuple(m for m, p in zip(self.modalities, row) if p) for row in coalition_masks(M).tolist()]
         skip = self.balancer.unused_modalities if self.balancer is not None else ()
         fused_all, labels_all, index_all = [], [], []
@@ -187,12 +188,10 @@ class Evaluator:
                     fused = self.steps.rerun(inputs, subsets)
                 else:
                     present = self.model.encode(inputs, skip=skip)
-                    absent = ([torch.zeros_like(f) for f in present] if zeroing == "features" else
+                    absent = (None if zeroing == "features" else
                               self.model.encode({m: torch.zeros_like(x) for m, x in inputs.items()}, skip=skip))
                     # (every coalition's features as one batch [K * B, d_m]: one head call)
-                    features = [torch.where(masks[:, m].view(K, 1, 1), p.unsqueeze(0), a.unsqueeze(0)).flatten(0, 1)
-                                for m, (p, a) in enumerate(zip(present, absent))]
-                    fused = self.model.head(features)[0]
+                    fused = coalition_logits(self.model.head, present, absent, chunk=B)
             fused_all.append(fused.float().view(K, B, -1).transpose(0, 1))  # [B, K, C]: samples first
             labels_all.append(labels)
             index_all.append(batch["index"])

@@ -23,17 +23,21 @@ def all_finite(tensors: list) -> torch.Tensor:
     return torch.isfinite(torch.nn.utils.get_total_norm(tensors, norm_type=float("inf"), foreach=True))
 
 
-def step_forward(model, unimodal_estimate, inputs, skip=(), drop=None, measure_dropped=False):
+def step_forward(model, unimodal_estimate, inputs, skip=(), drop=None, measure_dropped=False, keep=None):
     """A training step's forward: encode, drop features (`drop`: features -> features), fuse.
     Returns (fused, unimodal, the head's extras, measured): unimodal are the head's uni-modal
     logits (trainable for heads with classifiers of their own), measured the uni-modal logits the
     balance statistics read, picked by unimodal_estimate(features, head's estimate). Everything
     that trains sees the dropped features; `measured` comes from the features before the drop
     (OPM measures the imbalance there: TPAMI 2024 Alg. 1, eq. 7), unless `measure_dropped`
-    (missing-modality evaluation: every output sees the drop)."""
+    (missing-modality evaluation: every output sees the drop). `keep` [B, M] bool: the
+    modalities each sample has (a copy of a re-sampled training set keeps one: ClipLoader.set_copies);
+    the others' features are zeros from the start, for everything after the encoders."""
     M = len(model.modalities)
     encoded = model.encode(inputs, skip=skip)
     features, fused_repr = encoded[:M], encoded[M:]  # (IRFB: the fused representation follows)
+    if keep is not None:
+        features = [f * keep[:, m, None].to(f.dtype) for m, f in enumerate(features)]
     dropped = features if drop is None else list(drop(features))
     source = dropped if measure_dropped else features
     unchanged = all(a is b for a, b in zip(source, dropped))  # (no drop: the head measures what it fuses)
@@ -52,9 +56,9 @@ class _StepModule(torch.nn.Module):
         self.model = model
         self.unimodal_estimate = unimodal_estimate
 
-    def forward(self, inputs, skip=(), drop=None, measure_dropped=False):
+    def forward(self, inputs, skip=(), drop=None, measure_dropped=False, keep=None):
         return step_forward(self.model, self.unimodal_estimate, inputs, skip=skip, drop=drop,
-                            measure_dropped=measure_dropped)
+                            measure_dropped=measure_dropped, keep=keep)
 
 
 class StepRunner:
@@ -104,13 +108,14 @@ class StepRunner:
         the head runs once, for the estimate it gives or for the zero-out passes."""
         return self.unimodal(features, None if self._zero_out_estimate() else self.model.head(features)[1])
 
-    def forward(self, inputs, skip=(), drop=None, measure_dropped=False):
+    def forward(self, inputs, skip=(), drop=None, measure_dropped=False, keep=None):
         """Encode, drop the modalities' features (`drop`: features -> features), fuse (step_forward).
         Returns (fused, unimodal, the head's extras, measured). Training steps of a distributed
         run go through DistributedDataParallel (gradients all-reduced during backward)."""
         if self.dist.enabled and self.model.training:
-            return self._distributed_model()(inputs, skip=skip, drop=drop, measure_dropped=measure_dropped)
-        return step_forward(self.model, self.unimodal, inputs, skip=skip, drop=drop, measure_dropped=measure_dropped)
+            return self._distributed_model()(inputs, skip=skip, drop=drop, measure_dropped=measure_dropped, keep=keep)
+        return step_forward(self.model, self.unimodal, inputs, skip=skip, drop=drop, measure_dropped=measure_dropped,
+                            keep=keep)
 
     def rerun(self, inputs, subsets) -> torch.Tensor:
         """The fused logits [K, B, C] of the model on `inputs` with, for each of the K subsets
@@ -153,25 +158,26 @@ class StepRunner:
 
     # ---- the step ----------------------------------------------------------------------------
 
-    def step(self, inputs, labels, *, last_micro_batch: bool = True, shard=None) -> None:
+    def step(self, inputs, labels, *, last_micro_batch: bool = True, shard=None, keep=None) -> None:
         """One training step on device inputs: a sub-step per part the methods name (every
-        modality, or one at a time), the optimizer stepping after the last micro-batch."""
+        modality, or one at a time), the optimizer stepping after the last micro-batch. `keep`:
+        the batch's [B, M] modalities per sample (re-sampled copies; None: every one)."""
         for part in self.balancer.update_parts():
             skip = set(self.balancer.unused_modalities) | ({m for m in self.modalities if m not in part}
                                                            if part else set())
             with contextlib.ExitStack() as stack:
                 if self.dist.enabled and not last_micro_batch:  # (no gradient all-reduce before the last)
                     stack.enter_context(self._distributed_model().no_sync())
-                self._forward_backward(inputs, labels, part, shard, skip)
+                self._forward_backward(inputs, labels, part, shard, skip, keep)
             if last_micro_batch:
                 self._optimizer_step()
 
-    def _forward_backward(self, inputs, labels, part, shard, skip) -> None:
+    def _forward_backward(self, inputs, labels, part, shard, skip, keep=None) -> None:
         """Forward, the loss, backward (gradients accumulate), the epoch sums."""
         bal = self.balancer
         with self.autocast():
             fused, unimodal, extra, measured = self.forward(
-                inputs, skip=skip, drop=lambda f: bal.drop(f, part=part, shard=shard, labels=labels))
+                inputs, skip=skip, drop=lambda f: bal.drop(f, part=part, shard=shard, labels=labels), keep=keep)
         # (before the loss: methods may add loss terms or compute the task loss from the head's
         # trainable logits; the balance statistics read `measured`)
         bal.after_forward(measured.float(), labels, fused=fused, extras=extra, trainable=unimodal.float(),

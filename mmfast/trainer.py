@@ -280,7 +280,8 @@ class Trainer:
         inputs, labels = self._inputs(batch)
         if self.dist.enabled and shard is None:
             raise ValueError("Trainer.train_step: a distributed run needs shard=(start, total) of the batch")
-        self.steps.step(inputs, labels, last_micro_batch=last_micro_batch, shard=shard)
+        keep = batch["keep"].to(self.device, non_blocking=True) if "keep" in batch else None  # (re-sampled copies)
+        self.steps.step(inputs, labels, last_micro_batch=last_micro_batch, shard=shard, keep=keep)
         if last_micro_batch:
             self.global_step += 1  # training steps (one optimizer step per part)
 
@@ -314,6 +315,8 @@ class Trainer:
         if self.batch_in_epoch == 0:  # (a resumed epoch's methods kept what its scratch runs gave them)
             self._scratch_for_methods(self.epoch)
         loader.epoch = self.epoch
+        copies = self.balancer.sample_copies(self.epoch)  # (re-sampling methods; a resumed epoch too)
+        loader.set_copies(None if copies is None else copies[1], index=None if copies is None else copies[0])
         self.model.train()
         self.balancer.start_epoch(self.epoch, batches=len(loader))
         start = time.perf_counter()
@@ -465,10 +468,10 @@ class Trainer:
         """The splits the methods ask for before training (epoch None) or after `epoch`,
         evaluated and handed over (Balancer.observe_evaluation)."""
         for split in self.balancer.evaluations(epoch):
-            fused, unimodal, labels, *features = self.evaluator.outputs(
-                self.evaluator.evaluation_split(split), features=self.balancer.evaluation_features)
+            fused, unimodal, labels, *features, index = self.evaluator.outputs(
+                self.evaluator.evaluation_split(split), features=self.balancer.evaluation_features, index=True)
             self.balancer.observe_evaluation(split, fused, unimodal, labels, epoch=epoch,
-                                             features=features[0] if features else None)
+                                             features=features[0] if features else None, index=index)
 
     def _scratch_for_methods(self, epoch: int) -> None:
         """The scratch runs the methods ask for before `epoch` (mmfast/scratch.py), handed over."""

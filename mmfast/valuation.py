@@ -99,3 +99,22 @@ def sample_values(fused: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     M = fused.shape[0].bit_length() - 1
     sizes = coalition_masks(M, fused.device).sum(dim=1).to(torch.float64)
     return correct(fused, labels) * sizes.unsqueeze(1)
+
+
+@torch.no_grad()
+def coalition_logits(head, features, absent=None, chunk: int = 4096) -> torch.Tensor:
+    """[2^M, N, C]: the fused logits of `head` on every coalition of the M features [N, d_m],
+    an absent modality's features replaced by `absent`'s (None: zeros, feature zeroing; the
+    encoders' features of zero inputs: input zeroing); the coalitions of `chunk` samples at a time
+    go through the head as one batch."""
+    M = len(features)
+    masks = coalition_masks(M, features[0].device)
+    K, out = masks.shape[0], []
+    for start in range(0, features[0].shape[0], chunk):
+        part = [f[start:start + chunk] for f in features]
+        gone = [torch.zeros_like(p) for p in part] if absent is None else [a[start:start + chunk] for a in absent]
+        B = part[0].shape[0]
+        stacked = [torch.where(masks[:, m].view(K, 1, 1), p.unsqueeze(0), a.unsqueeze(0)).flatten(0, 1)
+                   for m, (p, a) in enumerate(zip(part, gone))]
+        out.append(head(stacked)[0].float().view(K, B, -1))
+    return torch.cat(out, dim=1)

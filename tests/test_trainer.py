@@ -54,7 +54,8 @@ def test_fit_writes_the_run_directory(dataset, tmp_path):
                                                ("gblending", ["hparams.super_epoch=2"], 4),
                                                ("relearning", ["hparams.interval=1", "hparams.times=1", "epochs=3"], 4),
                                                ("lfm", [], 2), ("amco", [], 4), ("greedy", [], 4),
-                                               ("umt", ["hparams.teacher_epochs=1"], 2)])
+                                               ("umt", ["hparams.teacher_epochs=1"], 2),
+                                               ("resample", ["hparams.warmup_epochs=1"], 4)])
 def test_resume_mid_epoch_gives_bitwise_the_same_parameters(dataset, tmp_path, method, extra, steps):
     full = Trainer(make_config(dataset, tmp_path / "full", f"method={method}", *extra))
     full.fit()

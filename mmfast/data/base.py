@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from ..distributed import shard_bounds
 from .audio import AudioRecipe, check_wave
@@ -127,6 +128,13 @@ class ClipLoader:
     plan consumed so far in the current pass (a batch whose every clip failed is consumed but
     not yielded).
 
+    Copies (``set_copies``, training): a method that re-samples the training set (Shapley-based
+    re-sampling) gives per clip and modality a number of extra copies for the coming epochs, each
+    keeping only that modality. The copies join the plan after the clips (positions N, N+1, ...
+    of ``clips``, each the same probed clip), the epoch's permutation runs over all of them, each
+    copy draws its own random choices (its position keys its generator), and a batch then carries
+    ``keep`` [B, M] (bool: the modalities each sample keeps) with ``index`` the clip's position.
+
     Skips: ``skipped_at_build`` holds this split's clips left out when the list was read and
     probed (logged once, when the loader is built); ``skipped`` the clips that failed to decode
     during the current pass; ``last_epoch_skipped`` those of the last completed pass (logged at
@@ -137,6 +145,9 @@ class ClipLoader:
         self.cfg, self.index, self.split, self.train = cfg, index, split, train
         self.skipped_at_build = index.skipped_in(split)
         self.clips = probe(index, index.split(split), cfg, self.skipped_at_build)
+        self.base_clips = list(self.clips)  # (clips: these, then the copies set_copies adds)
+        self.copy_source: np.ndarray | None = None  # [len(clips)] clip position of every plan item
+        self.copy_keep: np.ndarray | None = None  # [len(clips), M] the modalities each item keeps
         if not self.clips:
             raise DataError(index.root, f"split {split!r} has no usable clips ({self.skipped_at_build.summary()})")
         if self.skipped_at_build.total:
@@ -147,6 +158,46 @@ class ClipLoader:
         self.position = 0
         self._pass = 0  # passes started: the generator of an older pass refuses to go on
         self.rank, self.world_size = 0, 1  # set_shard: this process's share of each batch
+
+    def set_copies(self, counts, index=None) -> None:
+        """Extra copies of the training clips from the next pass on: counts [K, M] (non-negative
+        integers, M = the loader's modalities in order) for the clips at positions `index` [K]
+        (None: every clip, K = N, in order): counts[k, m] copies of clip index[k] keeping only
+        modality m. counts None: the clips alone (the plan as without copies)."""
+        N, M = len(self.base_clips), len(self.modalities)
+        if counts is None:
+            self.clips, self.copy_source, self.copy_keep = list(self.base_clips), None, None
+            return
+        if not self.train:
+            raise ValueError(f"{self.split!r} loader: copies are for a training loader")
+        given = np.asarray(counts)
+        rows = np.arange(N) if index is None else np.asarray(index)
+        if given.ndim != 2 or given.shape != (len(rows), M) or not np.issubdtype(given.dtype, np.integer) \
+                or (given < 0).any():
+            raise ValueError(f"{self.split!r} loader: copies must be non-negative integers [clips={len(rows)}, "
+                             f"modalities={M}], got {given.dtype} {given.shape}")
+        if rows.ndim != 1 or not np.issubdtype(rows.dtype, np.integer) or ((rows < 0) | (rows >= N)).any() \
+                or len(np.unique(rows)) != len(rows):
+            raise ValueError(f"{self.split!r} loader: copies name clip positions outside [0, {N}) or twice")
+        table = np.zeros((N, M), dtype=np.int64)
+        table[rows] = given
+        clip_of, modality_of = np.nonzero(table)  # (clip-major: clip 0's copies first)
+        repeats = table[clip_of, modality_of]
+        source = np.concatenate([np.arange(N), np.repeat(clip_of, repeats)])
+        keep = np.ones((len(source), M), dtype=bool)
+        keep[N:] = np.eye(M, dtype=bool)[np.repeat(modality_of, repeats)]
+        self.clips = [self.base_clips[i] for i in source]
+        self.copy_source, self.copy_keep = source, keep
+
+    def mark_copies(self, batch: dict) -> dict:
+        """A decoded batch of the plan with copies: ``keep`` [B, M] added, ``index`` back to the
+        clips' positions (unchanged without copies)."""
+        if self.copy_source is not None and "index" in batch:
+            index = batch["index"]
+            items = index.cpu().numpy()
+            batch["keep"] = torch.from_numpy(self.copy_keep[items]).to(index.device)
+            batch["index"] = torch.from_numpy(self.copy_source[items]).to(index.device)
+        return batch
 
     def set_shard(self, rank: int, world_size: int) -> None:
         """Decode only rank's contiguous shard of every batch of the plan (a distributed run: the

@@ -455,7 +455,7 @@ class DaliLoader(ClipLoader):
                 group += 1
                 self.position = group
                 if parts:
-                    yield self._finish(parts)
+                    yield self.mark_copies(self._finish(parts))
                     self._check_current(this_pass)
             if group >= end:
                 break

@@ -18,19 +18,21 @@ from .video import decode_video_frames, segment_indices
 
 
 class ClipDataset(torch.utils.data.Dataset):
-    """Items are addressed by (epoch, clip number): the sampler, in the main process, decides the
-    order, so persistent workers need no shared state."""
+    """Items are addressed by (epoch, plan item, clip position): the sampler, in the main process,
+    decides the order (and which clip a copy repeats), so persistent workers need no shared state.
+    The item keys the sample's random draws."""
 
     def __init__(self, loader: "NaiveLoader"):
         # (no reference back to the loader: see NaiveLoader)
-        self.clips, self.kinds, self.cfg, self.train = loader.clips, dict(loader.modalities), loader.cfg, loader.train
+        self.clips, self.kinds, self.cfg, self.train = (loader.base_clips, dict(loader.modalities), loader.cfg,
+                                                        loader.train)
 
     def __len__(self):
         return len(self.clips)
 
     def __getitem__(self, key):
-        epoch, number = key
-        clip = self.clips[number]
+        epoch, number, source = key
+        clip = self.clips[source]
         try:
             sample = decode_sample(clip, self.kinds, self.cfg, self.train, sample_rng(self.cfg.seed, epoch, number))
         except DataError as err:
@@ -79,14 +81,15 @@ def _collate(samples):
 
 
 class _PassPlan:
-    """The current pass's epoch and batches (ClipLoader.plan), set by the loader, read by the sampler."""
+    """The current pass's epoch, batches (ClipLoader.plan) and the clip each plan item decodes
+    (copy_source; None: itself), set by the loader, read by the sampler."""
 
     def __init__(self):
-        self.epoch, self.batches = 0, []
+        self.epoch, self.batches, self.source = 0, [], None
 
 
 class _PlanSampler(torch.utils.data.Sampler):
-    """Batches of (epoch, clip position) items: the current pass's plan."""
+    """Batches of (epoch, plan item, clip position) keys: the current pass's plan."""
 
     def __init__(self, plan: _PassPlan):
         self.plan = plan
@@ -95,8 +98,9 @@ class _PlanSampler(torch.utils.data.Sampler):
         return len(self.plan.batches)
 
     def __iter__(self):
-        epoch = self.plan.epoch
-        return iter([[(epoch, int(i)) for i in ids] for ids in self.plan.batches])
+        epoch, source = self.plan.epoch, self.plan.source
+        return iter([[(epoch, int(i), int(i if source is None else source[i])) for i in ids]
+                     for ids in self.plan.batches])
 
 
 def _worker_start_method():
@@ -127,7 +131,7 @@ class NaiveLoader(ClipLoader):
 
     def batches(self, start: int = 0):
         self.pass_plan.batches, this_pass = self._begin_pass(start)
-        self.pass_plan.epoch = self.epoch
+        self.pass_plan.epoch, self.pass_plan.source = self.epoch, self.copy_source
         return self._run_pass(iter(self.loader), this_pass)
 
     def _run_pass(self, batches, this_pass: int):
@@ -136,6 +140,6 @@ class NaiveLoader(ClipLoader):
             self._faults(errors)
             self.position += 1
             if batch:
-                yield batch
+                yield self.mark_copies(batch)
         self._check_current(this_pass)  # (persistent workers: a newer pass reuses the iterator)
         self.end_epoch()

@@ -153,11 +153,13 @@ class Balancer:
         return len(self.update_parts()) > 1 or any(m.single_micro_batch for m in self.methods)
 
     def observe_evaluation(self, split: str, fused: torch.Tensor, unimodal: torch.Tensor, labels: torch.Tensor, *,
-                           epoch: int | None, features: Sequence[torch.Tensor] | None = None) -> None:
+                           epoch: int | None, features: Sequence[torch.Tensor] | None = None,
+                           index: torch.Tensor | None = None) -> None:
         """The model's fused logits [N, C], uni-modal logits [M, N, C] and the labels [N] on every
         sample of `split`, evaluated before training (epoch None) or after epoch `epoch` (the
         evaluation_end event; call it for each split evaluations(epoch) names, in its order);
-        `features`: the M encoders' features [N, d_m] (needed when evaluation_features)."""
+        `features`: the M encoders' features [N, d_m] (needed when evaluation_features); `index`:
+        each row's clip position in the split (None: 0..N-1, every clip in order)."""
         M = len(self.state.modalities)
         if self.evaluation_features:
             wanted = [m.name for m in self.methods if m.evaluation_features]
@@ -181,7 +183,10 @@ class Balancer:
         dtype = torch.promote_types(fused.dtype, torch.float32)
         self.state.evaluation = {"split": split, "epoch": epoch, "fused": fused.detach().to(device, dtype),
                                  "unimodal": unimodal.detach().to(device, dtype), "labels": labels.to(device),
-                                 "features": None if features is None else [f.detach().to(device) for f in features]}
+                                 "features": None if features is None else [f.detach().to(device) for f in features],
+                                 "index": torch.arange(N) if index is None else torch.as_tensor(index).cpu()}
+        if self.state.evaluation["index"].shape != (N,):
+            raise ValueError(f"Balancer.observe_evaluation: index must be [N={N}], got {tuple(index.shape)}")
         self._emit("evaluation_end")
 
     def scratch_runs(self, epoch: int) -> tuple:
@@ -199,6 +204,16 @@ class Balancer:
                                  f"epoch of {run}), got {values!r}")
         self.state.scratch = {"run": run, "epoch": epoch, "curves": {k: list(v) for k, v in curves.items()}}
         self._emit("scratch_end")
+
+    def sample_copies(self, epoch: int):
+        """(clip positions [K], counts [K, M]): extra copies of training clips for epoch `epoch`,
+        each keeping one modality (Method.sample_copies), or None. Give them to your training
+        loader (mmfast's: ``loader.set_copies(counts, index)``) and zero, for each sample, the
+        features of the modalities it does not keep (a batch's ``keep``) before the fusion."""
+        given = [(m.name, c) for m in self.methods if (c := m.sample_copies(epoch)) is not None]
+        if len(given) > 1:
+            raise ValueError(f"methods {[n for n, _ in given]} both re-sample the training set")
+        return given[0][1] if given else None
 
     def teacher_runs(self) -> tuple:
         """The uni-modal teachers (mmfast.methods.TeacherRun) the methods need before the first

@@ -125,8 +125,9 @@ class StepState:
     head: the model's head module; mmtm: the model's MMTM blocks between the encoders, or None
         (mmfast.models.MMTMExchange: Greedy writes its curation flags); optimizer, scheduler: the loop's (a method that adds
         parameters during training, such as boost's classifiers, joins them to it);
-    evaluation: the evaluation_end event's "split", "epoch", "fused" [N, C], "unimodal" [M, N, C] and
-        "labels" [N] (a whole split, evaluated for the methods that ask: Method.evaluations);
+    evaluation: the evaluation_end event's "split", "epoch", "fused" [N, C], "unimodal" [M, N, C],
+        "labels" [N] and "index" [N] (each row's clip position in the split) (a whole split,
+        evaluated for the methods that ask: Method.evaluations);
     head_losses: "val" and "train" [M + 1] per-head losses (modalities, then fused), "initial";
     batches_per_epoch: the epoch's batch count when the loop gives it (start_epoch), else None;
     run_epochs: the run's epoch count when the loop gives it (Balancer's epochs=), else None;
@@ -324,6 +325,14 @@ class Method:
         """The scratch runs this method needs before epoch `epoch` trains (ScratchRun); the
         loop hands each one's curves over in the scratch_end event (``state.scratch``)."""
         return ()
+
+    def sample_copies(self, epoch: int):
+        """Extra copies of training clips for epoch `epoch`, each keeping one modality (a method
+        that re-samples the training set), as (clip positions [K], counts [K, M]) in the split's
+        clip order (``state.evaluation["index"]`` gives the positions of an evaluated split's
+        rows); None: the clips alone. The loop asks when each epoch starts (a resumed one too)
+        and hands it to the training loader (``ClipLoader.set_copies``)."""
+        return None
 
     def teacher_runs(self, state: "StepState") -> tuple[TeacherRun, ...]:
         """The uni-modal teachers this method needs before the first step (TeacherRun); the loop

@@ -24,12 +24,14 @@ from .olm import OLM
 from .pmr import PMR
 from .reconboost import ReconBoost
 from .relearning import ReLearning
+from .resample import Resample
 from .umt import UMT
 from .unimodal import Unimodal
 
 METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (Joint, Unimodal, OGM, OGMGE, OGMStar, OPM, ModDrop, OLM,
                                                               Boost, MMCosine, MBSD, CML, PMR, AGM, MMPareto, MLA, ReconBoost,
-                                                              MSLR, GBlending, ReLearning, LFM, AMCo, Greedy, UMT)}
+                                                              MSLR, GBlending, ReLearning, LFM, AMCo, Greedy, UMT,
+                                                              Resample)}
 # Names standing for several methods at once; a hyper-parameter goes to every part that has it.
 COMBINATIONS: dict[str, tuple[str, ...]] = {"opm_ogm": ("opm", "ogm_ge")}
 NAMES = tuple(METHODS) + tuple(COMBINATIONS)

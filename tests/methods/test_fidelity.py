@@ -222,7 +222,7 @@ def test_dataset_configs_apply_their_published_recipe_to_the_method_that_runs():
 DOC_PAGES = {"ogm": "ogm.md", "ogm_ge": "ogm.md", "ogm_star": "ogm.md", "opm": "opm.md", "moddrop": "opm.md",
              "olm": "olm.md", "boost": "boost.md", **{name: f"{name}.md" for name in (
                  "mmcosine", "mbsd", "cml", "agm", "mmpareto", "pmr", "mslr", "mla", "reconboost", "gblending",
-                 "relearning", "lfm", "amco", "greedy", "umt")}}
+                 "relearning", "lfm", "amco", "greedy", "umt", "resample")}}
 
 
 def test_every_method_with_hyper_parameters_has_a_page():
