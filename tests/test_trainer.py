@@ -378,10 +378,12 @@ def test_joint_on_heads_of_their_own_trains_every_heads_cross_entropy(dataset, t
 
 
 @pytest.mark.parametrize("method", ["mmcosine", "mbsd", "cml", "agm", "mmpareto", "pmr", "mslr", "mla", "reconboost",
-                                    "gblending"])
+                                    "gblending", "greedy", "umt", "resample"])
 def test_the_peers_methods_train_under_bf16_autocast(dataset, tmp_path, method):
-    """Their extra logits (weight split, subsets, prototypes, reruns) mix bf16 features with fp32 weights."""
-    hp = ["hparams.lr_scales={audio: 0.5}"] if method == "mslr" else []
+    """Their extra logits (weight split, subsets, prototypes, reruns) mix bf16 features with fp32
+    weights (Greedy: the MMTM gates; UMT: fp32 teachers; re-sampling: an epoch with copies)."""
+    hp = {"mslr": ["hparams.lr_scales={audio: 0.5}"], "umt": ["hparams.teacher_epochs=1"],
+          "resample": ["hparams.warmup_epochs=1", "epochs=2"]}.get(method, [])
     summary = Trainer(make_config(dataset, tmp_path / method, f"method={method}", "precision=bf16", "epochs=1",
                                   *hp)).fit()
     assert summary["precision"] == "bf16" and math.isfinite(summary["test/loss"])
