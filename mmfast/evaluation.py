@@ -187,8 +187,10 @@ class Evaluator:
                     fused = self.steps.rerun(inputs, subsets)
                 else:
                     present = self.model.encode(inputs, skip=skip)
+                    # (zeroed inputs: the modalities' tensors; a features modality's mask stays)
                     absent = ([torch.zeros_like(f) for f in present] if zeroing == "features" else
-                              self.model.encode({m: torch.zeros_like(x) for m, x in inputs.items()}, skip=skip))
+                              self.model.encode({k: torch.zeros_like(x) if k in self.modalities else x
+                                                 for k, x in inputs.items()}, skip=skip))
                     # (every coalition's features as one batch [K * B, d_m]: one head call)
                     features = [torch.where(masks[:, m].view(K, 1, 1), p.unsqueeze(0), a.unsqueeze(0)).flatten(0, 1)
                                 for m, (p, a) in enumerate(zip(present, absent))]

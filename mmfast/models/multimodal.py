@@ -25,13 +25,16 @@ from torch import nn
 from .fusion import make_fusion
 from .heads import BoostedClassifiers, LateHeads, SharedHead
 from .irfb import IRFBEncoder
+from ..data.features import mask_key
 from .registry import fusion_kind
 from .resnet import resnet18_encoder
+from .sequence import SequenceEncoder
 from .small import SmallConvEncoder
 
 ENCODERS = ("small", "resnet18")
-# Input channels of each kind of modality the data layer produces.
+# Input channels of each kind of image-like modality the data layer produces.
 CHANNELS = {"audio": 1, "frames": 3, "video": 3}
+KINDS = (*CHANNELS, "features")  # features: sequences [B, L, D] with a mask (SequenceEncoder)
 
 
 class MultimodalModel(nn.Module):
@@ -46,18 +49,23 @@ class MultimodalModel(nn.Module):
         self.fusion = fusion
 
     def encode(self, batch: Mapping[str, torch.Tensor], skip=()) -> list[torch.Tensor]:
-        """One feature tensor [B, d_m] per modality. A spectrogram [B, F, T] gets its channel axis.
-        Modalities in `skip` are not encoded: their features are zeros (a method that trains
-        without them, such as unimodal, spares their encoders' work)."""
+        """One feature tensor [B, d_m] per modality. A spectrogram [B, F, T] gets its channel axis;
+        an encoder of sequences (``takes_mask``) gets the modality's padding mask from the batch
+        (key ``<name>_mask``; none: every step is real). Modalities in `skip` are not encoded:
+        their features are zeros (a method that trains without them, such as unimodal, spares
+        their encoders' work)."""
         features = []
         for name in self.modalities:
             if name not in batch:
                 raise KeyError(f"MultimodalModel.encode: the batch has no {name!r} (has {sorted(batch)})")
-            x = batch[name]
+            x, encoder = batch[name], self.encoders[name]
             if name in skip:
-                features.append(x.new_zeros(x.shape[0], self.encoders[name].out_dim))
+                features.append(x.new_zeros(x.shape[0], encoder.out_dim))
                 continue
-            f = self.encoders[name](x.unsqueeze(1) if x.dim() == 3 else x)
+            if getattr(encoder, "takes_mask", False):
+                f = encoder(x, batch.get(mask_key(name)))
+            else:
+                f = encoder(x.unsqueeze(1) if x.dim() == 3 else x)
             if f.dim() != 2 or f.shape[0] != x.shape[0]:
                 raise ValueError(f"MultimodalModel.encode: encoder {name!r} must return pooled features [B, d], "
                                  f"got {tuple(f.shape)}")
@@ -74,11 +82,13 @@ class MultimodalModel(nn.Module):
 def build_model(modalities: Mapping[str, str], num_classes: int, *, encoder: str = "small", fusion: str = "concat",
                 width: int = 16, weights: Mapping[str, str | Path] | None = None,
                 in_dims: Mapping[str, int] | None = None, irfb: Mapping | None = None, **fusion_options) -> nn.Module:
-    """modalities: name -> kind ("audio", "frames" or "video"; "features" with fusion="irfb"), in
-    order; encoder: "small" (the CPU-scale CNN) or "resnet18" (the papers'); weights: name ->
-    local state-dict file for ResNet-18 encoders (random init otherwise). fusion="irfb" builds
-    IRFB's Transformer encoders instead (options `irfb`: IRFBEncoder's; in_dims: frequency bins of
-    audio and sizes of features modalities) with late heads on the [CLS] and bottleneck outputs."""
+    """modalities: name -> kind ("audio", "frames", "video" or "features"), in order; encoder:
+    "small" (the CPU-scale CNN) or "resnet18" (the papers') for the image-like kinds; a features
+    modality gets a SequenceEncoder of `width` whichever encoder is named (in_dims[name]: its
+    values per step); weights: name -> local state-dict file for ResNet-18 encoders (random init
+    otherwise). fusion="irfb" builds IRFB's Transformer encoders instead (options `irfb`:
+    IRFBEncoder's; in_dims: frequency bins of audio and sizes of features modalities) with late
+    heads on the [CLS] and bottleneck outputs."""
     if not fusion_kind(fusion).pooled:  # (fuses inside encoders of its own)
         return IRFBModel(modalities, num_classes, in_dims=in_dims, **dict(irfb or {}))
     if fusion == "irfb":
@@ -91,10 +101,20 @@ def build_model(modalities: Mapping[str, str], num_classes: int, *, encoder: str
         raise ValueError(f"weights names {unknown}, not modalities {list(modalities)}")
     if weights and encoder != "resnet18":
         raise ValueError("weights files are for encoder='resnet18'")
+    if any(modalities.get(name) == "features" for name in weights):
+        raise ValueError(f"weights are ResNet-18 weights; features modalities take a SequenceEncoder "
+                         f"({sorted(n for n in weights if modalities[n] == 'features')})")
+    in_dims = dict(in_dims or {})
     encoders = {}
     for name, kind in modalities.items():
-        if kind not in CHANNELS:
-            raise ValueError(f"modality {name!r} has kind {kind!r}; expected one of {tuple(CHANNELS)}")
+        if kind not in KINDS:
+            raise ValueError(f"modality {name!r} has kind {kind!r}; expected one of {KINDS}")
+        if kind == "features":
+            if not isinstance(in_dims.get(name), int) or in_dims[name] < 1:
+                raise ValueError(f"features modality {name!r} needs in_dims[{name!r}], its values per step "
+                                 f"(got in_dims={in_dims})")
+            encoders[name] = SequenceEncoder(in_dims[name], width)
+            continue
         channels = CHANNELS[kind]
         encoders[name] = (resnet18_encoder(channels, weights.get(name)) if encoder == "resnet18"
                           else SmallConvEncoder(channels, width))
@@ -122,6 +142,7 @@ class IRFBModel(nn.Module):
                  **options):
         super().__init__()
         self.modalities = list(modalities)
+        self.sequence_modalities = [m for m, kind in modalities.items() if kind == "features"]
         self.irfb = IRFBEncoder(modalities, in_dims=in_dims, **options)
         self.fusion = LateHeads([self.irfb.out_dim] * len(modalities), num_classes, fused_dim=self.irfb.out_dim)
 
@@ -132,9 +153,13 @@ class IRFBModel(nn.Module):
         return dict(self.irfb.streams.items())
 
     def encode(self, batch: Mapping[str, torch.Tensor], skip=()) -> list[torch.Tensor]:
+        """The M [CLS] features and the fused one. A features modality's padding mask (batch key
+        ``<name>_mask``) masks its padded tokens as attention keys, in its own stream and in the
+        bottleneck's attention (its stem makes one token per step)."""
         if skip:
             raise ValueError(f"IRFBModel.encode: cannot skip {sorted(skip)}: IRFB fuses inside the encoders")
-        unimodal, fused = self.irfb(batch)
+        keep = {m: batch[mask_key(m)] for m in self.sequence_modalities if mask_key(m) in batch}
+        unimodal, fused = self.irfb(batch, keep)
         return list(unimodal) + [fused]
 
     def head(self, features: list[torch.Tensor], measure: list[torch.Tensor] | None = None):
