@@ -35,7 +35,8 @@ TRAIN_OFFSETS = ("random", "start")
 
 
 def mask_key(modality: str) -> str:
-    """The batch key of a features modality's padding mask (bool [B, L], True: a real step)."""
+    """The batch key of a features modality's padding mask (bool [B, L], True: a real step); the
+    models read it under the same key (mmfast.models.sequence.mask_key: the layers share no code)."""
     return f"{modality}_mask"
 
 

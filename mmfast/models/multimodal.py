@@ -25,10 +25,9 @@ from torch import nn
 from .fusion import make_fusion
 from .heads import BoostedClassifiers, LateHeads, SharedHead
 from .irfb import IRFBEncoder
-from ..data.features import mask_key
 from .registry import fusion_kind
 from .resnet import resnet18_encoder
-from .sequence import SequenceEncoder
+from .sequence import SequenceEncoder, mask_key
 from .small import SmallConvEncoder
 
 ENCODERS = ("small", "resnet18")

@@ -19,6 +19,12 @@ import torch
 from torch import nn
 
 
+def mask_key(modality: str) -> str:
+    """The batch key the model reads a sequence modality's padding mask from: "<modality>_mask",
+    the data layer's (mmfast.data.mask_key: the batch contract; models import no data code)."""
+    return f"{modality}_mask"
+
+
 class SequenceEncoder(nn.Module):
     """x [B, L, in_dim] (mask [B, L] bool, True: a real step; None: every step) -> [B, width * 4]."""
 

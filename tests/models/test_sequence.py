@@ -56,6 +56,14 @@ def test_garbage_in_the_padding_leaves_gradients_finite(gen):
     assert all(torch.isfinite(p.grad).all() for p in enc.parameters())
 
 
+def test_the_model_reads_the_mask_under_the_data_layer_s_key():
+    from mmfast.data import mask_key as data_key
+    from mmfast.models.sequence import mask_key
+
+    for name in ("text", "rgb_flow", "a"):
+        assert mask_key(name) == data_key(name) == f"{name}_mask"
+
+
 def test_bad_inputs_are_refused(gen):
     enc = SequenceEncoder(6, width=4)
     with pytest.raises(ValueError, match=r"expected \[B, L, 6\]"):
