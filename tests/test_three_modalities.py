@@ -15,6 +15,7 @@ import torch
 import mmfast.methods as methods
 from mmfast.config import load_config
 from mmfast.trainer import Trainer, resume
+from support import count_step_reads
 
 pytest.importorskip("nvidia.dali")
 pytest.importorskip("sklearn")
@@ -78,19 +79,10 @@ def parameters(trainer):
 
 @pytest.mark.parametrize("method", [m for m in methods.NAMES])
 def test_every_method_that_allows_three_modalities_trains_with_three(dataset, tmp_path, method):
-    from mmfast.diagnostics import count_host_reads
-
     trainer = Trainer(make_config(dataset, tmp_path / method, f"method={method}", *HPARAMS.get(method, [])))
     assert len(trainer.model.modalities) == 3
     before = parameters(trainer)
-    original, reads = trainer.train_step, []
-
-    def counted_step(batch, **kw):
-        with count_host_reads() as counts:
-            original(batch, **kw)
-        reads.append(dict(counts))
-
-    trainer.train_step = counted_step
+    reads = count_step_reads(trainer)
     trainer.fit()
     assert reads and all(r == {} for r in reads), reads  # (masks and all: nothing read on the host in a step)
     assert all(math.isfinite(line["train/loss"]) for line in trainer.history)
