@@ -364,7 +364,8 @@ KEY_HELP = {
                   "(`mmfast.data.generate`).",
     "model.encoder": "The encoders: a CPU-scale CNN or ResNet-18.",
     "model.fusion": "The fusion head; `auto` is the method's default (concat; late for olm; boost for boost).",
-    "model.width": "Width of the small encoder.",
+    "model.width": "Width of the small encoder, and of the features modalities' sequence encoder (features of "
+                   "4 x width values).",
     "model.irfb": "IRFB encoder options (dim, depth, heads, bottleneck_tokens, patch), for fusion irfb.",
     "model.weights": "modality -> a local ResNet-18 weights file.",
     "model.estimator": "How uni-modal logits are estimated: `auto` (the head's own), `split` (the fused linear's "

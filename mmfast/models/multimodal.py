@@ -12,7 +12,9 @@ third item, a dict of further logits for the methods (boost: every classifier's)
 intermediate fusion (IRFB) returns one more feature after the M modalities: the fused
 representation (``model.fused_representation``); the methods see the first M.
 
-``build_model`` assembles one from the data layer's modality kinds.
+``build_model`` assembles one from the data layer's modality kinds. The batch holds each
+modality's tensor under its name and, for a features modality (pre-extracted sequences
+[B, L, D]), its padding mask [B, L] under "<name>_mask", which the sequence encoders read.
 """
 from __future__ import annotations
 
