@@ -30,7 +30,7 @@ class DataSection:
     # features modalities: steps per sample (50: the word-aligned CMU-MOSEI features of the
     # multimodal Transformer's and MultiBench's public data) and the training window of a longer sequence
     feature_length: int = 50
-    feature_train_offset: str = "random"  # "random" (the clip's per-sample generator) | "start"
+    feature_train_offset: str = "random"  # "random" (the clip's generator; mmfast's choice) | "start"
     batch_size: int = 64
     num_workers: int = 2
     on_error: str = "raise"  # "raise" | "skip"

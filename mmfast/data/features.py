@@ -45,7 +45,9 @@ class FeatureRecipe:
     # L: steps of every sample. 50: the word-aligned CMU-MOSEI features as the multimodal
     # Transformer's and MultiBench's public data hold them (50 steps for text, audio and visual).
     length: int = 50
-    train_offset: str = "random"  # a training window of a longer sequence: "random" (the clip's generator) or "start"
+    # Where a training window of a longer sequence starts: "random" (the clip's generator; mmfast's
+    # choice, as for the audio window: no paper fixes one) or "start" (the first L steps).
+    train_offset: str = "random"
 
     def __post_init__(self):
         if isinstance(self.length, bool) or not isinstance(self.length, int) or self.length < 1:

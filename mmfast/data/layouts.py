@@ -346,9 +346,10 @@ def _check_feature_headers(index: DatasetIndex, modality: str, on_error: str) ->
         for clip in clips:
             err = bad.get((split, clip.clip_id))
             if err is None and shapes[split, clip.clip_id][1] != dims:
-                err = DataError(clip.files[modality], f"wrong feature size: {shapes[split, clip.clip_id][1]} values "
-                                                      f"per step, the {modality!r} modality's other clips have {dims} "
-                                                      f"({counts[dims]} of {len(shapes)} readable files, e.g. {example})")
+                size = shapes[split, clip.clip_id][1]
+                err = DataError(clip.files[modality], f"wrong feature size: {size} values per step, the {modality!r} "
+                                                      f"modality's other clips have {dims} ({counts[dims]} of "
+                                                      f"{len(shapes)} readable files, e.g. {example})")
                 if on_error == "raise":
                     raise err
             if err is None:

@@ -34,8 +34,8 @@ SAMPLE_RATE = 22050
 DOMINANTS = ("audio", "visual", "none")
 FPS = 4
 SIZE = 64
-TEXT_RATE = 6  # feature steps per second of the clip (2 to 3.5 s: 12 to 21 steps)
-TEXT_DIM = 32  # values per step (at least the 26 classes, for orthonormal class directions)
+TEXT_RATE = 6  # feature steps per second of the clip (2 to 3.5 s: 12 to 21 steps; the dataset's choice)
+TEXT_DIM = 32  # values per step (the dataset's choice: at least the 26 classes, for orthonormal class directions)
 
 
 @dataclass
@@ -53,7 +53,8 @@ class SynthSpec:
     jpeg_frames: bool = False  # also write 1-fps JPEG frame folders (Image-01-FPS)
     text: bool = False  # add the "text" modality of feature sequences (the generic layout then)
     text_amplitude: float = 0.45  # its signature's amplitude per step (calibrated: the comment above make_text)
-    text_missing: float = 0.2  # share of clips without a text signature (drawn apart from the other two)
+    text_missing: float = 0.2  # share of clips without a text signature (drawn apart from the other two; no
+    # published value: enough that the text alone is not perfect, as for the other two modalities)
 
     def check(self):
         if self.clips < 2 * self.classes:
