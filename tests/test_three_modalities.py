@@ -1,10 +1,11 @@
 """Three modalities end to end through the trainer: every method of the registry that allows more
 than two modalities trains one epoch on a tiny dataset of three features modalities (CMU-MOSEI's
 shape: audio, visual and text as feature sequences), with a finite loss, every encoder it trains
-changed and no host read in a training step; the methods and fusions defined for two modalities refuse three with an error
-that says what to use; a run resumed mid-epoch gives bitwise the parameters of one run straight
-through; and the embedded dataset's three-modality variant trains through its shipped config
-(DALI, the decoded-sample cache holding its audio and video but not its text)."""
+changed and no host read in a training step; the methods and fusions defined for two modalities
+refuse three with an error that says what to use; a run resumed mid-epoch gives bitwise the
+parameters of one run straight through; the coalitions of valuation (inputs zeroed, masks kept)
+and missing-modality evaluation; and the embedded dataset's three-modality variant trains through
+its shipped config (DALI, the decoded-sample cache holding its audio and video but not its text)."""
 import csv
 import math
 
@@ -77,22 +78,30 @@ def parameters(trainer):
     return {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
 
 
-@pytest.mark.parametrize("method", [m for m in methods.NAMES])
-def test_every_method_that_allows_three_modalities_trains_with_three(dataset, tmp_path, method):
-    trainer = Trainer(make_config(dataset, tmp_path / method, f"method={method}", *HPARAMS.get(method, [])))
+def encoder_parameters(trainer):
+    return {m: [p.detach().clone() for p in encoder.parameters()] for m, encoder in trainer.model.encoders.items()}
+
+
+# Every method of the registry, and IRFB's features streams (their padded tokens masked) under OLM.
+CASES = {**{m: [f"method={m}", *HPARAMS.get(m, [])] for m in methods.NAMES},
+         "olm irfb": ["method=olm", "model.fusion=irfb", "model.irfb={dim: 16, depth: 1, heads: 2}"]}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_every_method_that_allows_three_modalities_trains_with_three(dataset, tmp_path, case):
+    trainer = Trainer(make_config(dataset, tmp_path / case.replace(" ", "_"), *CASES[case]))
     assert len(trainer.model.modalities) == 3
-    before = parameters(trainer)
+    before = encoder_parameters(trainer)
     reads = count_step_reads(trainer)
     trainer.fit()
     assert reads and all(r == {} for r in reads), reads  # (masks and all: nothing read on the host in a step)
     assert all(math.isfinite(line["train/loss"]) for line in trainer.history)
-    after = parameters(trainer)
-    assert all(torch.isfinite(v).all() for v in after.values())
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    after = encoder_parameters(trainer)
     trained = [m for m in trainer.model.modalities if m not in trainer.balancer.unused_modalities]
-    assert trained == (["words"] if method == "unimodal" else list(DIMS))
+    assert trained == (["words"] if case == "unimodal" else list(DIMS))
     for m in trained:  # every encoder the method trains has moved
-        prefix = f"encoders.{m}."
-        assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith(prefix)), m
+        assert any(not torch.equal(a, b) for a, b in zip(before[m], after[m])), m
 
 
 @pytest.mark.parametrize("case", list(REFUSALS))
@@ -118,6 +127,32 @@ def test_a_run_resumed_mid_epoch_gives_the_parameters_of_one_straight_through(da
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_valuation_and_missing_modalities_with_three(dataset, tmp_path):
+    """The 2^3 coalitions: a modality zeroed at the encoder's input is its values zeroed with its
+    mask kept (what the model computes on those inputs); Shapley values and missing-modality
+    evaluation over three modalities."""
+    from mmfast.valuation import coalition_masks
+
+    trainer = Trainer(make_config(dataset, tmp_path / "valued"))
+    trainer.fit()
+    fused, labels, index = trainer.evaluator.coalition_outputs("val", zeroing="inputs")
+    assert fused.shape[:2] == (8, 3) and index.tolist() == [0, 1, 2]
+    batch = next(iter(trainer.loaders["val"]))  # (the 3 validation clips: one batch)
+    inputs, _ = trainer.steps.inputs(batch)
+    model = trainer.model.eval()
+    with torch.no_grad():
+        for k, row in enumerate(coalition_masks(3).tolist()):
+            zeroed = dict(inputs, **{m: torch.zeros_like(inputs[m]) for m, kept in zip(DIMS, row) if not kept})
+            torch.testing.assert_close(fused[k], model.head(model.encode(zeroed))[0])
+        no_words = dict(inputs, words=torch.zeros_like(inputs["words"]),
+                        words_mask=torch.zeros_like(inputs["words_mask"]))
+        assert not torch.allclose(fused[3], model.head(model.encode(no_words))[0])  # (a zeroed mask differs)
+    shapley = trainer.shapley("val", zeroing="inputs")
+    assert set(shapley["values"]) == set(DIMS) and len(shapley["coalitions"]) == 8
+    missing = trainer.evaluate("val", missing={"words": 1.0})
+    assert missing["val/samples"] == 3 and 0 <= missing["val/acc"] <= 1
+
+
 def test_the_three_modality_embedded_variant_trains_through_its_config(tmp_path, monkeypatch):
     monkeypatch.setenv("MMFAST_CACHE_DIR", str(tmp_path / "cache"))
     root = tmp_path / "embedded_text"
@@ -127,11 +162,10 @@ def test_the_three_modality_embedded_variant_trains_through_its_config(tmp_path,
     trainer = Trainer(cfg)  # (generates the dataset: the config's data.synth)
     assert trainer.modalities == {"audio": "audio", "visual": "video", "text": "features"}
     assert trainer.feature_dims == {"text": 32}
-    before = parameters(trainer)
+    before = encoder_parameters(trainer)["text"]
     summary = trainer.fit()
     assert math.isfinite(trainer.history[-1]["train/loss"]) and 0 <= summary["test/acc/text"] <= 1
-    after = parameters(trainer)
-    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("encoders.text."))
+    assert any(not torch.equal(a, b) for a, b in zip(before, encoder_parameters(trainer)["text"]))
     cached = trainer.loaders["train"].cached
     assert set(cached.contents) == {"audio", "visual"}  # the text is read every epoch, never cached
     assert cached.decoded == 2 * len(trainer.loaders["train"].clips)
