@@ -12,14 +12,17 @@ def _synth(args) -> int:
 
     spec = SynthSpec(clips=args.clips, classes=args.classes, dominant=args.dominant, imbalance=args.imbalance,
                      seed=args.seed, dominant_missing=args.dominant_missing, weak_missing=args.weak_missing,
-                     jpeg_frames=args.jpeg_frames)
+                     jpeg_frames=args.jpeg_frames, text=args.text, text_amplitude=args.text_amplitude,
+                     text_missing=args.text_missing)
     try:
         out = generate(args.out, spec)
     except (ValueError, FileExistsError) as exc:
         print(f"mmfast data synth: {exc}", file=sys.stderr)
         return 2
+    what = (f"with text features (amplitude {spec.text_amplitude}) in the generic layout (config: embedded_text)"
+            if spec.text else "in the CREMA-D layout")
     print(f"wrote {spec.clips} clips ({spec.classes} classes, {spec.dominant} dominant, imbalance "
-          f"{spec.imbalance}) in the CREMA-D layout to {out}")
+          f"{spec.imbalance}) {what} to {out}")
     return 0
 
 
@@ -221,11 +224,14 @@ def _demo(args) -> int:
 
 
 def main(argv=None) -> int:
+    from mmfast.data.synth import SynthSpec
+
     parser = argparse.ArgumentParser(prog="mmfast", description="Fast balanced multimodal training.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="print how the native extension was built (JSON)")
     data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
-    synth = data.add_parser("synth", help="generate the embedded imbalanced audio-visual dataset (CREMA-D layout)")
+    synth = data.add_parser("synth", help="generate the embedded imbalanced audio-visual dataset (CREMA-D layout; "
+                                          "--text: with text features, generic layout)")
     synth.add_argument("--out", required=True, help="output folder (must be empty or absent)")
     synth.add_argument("--clips", type=int, default=480)
     synth.add_argument("--classes", type=int, default=6)
@@ -239,6 +245,13 @@ def main(argv=None) -> int:
     synth.add_argument("--weak-missing", type=float, default=0.1,
                        help="share of other clips without a weak-modality signature")
     synth.add_argument("--jpeg-frames", action="store_true", help="also write 1-fps JPEG frame folders")
+    synth.add_argument("--text", action="store_true",
+                       help="add a third modality, text: pre-extracted feature sequences (.npy); the dataset is then "
+                            "in the generic layout (the embedded_text config)")
+    synth.add_argument("--text-amplitude", type=float, default=SynthSpec.text_amplitude,
+                       help="the text signature's amplitude per step")
+    synth.add_argument("--text-missing", type=float, default=SynthSpec.text_missing,
+                       help="share of clips without a text signature")
     cache = data.add_parser("cache", help="decode a dataset into the decoded-sample cache ahead of training")
     cache.add_argument("--config", required=True, help="the training config (a YAML file or a shipped config); "
                                                        "its data.cache folder (off: the default folder)")

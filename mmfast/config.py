@@ -23,10 +23,14 @@ class DataSection:
     root: str = ""
     layout: str = "crema_d"
     backend: str = "dali"  # "dali" | "naive"
-    modalities: dict | None = None  # generic layout: name -> "audio" | "video" | "frames"
+    modalities: dict | None = None  # generic layout: name -> "audio" | "video" | "frames" | "features"
     audio: str = "crema_d"  # audio recipe preset (mmfast.data.audio)
     num_frames: int = 1
     size: int = 224
+    # features modalities: steps per sample (50: the word-aligned CMU-MOSEI features of the
+    # multimodal Transformer's and MultiBench's public data) and the training window of a longer sequence
+    feature_length: int = 50
+    feature_train_offset: str = "random"  # "random" (the clip's generator; mmfast's choice) | "start"
     batch_size: int = 64
     num_workers: int = 2
     on_error: str = "raise"  # "raise" | "skip"
@@ -93,14 +97,15 @@ class Config:
 
 CHOICES = {
     "data.backend": ("dali", "naive"), "data.audio": AUDIO_PRESETS, "data.on_error": ("raise", "skip"),
+    "data.feature_train_offset": ("random", "start"),
     "model.encoder": ("small", "resnet18"),
     "model.fusion": ("auto", *FUSION_NAMES),
     "model.estimator": ("auto", "split", "zero_out"), "optim.name": ("sgd", "adamw"),
     "optim.scheduler": ("step", "cosine", "plateau", "none"), "device": ("auto", "cpu", "cuda"),
     "precision": ("fp32", "bf16", "fp16", "auto"),
 }
-POSITIVE = ("epochs", "grad_accum", "data.batch_size", "data.num_frames", "data.size", "model.width", "optim.step_size",
-            "optim.patience")
+POSITIVE = ("epochs", "grad_accum", "data.batch_size", "data.num_frames", "data.size", "data.feature_length",
+            "model.width", "optim.step_size", "optim.patience")
 NON_NEGATIVE = ("seed", "checkpoint_every", "data.num_workers", "data.cache_max_gb", "optim.lr", "optim.momentum", "optim.weight_decay",
                 "optim.gamma")
 
@@ -361,10 +366,18 @@ KEY_HELP = {
     "data.root": "The dataset folder.",
     "data.layout": "How the dataset is stored: crema_d, kinetics_sounds, vggsound, ave or generic.",
     "data.backend": "The loader: DALI pipelines or the naive PyTorch reference loader.",
-    "data.modalities": "Generic layout only: modality name -> kind (audio, video or frames).",
+    "data.modalities": "Generic layout only: modality name -> kind (audio, video, frames or features: pre-extracted "
+                       "feature sequences, one `.npy` array [steps, dims] per clip).",
     "data.audio": "The audio recipe preset (sample rate, window, hop, spectrogram shape).",
     "data.num_frames": "Video frames per clip.",
     "data.size": "Frame side in pixels after the crop.",
+    "data.feature_length": "Features modalities: the steps L of every sample; a shorter sequence is padded with zeros "
+                           "(its mask, batch key `<modality>_mask`, says which steps are real), a longer one cut to a "
+                           "window of L steps. 50: the word-aligned CMU-MOSEI features of the multimodal "
+                           "Transformer's and MultiBench's public data.",
+    "data.feature_train_offset": "Features modalities: where a training window of a sequence longer than L starts: "
+                                 "`random` (drawn from the clip's per-sample generator, as the audio window) or "
+                                 "`start`; evaluation always takes the first L steps.",
     "data.batch_size": "The global batch (split across the ranks of a distributed run).",
     "data.num_workers": "Decoding threads (DALI) or worker processes (naive loader).",
     "data.on_error": "A clip that cannot be read: `raise` stops, `skip` leaves it out and counts it.",
@@ -377,7 +390,8 @@ KEY_HELP = {
                   "(`mmfast.data.generate`).",
     "model.encoder": "The encoders: a CPU-scale CNN or ResNet-18.",
     "model.fusion": "The fusion head; `auto` is the method's default (concat; late for olm; boost for boost).",
-    "model.width": "Width of the small encoder.",
+    "model.width": "Width of the small encoder, and of the features modalities' sequence encoder (features of "
+                   "4 x width values).",
     "model.irfb": "IRFB encoder options (dim, depth, heads, bottleneck_tokens, patch), for fusion irfb.",
     "model.weights": "modality -> a local ResNet-18 weights file.",
     "model.mmtm": "Encoder stages (1 to 4) each followed by an MMTM block exchanging the modalities' channel gates "

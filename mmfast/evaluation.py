@@ -188,8 +188,10 @@ class Evaluator:
                     fused = self.steps.rerun(inputs, subsets)
                 else:
                     present = self.model.encode(inputs, skip=skip)
+                    # (zeroed inputs: the modalities' tensors; a features modality's mask stays)
                     absent = (None if zeroing == "features" else
-                              self.model.encode({m: torch.zeros_like(x) for m, x in inputs.items()}, skip=skip))
+                              self.model.encode({k: torch.zeros_like(x) if k in self.modalities else x
+                                                 for k, x in inputs.items()}, skip=skip))
                     # (every coalition's features as one batch [K * B, d_m]: one head call)
                     fused = coalition_logits(self.model.head, present, absent, chunk=B)
             fused_all.append(fused.float().view(K, B, -1).transpose(0, 1))  # [B, K, C]: samples first

@@ -11,6 +11,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+from .data.features import mask_key
 from .models import fusion_kind, task_loss_per_sample
 from .models.estimators import zero_out_logits
 
@@ -82,12 +83,16 @@ class StepRunner:
     # ---- the forward -------------------------------------------------------------------------
 
     def inputs(self, batch):
+        """The modalities' tensors (and the padding masks of features modalities, under their
+        batch keys) on the device, and the labels."""
         out = {}
         for name in self.modalities:
             x = batch[name].to(self.device, non_blocking=True)
             if self.cfg.channels_last and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
             out[name] = x
+            if mask_key(name) in batch:
+                out[mask_key(name)] = batch[mask_key(name)].to(self.device, non_blocking=True)
         return out, batch["label"].to(self.device, non_blocking=True)
 
     def autocast(self):
@@ -119,14 +124,18 @@ class StepRunner:
 
     def rerun(self, inputs, subsets) -> torch.Tensor:
         """The fused logits [K, B, C] of the model on `inputs` with, for each of the K subsets
-        (tuples of modality names), every other modality's input zeroed; in eval mode (batch
-        norm's running statistics) with autograd, the K variants as one batch (StepState.rerun)."""
+        (tuples of modality names), every other modality's input zeroed (a features modality's
+        values; its padding mask stays); in eval mode (batch norm's running statistics) with
+        autograd, the K variants as one batch (StepState.rerun)."""
         K = len(subsets)
         batched = {}
         for name in self.modalities:
             x = inputs[name]
             keep = torch.tensor([name in s for s in subsets], dtype=x.dtype, device=x.device)
             batched[name] = (x.unsqueeze(0) * keep.view(K, *(1,) * x.dim())).reshape(K * x.shape[0], *x.shape[1:])
+            if mask_key(name) in inputs:
+                mask = inputs[mask_key(name)]
+                batched[mask_key(name)] = mask.unsqueeze(0).expand(K, *mask.shape).reshape(K * mask.shape[0], -1)
         was_training = self.model.training
         self.model.eval()
         try:

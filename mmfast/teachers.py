@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .methods.base import TeacherRun
-from .models.multimodal import encoder_input, make_encoder
+from .models.multimodal import make_encoder, run_encoder
+from .models.sequence import mask_key
 from .run_dir import atomic_save
 from .scratch import train_epoch
 
@@ -26,18 +27,21 @@ TEACHER_VERSION = 1
 
 
 class Teacher(nn.Module):
-    """A uni-modal model: encoder -> pooled features -> linear classifier."""
+    """A uni-modal model of `modality`: encoder -> pooled features -> linear classifier. It reads
+    its modality (and a features modality's padding mask) from a batch's inputs."""
 
-    def __init__(self, encoder: nn.Module, num_classes: int):
+    def __init__(self, modality: str, encoder: nn.Module, num_classes: int):
         super().__init__()
+        self.modality = modality
         self.encoder = encoder
         self.classifier = nn.Linear(encoder.out_dim, num_classes)
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.encoder(encoder_input(x))
+    def features(self, inputs) -> torch.Tensor:
+        """Pooled features [B, d] of the modality in `inputs` (modality name -> tensor)."""
+        return run_encoder(self.encoder, inputs[self.modality], inputs.get(mask_key(self.modality)))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(x))
+    def forward(self, inputs) -> torch.Tensor:
+        return self.classifier(self.features(inputs))
 
 
 def teacher_file(folder: str | Path, modality: str) -> Path:
@@ -45,14 +49,20 @@ def teacher_file(folder: str | Path, modality: str) -> Path:
     return Path(folder) / "teachers" / f"{modality}.pt"
 
 
+# The data settings a teacher's samples depend on (the layout and root are in the dataset's
+# fingerprint; loading settings such as the backend or the threads change no sample).
+SAMPLE_KEYS = ("audio", "num_frames", "size", "feature_length", "feature_train_offset", "batch_size")
+
+
 def identity(trainer, run: TeacherRun) -> dict:
-    """What a kept teacher must match to be reused: the dataset, the modality's kind, the
-    encoder, the training budget and the optimizer settings."""
+    """What a kept teacher must match to be reused: the dataset, the modality's kind, its samples'
+    settings, the encoder, the training budget and the optimizer settings."""
     cfg = trainer.cfg
     return {"version": TEACHER_VERSION, "modality": run.modality, "kind": trainer.modalities[run.modality],
-            "dataset": trainer.dataset, "encoder": cfg.model.encoder, "width": cfg.model.width,
+            "dataset": trainer.dataset, **{f"data.{k}": getattr(cfg.data, k) for k in SAMPLE_KEYS},
+            "encoder": cfg.model.encoder, "width": cfg.model.width,
             "weights": (cfg.model.weights or {}).get(run.modality), "epochs": run.epochs, "optim": dict(vars(cfg.optim)),
-            "batch_size": cfg.data.batch_size, "seed": cfg.seed}
+            "seed": cfg.seed}
 
 
 def teacher_for(trainer, run: TeacherRun, source: str | Path | None = None) -> Teacher:
@@ -74,6 +84,9 @@ def teacher_for(trainer, run: TeacherRun, source: str | Path | None = None) -> T
         teacher.load_state_dict(kept["model"])
     else:
         teacher = train_teacher(trainer, run)
+        if trainer.dist.enabled:  # (batch norm's statistics are each rank's own: rank 0's teacher for all)
+            state = trainer.dist.broadcast_object({k: v.cpu() for k, v in teacher.state_dict().items()})
+            teacher.load_state_dict(state)
         if trainer.dist.rank == 0:
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_save({"identity": want, "model": teacher.state_dict()}, path)
@@ -84,8 +97,8 @@ def teacher_for(trainer, run: TeacherRun, source: str | Path | None = None) -> T
 def _build(trainer, run: TeacherRun) -> Teacher:
     cfg = trainer.cfg
     encoder = make_encoder(run.modality, trainer.modalities[run.modality], cfg.model.encoder, cfg.model.width,
-                           (cfg.model.weights or {}).get(run.modality))
-    return Teacher(encoder, len(trainer.classes)).to(trainer.device)
+                           (cfg.model.weights or {}).get(run.modality), trainer.feature_dims.get(run.modality))
+    return Teacher(run.modality, encoder, len(trainer.classes)).to(trainer.device)
 
 
 def train_teacher(trainer, run: TeacherRun) -> Teacher:
@@ -105,7 +118,7 @@ def train_teacher(trainer, run: TeacherRun) -> Teacher:
 
         def loss(inputs, labels):  # per-sample CE of the teacher's prediction [B]
             with trainer.steps.autocast():
-                logits = teacher(inputs[run.modality])
+                logits = teacher(inputs)
             return F.cross_entropy(logits.float(), labels, reduction="none")
 
         for epoch in range(run.epochs):

@@ -39,6 +39,7 @@ import torch
 
 from . import config as config_mod
 from .methods import Balancer
+from .methods.registry import check_modalities
 from .evaluation import Evaluator, NonFiniteError
 from .cpu_memory import retain_freed_memory
 from .distributed import init_from_env, sync_batch_norm
@@ -75,12 +76,14 @@ def resolve_precision(name: str, device: torch.device) -> str:
 
 
 def data_config(cfg: config_mod.Config, device: torch.device):
-    from .data import DataConfig, FrameRecipe
+    from .data import DataConfig, FeatureRecipe, FrameRecipe
     from .data import audio as audio_recipes
 
     d = cfg.data
     return DataConfig(root=d.root, layout=d.layout, modalities=d.modalities, audio=getattr(audio_recipes, d.audio)(),
-                      frames=FrameRecipe(num_frames=d.num_frames, size=d.size), batch_size=d.batch_size,
+                      frames=FrameRecipe(num_frames=d.num_frames, size=d.size),
+                      features=FeatureRecipe(length=d.feature_length, train_offset=d.feature_train_offset),
+                      batch_size=d.batch_size,
                       num_workers=d.num_workers, seed=cfg.seed, on_error=d.on_error, allow_overlap=d.allow_overlap,
                       device=device.type, cache=d.cache if d.backend == "dali" else "off",
                       cache_max_gb=d.cache_max_gb)
@@ -172,6 +175,8 @@ class Trainer:
                             allow_overlap=dcfg.allow_overlap)
         self.dataset = dataset_identity(index)
         self.modalities = dict(index.kinds)
+        check_modalities(cfg.method, list(self.modalities))
+        self.feature_dims = dict(index.feature_dims)  # features modalities: values per step
         self.classes = list(index.classes)
         self.loaders = {"train": build_loader(dcfg, "train", cfg.data.backend)}
         if self.dist.enabled:
@@ -234,11 +239,12 @@ class Trainer:
         torch.manual_seed(seed)
 
     def _sequence_dims(self, dcfg) -> dict[str, int]:
-        """Input sizes IRFB's token stems need: frequency bins of spectrograms (or the mel bins
-        of [T, mel] filter banks, whose stem reads them as feature sequences)."""
+        """Input sizes the encoders of sequences need: frequency bins of spectrograms (or the mel
+        bins of [T, mel] filter banks, whose IRFB stem reads them as feature sequences), and the
+        values per step of features modalities."""
         recipe = dcfg.audio
-        return {name: recipe.shape[1] if recipe.features == "fbank" else recipe.shape[0]
-                for name, kind in self.modalities.items() if kind == "audio"}
+        return {**{name: recipe.shape[1] if recipe.features == "fbank" else recipe.shape[0]
+                   for name, kind in self.modalities.items() if kind == "audio"}, **self.feature_dims}
 
     def _make_optimizer(self):
         return self.make_optimizer(self.model.parameters())

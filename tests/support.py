@@ -1,5 +1,6 @@
 """What several test files share (tests/ is on the import path: pyproject's pytest pythonpath):
-where the Triton kernels are tested, the CUDA skip mark, the host-synchronisation guard."""
+where the Triton kernels are tested, the CUDA skip mark, the host-synchronisation guard, the
+host-read count of a trainer's steps."""
 import contextlib
 
 import pytest
@@ -34,3 +35,19 @@ def small_run_config(dataset, out, *overrides):
 
     return load_config("embedded", [f"data.root={dataset}", f"out={out}", "epochs=2", "data.batch_size=8",
                                     "data.size=32", "data.num_workers=1", "progress=false", "precision=fp32", *overrides])
+
+
+def count_step_reads(trainer) -> list:
+    """Wraps trainer.train_step: the returned list gets, per training step, the host reads it made
+    ({} when none: mmfast.diagnostics.count_host_reads)."""
+    from mmfast.diagnostics import count_host_reads
+
+    original, reads = trainer.train_step, []
+
+    def counted_step(batch, **kw):
+        with count_host_reads() as counts:
+            original(batch, **kw)
+        reads.append(dict(counts))
+
+    trainer.train_step = counted_step
+    return reads

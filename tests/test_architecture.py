@@ -7,7 +7,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 LAYER_OF = {"kernels": "kernels", "ops": "ops", "dispatch": "ops", "valuation": "ops", "_C": "native", "distributed": "distributed",
             "methods": "methods", "models": "models", "data": "data", "trainer": "run", "config": "run",
-            "run_dir": "run", "checkpoints": "run", "steps": "run", "scratch": "run", "evaluation": "run", "plots": "run", "cli": "entry", "demo": "entry", "diagnose": "entry",
+            "run_dir": "run", "checkpoints": "run", "steps": "run", "scratch": "run", "teachers": "run", "evaluation": "run", "plots": "run", "cli": "entry", "demo": "entry", "diagnose": "entry",
             "__main__": "entry", "diagnostics": "utilities", "cpu_memory": "utilities", "_cuda_arch": "build"}
 ALLOWED = {
     "kernels": set(), "native": set(), "build": set(), "utilities": set(), "distributed": set(),

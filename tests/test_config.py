@@ -11,7 +11,8 @@ from mmfast.config import (CHOICES, Config, KEY_HELP, dump_config, load_config, 
 
 
 def test_every_shipped_config_loads():
-    assert {"embedded", "crema_d", "crema_d_tpami", "kinetics_sounds", "vggsound", "ave"} <= set(shipped_configs())
+    assert {"embedded", "embedded_text", "crema_d", "crema_d_tpami", "kinetics_sounds", "vggsound", "ave"} <= \
+        set(shipped_configs())
     for name in shipped_configs():
         cfg = load_config(name, ["data.root=somewhere"])
         assert cfg.data.root == "somewhere"
@@ -61,6 +62,8 @@ def test_a_saved_config_reads_back_equal(tmp_path):
     (["data.cache_max_gb=-1"], "'data.cache_max_gb' must be >= 0"),
     (["data.cache=3"], "'data.cache' must be str"),
     (["data.backend=naive", "data.cache=/tmp/c"], "the naive loader decodes every epoch"),
+    (["data.feature_length=0"], "'data.feature_length' must be >= 1"),
+    (["data.feature_train_offset=centre"], "'data.feature_train_offset' must be one of"),
 ])
 def test_bad_values_fail_naming_the_key(overrides, needle):
     with pytest.raises(ValueError, match=needle.replace("(", r"\(")):

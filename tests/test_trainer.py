@@ -10,7 +10,7 @@ import torch
 from mmfast.config import load_config
 from mmfast.data import generate
 from mmfast.trainer import NonFiniteError, Trainer, resolve_precision, resume
-from support import small_run_config as make_config
+from support import count_step_reads, small_run_config as make_config
 
 pytest.importorskip("nvidia.dali")
 pytest.importorskip("sklearn")
@@ -143,21 +143,11 @@ def test_under_a_grad_scaler_a_non_finite_step_is_skipped_and_counted(dataset, t
                                     "boost", "boost_alternating", "mmcosine", "mbsd", "cml", "agm", "mmpareto", "pmr",
                                     "mslr", "mla", "reconboost", "gblending"])
 def test_training_steps_read_nothing_on_the_host(dataset, tmp_path, method):
-    from mmfast.diagnostics import count_host_reads
-
     hp = {"moddrop": ["hparams.probs={audio: 0.3}"], "unimodal": ["hparams.modality=audio"],
           "olm_irfb": ["model.fusion=irfb", "model.irfb={dim: 16, depth: 1}"],
           "boost_alternating": ["hparams.update=alternating"], "mslr": ["hparams.lr_scales={audio: 0.5}"]}.get(method, [])
     trainer = Trainer(make_config(dataset, tmp_path / method, f"method={method.split('_')[0]}", "epochs=1", *hp))
-    original = trainer.train_step
-    reads = []
-
-    def counted_step(batch, **kw):
-        with count_host_reads() as counts:
-            original(batch, **kw)
-        reads.append(dict(counts))
-
-    trainer.train_step = counted_step
+    reads = count_step_reads(trainer)
     trainer.fit()
     assert len(reads) == 3 and all(r == {} for r in reads), reads
 

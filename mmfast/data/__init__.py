@@ -7,6 +7,7 @@
 """
 from .audio import AudioRecipe, crema_d, kaldi_fbank, kinetics_sounds, vggsound
 from .errors import DataError, SkipReport
+from .features import FeatureRecipe, mask_key
 from .layouts import Clip, DatasetIndex, read_layout
 from .base import DataConfig
 from .loader import build_loader
@@ -14,6 +15,7 @@ from .synth import SynthSpec, generate
 from .video import FrameRecipe
 
 __all__ = [
-    "AudioRecipe", "Clip", "DataConfig", "DataError", "DatasetIndex", "FrameRecipe", "SkipReport", "SynthSpec",
-    "build_loader", "crema_d", "generate", "kaldi_fbank", "kinetics_sounds", "read_layout", "vggsound",
+    "AudioRecipe", "Clip", "DataConfig", "DataError", "DatasetIndex", "FeatureRecipe", "FrameRecipe", "SkipReport",
+    "SynthSpec", "build_loader", "crema_d", "generate", "kaldi_fbank", "kinetics_sounds", "mask_key", "read_layout",
+    "vggsound",
 ]

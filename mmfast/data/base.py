@@ -13,6 +13,7 @@ import torch
 from ..distributed import shard_bounds
 from .audio import AudioRecipe, check_wave
 from .errors import DataError, SkipReport, check_on_error
+from .features import FeatureRecipe, load_features
 from .layouts import DatasetIndex
 from .video import FrameRecipe, probe_frames, probe_video
 
@@ -23,9 +24,10 @@ log = logging.getLogger("mmfast.data")
 class DataConfig:
     root: str
     layout: str = "crema_d"
-    modalities: dict | None = None  # generic layout: {name: "audio" | "video" | "frames"}
+    modalities: dict | None = None  # generic layout: {name: "audio" | "video" | "frames" | "features"}
     audio: AudioRecipe = field(default_factory=AudioRecipe)
     frames: FrameRecipe = field(default_factory=FrameRecipe)
+    features: FeatureRecipe = field(default_factory=FeatureRecipe)  # features modalities: length, window
     batch_size: int = 32
     num_workers: int = 2  # DataLoader workers (naive) = DALI CPU threads (dali)
     seed: int = 0
@@ -70,6 +72,7 @@ class ProbedClip:
     audio_rates: dict  # audio modality -> the file's sample rate
     audio_formats: dict  # audio modality -> container format as soundfile names it (WAV, FLAC, MP3, ...)
     audio_subtypes: dict  # audio modality -> sample format as soundfile names it (PCM_16, FLOAT, ...)
+    feature_dims: dict = field(default_factory=dict)  # features modality -> D (the layout's, for every clip)
 
 
 def probe(index: DatasetIndex, clips, cfg: DataConfig, report: SkipReport) -> list:
@@ -98,11 +101,13 @@ def probe(index: DatasetIndex, clips, cfg: DataConfig, report: SkipReport) -> li
                     seconds[modality] = len(wave) / rate
                 elif kind == "video":
                     counts[modality], codecs[modality], sizes[modality] = probe_video(path)
+                elif kind == "features":  # (read whole: the values must be finite)
+                    load_features(path, index.feature_dims[modality])
                 else:
                     listed[modality], sizes[modality] = probe_frames(path)
                     counts[modality] = len(listed[modality])
             probed.append(ProbedClip(clip.clip_id, clip.label, dict(clip.files), seconds, counts, listed, codecs,
-                                     sizes, rates, formats, subtypes))
+                                     sizes, rates, formats, subtypes, dict(index.feature_dims)))
         except DataError as err:
             if cfg.on_error == "raise":
                 raise

@@ -10,6 +10,8 @@ transforms after it. What an entry holds, per modality of a clip:
                                                                the waveform at the recipe's rate
     video / frames, training                                  every frame, uint8 [N, H, W, 3]
     video / frames, evaluation                                the frames at the fixed indices
+    features                                                  none: the source reads the .npy
+                                                              file every epoch, as without a cache
 
 Entries are decoded by small DALI pipelines built from the training pipeline's own operators
 (DaliLoader.wave_node, features_node, frames_node), so a cached clip is the same, bit for bit,
@@ -58,7 +60,9 @@ class CachedSource:
     def __init__(self, loader, cache_dir):
         self._loader = weakref.ref(loader)  # (the loader holds this; a cycle would wait for the GC)
         self.store = CacheStore(cache_dir, loader.cfg.cache_max_gb)
-        self.contents = {m: self._contents(loader, m, kind) for m, kind in loader.modalities.items()}
+        # (features modalities are stored decoded already: they have no entries)
+        self.contents = {m: self._contents(loader, m, kind) for m, kind in loader.modalities.items()
+                         if kind != "features"}
         self.uncacheable: set = set()  # (clip, modality) whose entry cannot be decoded whole
         self._pipes: dict = {}
         self._keys: dict = {}  # (clip, modality) -> (sources, key) last computed
@@ -84,6 +88,9 @@ class CachedSource:
     def fields(self) -> list:
         loader, fields = self.loader, []
         for m, kind in loader.modalities.items():
+            if kind == "features":
+                fields += [(m, "values"), (m, "mask")]
+                continue
             if kind == "audio":
                 fields += [] if m in self.bypass else [(m, "wave"), (m, "start")]
                 continue
@@ -175,14 +182,25 @@ class CachedSource:
         batches = {m: np.empty((len(clips),) + loader.cfg.audio.shape, np.float32) for m in self.bypass}
         rows = {(i, m): batch[k] for m, batch in batches.items() for k, i in enumerate(clips)}
         arrays, errors = self.arrays(clips, draws, epoch, out=rows)
+        features = {}  # clip -> the source's fields of its features modalities (read every epoch)
+        for i in clips:
+            if i in errors:
+                continue
+            try:
+                features[i] = {f: v for m, kind in loader.modalities.items() if kind == "features"
+                               for f, v in loader.feature_fields(loader.clips[i], m, draws[i][m]).items()}
+            except DataError as err:
+                errors.setdefault(i, detached(err))
         out = []
         for k, i in enumerate(clips):
             if i in errors:
                 out.append(errors[i])
                 continue
-            fields = {}
+            fields = dict(features[i])
             for m, kind in loader.modalities.items():
                 d = draws[i][m]
+                if kind == "features":
+                    continue
                 if kind == "audio":
                     if m in self.bypass:
                         self.side.setdefault(i, {})[m] = (batches[m], k)
@@ -222,6 +240,8 @@ class CachedSource:
         arrays, errors, todo, out = {}, {}, {}, out or {}
         for i in clips:
             for m, kind in loader.modalities.items():
+                if m not in self.contents:  # (features: no entries)
+                    continue
                 e = self.entry(i, m, kind, draws[i][m])
                 if e.key is not None:
                     if not need and self.store.has(e.key):
@@ -280,6 +300,8 @@ class CachedSource:
         for i in range(len(loader.clips)):
             draws = loader.draw(i, 0)
             for m, kind in loader.modalities.items():
+                if m not in self.contents:  # (features: no entries)
+                    continue
                 key = self.entry(i, m, kind, draws[m]).key
                 if key is not None:
                     out.add(key)

@@ -15,6 +15,10 @@ pipeline, on the CPU or, with device="cuda", on the GPU where DALI has GPU opera
             On the CPU, a video modality holding any other codec is decoded with PyAV in the
             source instead (the chosen frames only) and fed to the same transforms
     frames  decoders.image per frame -> stack -> the same transforms
+    features  nothing to decode: the source reads the .npy file with NumPy, cuts or pads it to
+            the recipe's length (features.feature_sample, as the naive loader does) and feeds
+            the values and the padding mask, which the pipeline passes through (to the GPU with
+            device="cuda"); the decoded-sample cache does not apply to them
 
 Every per-sample choice (window start, frame indices, training crop box and flip) is drawn in
 Python from the same (seed, epoch, clip) generator as the naive loader, in the same order, so
@@ -41,6 +45,7 @@ import torch
 from .audio import DALI_AUDIO_FORMATS, antialias_kernel, kaldi_fbank_features
 from .base import ClipLoader, log
 from .errors import DataError, detached
+from .features import feature_sample, mask_key
 from .transforms import random_resized_crop_box
 from .video import decode_video_frames, segment_indices
 
@@ -216,6 +221,9 @@ class DaliLoader(ClipLoader):
                 log.warning("%s; decoding every epoch without a cache", err)
         self.fields = self.cached.fields() if self.cached is not None else self._source_fields()
         self.outputs = [m for m in self.modalities if self.cached is None or m not in self.cached.bypass]
+        # The pipeline's outputs by name: each modality's, and after a features modality its mask.
+        self.output_names = [n for m in self.outputs
+                             for n in ([m, mask_key(m)] if self.modalities[m] == "features" else [m])]
         self.feeder = _Feeder(self)
         self._dirty = False  # a pass ended early or failed: rebuild before the next one
         self.pipe = self._build()
@@ -223,10 +231,13 @@ class DaliLoader(ClipLoader):
     def _source_fields(self) -> list:
         """The external source's outputs, (modality, field) in order: audio bytes + window
         start; video bytes + frame indices (or decoded frames, for PyAV-decoded modalities);
-        one JPEG per frame; in training the crop box and flip of each visual modality; then
-        the label and the clip's position."""
+        one JPEG per frame; in training the crop box and flip of each visual modality; feature
+        values and mask; then the label and the clip's position."""
         fields = []
         for modality, kind in self.modalities.items():
+            if kind == "features":
+                fields += [(modality, "values"), (modality, "mask")]
+                continue
             if kind == "audio":
                 fields += [(modality, "pcm"), (modality, "rate")] if modality in self.pcm_modalities else \
                     [(modality, "bytes")]
@@ -244,7 +255,8 @@ class DaliLoader(ClipLoader):
 
     def draw(self, i: int, epoch: int) -> dict:
         """modality -> the random choices for clip i (its position in self.clips) in `epoch`:
-        audio window start; frame indices, and in training the crop box and flip. Drawn from
+        audio window start; features window fraction; frame indices, and in training the crop
+        box and flip. Drawn from
         its generator in the naive loader's order (transforms.transform_frames)."""
         clip, recipe, frames = self.clips[i], self.cfg.audio, self.cfg.frames
         rng = self.sample_rng(epoch, i)
@@ -252,6 +264,9 @@ class DaliLoader(ClipLoader):
         for modality, kind in self.modalities.items():
             if kind == "audio":
                 out[modality] = {"start": recipe.window_start(recipe.offset_fraction(self.train, rng))}
+                continue
+            if kind == "features":
+                out[modality] = {"u": self.cfg.features.offset_fraction(self.train, rng)}
                 continue
             d = {"idx": segment_indices(clip.num_frames[modality], frames.num_frames, self.train, rng)}
             if self.train:
@@ -286,6 +301,9 @@ class DaliLoader(ClipLoader):
         out = {}
         for modality, kind in self.modalities.items():
             d = draws[modality]
+            if kind == "features":
+                out.update(self.feature_fields(clip, modality, d))
+                continue
             if kind == "audio":
                 out.update({(modality, name): v for name, v in self.audio_source(clip, modality).items()})
                 out[modality, "start"] = np.array([d["start"]], dtype=np.int32)
@@ -303,6 +321,12 @@ class DaliLoader(ClipLoader):
         out["label", ""] = np.array(clip.label, dtype=np.int64)
         out["index", ""] = np.array(i, dtype=np.int64)
         return [out[f] for f in self.fields]
+
+    def feature_fields(self, clip, modality, draw: dict) -> dict:
+        """The source's values [L, D] and mask [L] of a clip's features (read and cut or padded
+        here, as the naive loader does: nothing in them is left to decode)."""
+        values, mask = feature_sample(clip.files[modality], clip.feature_dims[modality], self.cfg.features, draw["u"])
+        return {(modality, "values"): values, (modality, "mask"): mask}
 
     def audio_source(self, clip, modality) -> dict:
         """What wave_node takes of a clip's audio file: its bytes (or, for formats DALI cannot
@@ -345,6 +369,9 @@ class DaliLoader(ClipLoader):
             outs = []
             for modality in self.outputs:
                 s, kind = src[modality], self.modalities[modality]
+                if kind == "features":  # (read and padded in the source: passed through)
+                    outs += [s["values"].gpu(), s["mask"].gpu()] if gpu else [s["values"], s["mask"]]
+                    continue
                 if kind == "audio":
                     wave = s["wave"] if "wave" in s else self.wave_node(s, modality)
                     outs.append(self.features_node(wave, s["start"], modality, gpu))
@@ -446,7 +473,7 @@ class DaliLoader(ClipLoader):
         return self._run_pass(this_pass, start, start + len(plan))
 
     def _run_pass(self, this_pass: int, group: int, end: int):
-        feeder, names = self.feeder, self.outputs + ["label", "index"]
+        feeder, names = self.feeder, self.output_names + ["label", "index"]
         done: dict = {}  # group -> decoded batches of its pieces
         while group < end:
             while group < end and feeder.outstanding[group] == 0:  # in plan order

@@ -29,7 +29,14 @@ Generic (any number of modalities)::
     ROOT/clips.csv                       header "clip,label[,split]"; split defaults to train
     ROOT/<modality>/<clip>.<ext>         a file per clip (audio or video) ...
     ROOT/<modality>/<clip>/              ... or a folder of frames (jpg/png), sorted by name
+    ROOT/<modality>/<clip>.npy           ... or a feature sequence [L_i, D] (kind "features":
+                                         pre-extracted features; mmfast/data/features.py)
     ROOT/classes.txt                     optional; default: the sorted labels of clips.csv
+
+A features modality's headers are read with the list: a file that is not a readable 2-D .npy
+array of real numbers with at least one step, or whose D differs from the modality's (the D most
+of its clips, over every split, have; a tie: the first listed clip's), is bad input like a missing
+file (a DataError naming it, or left out and counted with on_error="skip").
 
 Every list is read as UTF-8 with or without a byte-order mark, with any line endings; file
 extensions match in any case (.wav, .WAV). A malformed line, an empty label, a clip listed twice
@@ -42,16 +49,19 @@ from __future__ import annotations
 
 import csv
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import DataError, SkipReport, check_on_error
+from .features import FEATURE_EXTS, mask_key, read_header
 
 CREMA_D_CLASSES = ["NEU", "HAP", "SAD", "FEA", "DIS", "ANG"]
 AUDIO_EXTS = (".wav", ".flac", ".ogg", ".mp3")
 VIDEO_EXTS = (".webm", ".mkv", ".mp4", ".avi", ".mov", ".flv")
 FRAME_EXTS = (".jpg", ".jpeg", ".png")
-KINDS = ("audio", "video", "frames")
+KINDS = ("audio", "video", "frames", "features")
+RESERVED_KEYS = ("label", "index")  # batch keys beside the modalities (and each features modality's mask)
 LAYOUTS = ("crema_d", "kinetics_sounds", "vggsound", "ave", "generic")
 log = logging.getLogger("mmfast.data")
 
@@ -69,8 +79,9 @@ class DatasetIndex:
     name: str
     root: Path
     classes: list
-    kinds: dict  # modality name -> "audio" | "video" | "frames"
+    kinds: dict  # modality name -> "audio" | "video" | "frames" | "features"
     splits: dict = field(default_factory=dict)  # split -> list[Clip]
+    feature_dims: dict = field(default_factory=dict)  # features modality -> D, the values per step
     skipped: SkipReport = field(default_factory=SkipReport)  # every split's (on_error="skip")
     skipped_by_split: dict = field(default_factory=dict)  # split -> SkipReport of that split's lines
 
@@ -185,7 +196,7 @@ def _resolve(clip_dir: Path, clip_id: str, kind: str):
     if kind == "frames":
         folder = clip_dir / clip_id
         return folder if folder.is_dir() else None
-    exts = AUDIO_EXTS if kind == "audio" else VIDEO_EXTS
+    exts = {"audio": AUDIO_EXTS, "features": FEATURE_EXTS}.get(kind, VIDEO_EXTS)
     for ext in exts:
         for variant in (ext, ext.upper()):
             path = clip_dir / f"{clip_id}{variant}"
@@ -265,6 +276,11 @@ def _read_generic(root: Path, modalities, on_error: str) -> DatasetIndex:
     for name, kind in modalities.items():
         if kind not in KINDS:
             raise ValueError(f"modality {name!r}: kind must be one of {KINDS}, got {kind!r}")
+    taken = {*RESERVED_KEYS, *(mask_key(n) for n, k in modalities.items() if k == "features")}
+    clash = sorted(set(modalities) & taken)
+    if clash:
+        raise ValueError(f"modality name(s) {clash} clash with the batch's other keys ('label', 'index' and each "
+                         f"features modality's '<name>_mask'): rename the folder(s)")
     path = root / "clips.csv"
     if not path.exists():
         raise DataError(path, "missing clip list")
@@ -301,7 +317,49 @@ def _read_generic(root: Path, modalities, on_error: str) -> DatasetIndex:
         index.splits.setdefault(split, [])
         if clip is not None:
             index.splits[split].append(clip)
+    for name, kind in modalities.items():
+        if kind == "features":
+            _check_feature_headers(index, name, on_error)
     return index
+
+
+def _check_feature_headers(index: DatasetIndex, modality: str, on_error: str) -> None:
+    """Reads the header of every clip's file of a features modality (not the values): files that
+    are not 2-D .npy arrays of real numbers with a step, and files whose D is not the modality's
+    (the most common D over every split; a tie: the first listed clip's), raise or are left out.
+    Sets index.feature_dims[modality]."""
+    shapes, bad = {}, {}
+    for split, clips in index.splits.items():
+        for clip in clips:
+            try:
+                shapes[split, clip.clip_id] = read_header(clip.files[modality])
+            except DataError as err:
+                if on_error == "raise":
+                    raise
+                bad[split, clip.clip_id] = err
+    counts = Counter(shape[1] for shape in shapes.values())
+    dims = counts.most_common(1)[0][0] if counts else None
+    example = next((c.files[modality] for s, cs in index.splits.items() for c in cs
+                    if (s, c.clip_id) in shapes and shapes[s, c.clip_id][1] == dims), None)
+    for split, clips in index.splits.items():
+        kept = []
+        for clip in clips:
+            err = bad.get((split, clip.clip_id))
+            if err is None and shapes[split, clip.clip_id][1] != dims:
+                size = shapes[split, clip.clip_id][1]
+                err = DataError(clip.files[modality], f"wrong feature size: {size} values per step, the {modality!r} "
+                                                      f"modality's other clips have {dims} ({counts[dims]} of "
+                                                      f"{len(shapes)} readable files, e.g. {example})")
+                if on_error == "raise":
+                    raise err
+            if err is None:
+                kept.append(clip)
+                continue
+            err.clip = clip.clip_id
+            index.record_skip(err, split)
+        index.splits[split] = kept
+    if dims is not None:
+        index.feature_dims[modality] = dims
 
 
 def _read_rows(path: Path, delimiter: str = ",", columns: int | None = None):

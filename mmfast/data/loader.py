@@ -3,6 +3,8 @@
 Both yield the same batches, dicts of tensors:
     <audio modality>  float32 [B, n_fft // 2 + 1, frames]   log-magnitude spectrogram
     <video/frames>    float32 [B, T, 3, size, size]         normalised frames
+    <features>        float32 [B, L, D]                     sequences cut or zero-padded to L steps
+    "<features>_mask" bool    [B, L]                        True at the steps a sequence fills
     "label"           int64   [B]
     "index"           int64   [B]   position of the clip in the split (after skips)
 An epoch is one ``for batch in loader`` pass (or ``loader.batches(start=k)``, from batch k of the

@@ -13,6 +13,7 @@ from PIL import Image
 from .audio import audio_features, cut_window, load_wave
 from .base import ClipLoader, sample_rng
 from .errors import DataError
+from .features import feature_sample, mask_key
 from .transforms import transform_frames
 from .video import decode_video_frames, segment_indices
 
@@ -55,6 +56,10 @@ def decode_sample(clip, kinds: dict, cfg, train: bool, rng: np.random.Generator)
             wave = load_wave(clip.files[modality], recipe)
             window = cut_window(wave, recipe, recipe.offset_fraction(train, rng))
             sample[modality] = audio_features(window, recipe)
+        elif kind == "features":
+            u = cfg.features.offset_fraction(train, rng)
+            values, mask = feature_sample(clip.files[modality], clip.feature_dims[modality], cfg.features, u)
+            sample[modality], sample[mask_key(modality)] = torch.from_numpy(values), torch.from_numpy(mask)
         else:
             idx = segment_indices(clip.num_frames[modality], cfg.frames.num_frames, train, rng)
             if kind == "video":

@@ -221,10 +221,12 @@ class Balancer:
         return tuple(dict.fromkeys(run for m in self.methods for run in m.teacher_runs(self.state)))
 
     def observe_teacher(self, run, teacher: nn.Module) -> None:
-        """The trained uni-modal teacher of `run` (a module mapping the modality's batch to pooled
-        features with ``features(x)``, frozen, in eval mode), before the first step (teacher_end)."""
+        """The trained uni-modal teacher of `run` (a module whose ``features(inputs)`` maps a batch's
+        inputs, modality name -> tensor, to that modality's pooled features [B, d]; frozen, in eval
+        mode), before the first step (teacher_end)."""
         if not callable(getattr(teacher, "features", None)):
-            raise TypeError(f"Balancer.observe_teacher: the teacher of {run.modality!r} needs a features(x) method")
+            raise TypeError(f"Balancer.observe_teacher: the teacher of {run.modality!r} needs a features(inputs) "
+                            f"method")
         self.state.teachers[run.modality] = teacher
         self._emit("teacher_end")
 

@@ -287,6 +287,7 @@ class Method:
     evaluation_features: ClassVar[bool] = False  # its evaluations carry the encoders' features
     single_micro_batch: ClassVar[bool] = False  # a step is one batch (no gradient accumulation)
     skips_parameters: ClassVar[bool] = False  # some steps leave parameters without a gradient (DDP looks for them)
+    max_modalities: ClassVar[int | None] = None  # the most modalities it is defined for (None: any)
     needs_inputs: ClassVar[bool] = False  # reads the batch's inputs (state.inputs) in after_forward
     mmtm_stages: ClassVar[tuple[int, ...]] = ()  # encoder stages followed by MMTM blocks it needs (model.mmtm's default)
     # ... and, below: balance_params, unused_modalities, update_parts, evaluations, scratch_runs,

@@ -32,6 +32,7 @@ class Greedy(Method):
     name = "greedy"
     fusions = ("sum", "concat")
     computes_task_loss = True
+    max_modalities = 2  # (d compares two branches)
     mmtm_stages = (2, 3, 4)  # the official model's MMTM blocks after ResNet-18's layer2..layer4
 
     @dataclasses.dataclass
@@ -62,6 +63,7 @@ class Greedy(Method):
             groups = [g + list(part.parameters()) for g, part in zip(groups, parts)]
         groups += [state.mmtm.modality_parameters(m) for m in range(2)]
         self.tensors = list({id(p): p for g in groups for p in g}.values())
+        self.values = [p.detach() for p in self.tensors]  # (views of the parameters: their current values)
         row = {id(p): i for i, p in enumerate(self.tensors)}
         member = torch.zeros(len(self.tensors), 4, dtype=torch.float64)
         for j, g in enumerate(groups):
@@ -85,24 +87,27 @@ class Greedy(Method):
         """[4] float64: this step's relative gradient energies (main 0, main 1, bypass 0, bypass 1)."""
         grads = [p.grad if p.grad is not None else self._no_grad for p in self.tensors]
         g2 = torch.stack(torch._foreach_norm(grads)).double().square()
-        w2 = torch.stack(torch._foreach_norm([p.detach() for p in self.tensors])).double().square()
+        w2 = torch.stack(torch._foreach_norm(self.values)).double().square()
         return (g2 @ self.member) / (w2 @ self.member)
 
     def after_backward(self, state: StepState) -> None:
         mmtm = state.mmtm
         mu = self.speeds()
+        # A step with a non-finite gradient (fp16: the GradScaler skips it) is not measured: one
+        # inf would turn the cumulative sums into NaN for the rest of the run.
+        finite = torch.isfinite(mu).all()
         if not self.params.active(state.epoch):
-            self.sums += mu
+            self.sums += torch.where(finite, mu, torch.zeros_like(mu))
             self.d = bdr_difference(self.sums)
             mmtm.curating.fill_(False)
             mmtm.caring.zero_()
         else:
-            measuring = ~mmtm.curating
+            measuring = ~mmtm.curating & finite
             self.sums += torch.where(measuring, mu, torch.zeros_like(mu))
             d = bdr_difference(self.sums)
             self.d = torch.where(measuring, d, self.d)
             curating, caring, self.t = next_flags(mmtm.curating, mmtm.caring, self.t, d, self.params.eps,
-                                                  self.params.window)
+                                                  self.params.window, measured=finite)
             mmtm.curating.copy_(curating)
             mmtm.caring.copy_(caring)
         state.metrics["greedy/d"] = self.d
@@ -125,12 +130,13 @@ def bdr_difference(sums: torch.Tensor) -> torch.Tensor:
 
 
 def next_flags(curating: torch.Tensor, caring: torch.Tensor, t: torch.Tensor, d: torch.Tensor, eps: float,
-               window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               window: int, measured=True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One step of the curation state machine (device tensors in, device tensors out): not
     curating and |d| > eps starts curating modality 0 (d > 0) or 1 (d < 0) with t = 0, and
     |d| <= eps leaves modality 0 named; curating counts t up and stops when t reaches `window`
-    (the modality stays named). Returns (curating, caring, t) for the next forward."""
-    measuring = ~curating
+    (the modality stays named). `measured` False (a step with non-finite gradients): not curating
+    stays as it was. Returns (curating, caring, t) for the next forward."""
+    measuring = ~curating & measured
     start = measuring & (d.abs() > eps)
     t = torch.where(start, torch.zeros_like(t), torch.where(curating, t + 1, t))
     caring = torch.where(start, (d < 0).to(caring.dtype), torch.where(measuring, torch.zeros_like(caring), caring))

@@ -89,6 +89,17 @@ def create(name: str, **hparams) -> list[Method]:
     return methods
 
 
+def check_modalities(name: str, modalities) -> None:
+    """Refuses modalities beyond what a method of `name` is defined for (Method.max_modalities),
+    saying so before any model is built."""
+    for part in COMBINATIONS.get(name, (name,)):
+        most = METHODS[part].max_modalities
+        if most is not None and len(modalities) > most:
+            raise ValueError(f"method {part!r} is defined for {most} modalities, got {len(modalities)} "
+                             f"({', '.join(modalities)}); train on {most} of them (data.modalities) or choose a "
+                             f"method for any number")
+
+
 def mmtm_stages(name: str) -> tuple[int, ...]:
     """The encoder stages followed by MMTM blocks that the methods `name` stands for need by
     default (Method.mmtm_stages; empty: none)."""

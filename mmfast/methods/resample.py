@@ -10,7 +10,7 @@ two modalities: phi_a = (v_a + v_av - v_v) / 2). The next epoch trains on the cl
 copies, each keeping one modality (the others' features zeroed for that copy):
 
   level "sample":   per sample and modality n(phi_m) copies keeping m:
-                    n = 1 if 0.4 < phi < 1, 2 if -0.1 < phi < 0.4, 3 if phi < -0.1, else 0
+                    n = 1 if 0.4 < phi < 0.9, 2 if -0.1 < phi < 0.4, 3 if phi < -0.1, else 0
   level "modality": (two modalities) phibar_m = mean of phi_m over part_ratio N samples drawn
                     with replacement; gap_m = 1 - phibar_m; r = |gap_1 - gap_2| * 2/3 * alpha;
                     floor(r N) samples drawn with replacement, each copied keeping only the
@@ -29,8 +29,10 @@ import torch
 from ..valuation import coalition_logits, sample_values, shapley_values
 from .base import POOLED_FUSIONS, Method, StepState, WindowParams, check_choice, check_number
 
-# The official copy counts per value bucket (open intervals: a value on a boundary gets none).
-BUCKETS = ((0.4, 1.0, 1), (-0.1, 0.4, 2), (-np.inf, -0.1, 3))
+# The official copy counts per value bucket (its sample-level dataset class; open intervals: a
+# value on a boundary gets none). The top bucket ends at 0.9: for two or three modalities no value
+# lies in [0.9, 1) (they are multiples of 1/2 and 1/6), so only mmfast's M >= 4 sees the edge.
+BUCKETS = ((0.4, 0.9, 1), (-0.1, 0.4, 2), (-np.inf, -0.1, 3))
 
 
 def copy_counts(phi: np.ndarray) -> np.ndarray:

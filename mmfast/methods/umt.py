@@ -41,11 +41,21 @@ class UMT(Method):
             if self.teachers is not None and (not isinstance(self.teachers, str) or not self.teachers):
                 raise ValueError(f"umt.teachers must be a run folder, got {self.teachers!r}")
 
+    def fit_start(self, state: StepState) -> None:
+        self.teacher_epochs = self.params.teacher_epochs  # (None: the run's length, fixed when first asked)
+
     def teacher_runs(self, state: StepState) -> tuple[TeacherRun, ...]:
-        epochs = self.params.teacher_epochs if self.params.teacher_epochs is not None else state.run_epochs
-        if epochs is None:
+        if self.teacher_epochs is None:  # (a run resumed with more epochs keeps its teachers' budget)
+            self.teacher_epochs = state.run_epochs
+        if self.teacher_epochs is None:
             raise ValueError("umt: set teacher_epochs (the loop gave no run length)")
-        return tuple(TeacherRun(m, epochs, self.params.teachers) for m in state.modalities)
+        return tuple(TeacherRun(m, self.teacher_epochs, self.params.teachers) for m in state.modalities)
+
+    def state_dict(self):
+        return {"teacher_epochs": self.teacher_epochs}
+
+    def load_state_dict(self, state):
+        self.teacher_epochs = state["teacher_epochs"]
 
     def after_forward(self, state: StepState) -> None:
         missing = [m for m in state.modalities if m not in state.teachers]
@@ -53,7 +63,7 @@ class UMT(Method):
             raise RuntimeError(f"umt: no teacher for {missing}; the loop trains them before the first step "
                                f"(Balancer.teacher_runs / observe_teacher)")
         with torch.no_grad():
-            targets = [state.teachers[m].features(state.inputs[m]).float() for m in state.modalities]
+            targets = [state.teachers[m].features(state.inputs).float() for m in state.modalities]
         students = state.undropped or state.features  # (the encoders' features, before any drop)
         per_sample = sum((f.float() - t).square().mean(dim=1) for f, t in zip(students, targets))
         term = self.params.scaling * state.batch_mean(per_sample)

@@ -15,7 +15,9 @@ encoders exchange information on the way (IRFB, MMTM blocks: ``model.exchanges_f
 changes every modality's features when one input changes, so a modality is absent only when the
 whole model runs without its input.
 
-``build_model`` assembles one from the data layer's modality kinds.
+``build_model`` assembles one from the data layer's modality kinds. The batch holds each
+modality's tensor under its name and, for a features modality (pre-extracted sequences
+[B, L, D]), its padding mask [B, L] under "<name>_mask", which the sequence encoders read.
 """
 from __future__ import annotations
 
@@ -31,11 +33,13 @@ from .irfb import IRFBEncoder
 from .mmtm import MMTMExchange, check_stages, encode_with_mmtm
 from .registry import fusion_kind
 from .resnet import resnet18_encoder
+from .sequence import SequenceEncoder, mask_key
 from .small import SmallConvEncoder
 
 ENCODERS = ("small", "resnet18")
-# Input channels of each kind of modality the data layer produces.
+# Input channels of each kind of image-like modality the data layer produces.
 CHANNELS = {"audio": 1, "frames": 3, "video": 3}
+KINDS = (*CHANNELS, "features")  # features: sequences [B, L, D] with a mask (SequenceEncoder)
 
 
 class MultimodalModel(nn.Module):
@@ -51,18 +55,20 @@ class MultimodalModel(nn.Module):
         self.fusion = fusion
 
     def encode(self, batch: Mapping[str, torch.Tensor], skip=()) -> list[torch.Tensor]:
-        """One feature tensor [B, d_m] per modality. A spectrogram [B, F, T] gets its channel axis.
-        Modalities in `skip` are not encoded: their features are zeros (a method that trains
-        without them, such as unimodal, spares their encoders' work)."""
+        """One feature tensor [B, d_m] per modality. A spectrogram [B, F, T] gets its channel axis;
+        an encoder of sequences (``takes_mask``) gets the modality's padding mask from the batch
+        (key ``<name>_mask``; none: every step is real). Modalities in `skip` are not encoded:
+        their features are zeros (a method that trains without them, such as unimodal, spares
+        their encoders' work)."""
         features = []
         for name in self.modalities:
             if name not in batch:
                 raise KeyError(f"MultimodalModel.encode: the batch has no {name!r} (has {sorted(batch)})")
-            x = batch[name]
+            x, encoder = batch[name], self.encoders[name]
             if name in skip:
-                features.append(x.new_zeros(x.shape[0], self.encoders[name].out_dim))
+                features.append(x.new_zeros(x.shape[0], encoder.out_dim))
                 continue
-            f = self.encoders[name](encoder_input(x))
+            f = run_encoder(encoder, x, batch.get(mask_key(name)))
             if f.dim() != 2 or f.shape[0] != x.shape[0]:
                 raise ValueError(f"MultimodalModel.encode: encoder {name!r} must return pooled features [B, d], "
                                  f"got {tuple(f.shape)}")
@@ -104,13 +110,14 @@ def build_model(modalities: Mapping[str, str], num_classes: int, *, encoder: str
                 width: int = 16, weights: Mapping[str, str | Path] | None = None,
                 in_dims: Mapping[str, int] | None = None, irfb: Mapping | None = None, mmtm=(),
                 **fusion_options) -> nn.Module:
-    """modalities: name -> kind ("audio", "frames" or "video"; "features" with fusion="irfb"), in
-    order; encoder: "small" (the CPU-scale CNN) or "resnet18" (the papers'); weights: name ->
-    local state-dict file for ResNet-18 encoders (random init otherwise). fusion="irfb" builds
-    IRFB's Transformer encoders instead (options `irfb`: IRFBEncoder's; in_dims: frequency bins of
-    audio and sizes of features modalities) with late heads on the [CLS] and bottleneck outputs.
-    mmtm: encoder stages (1..4) each followed by an MMTM block between the encoders (MMTMModel);
-    empty: independent encoders."""
+    """modalities: name -> kind ("audio", "frames", "video" or "features"), in order; encoder:
+    "small" (the CPU-scale CNN) or "resnet18" (the papers') for the image-like kinds; a features
+    modality gets a SequenceEncoder of `width` whichever encoder is named (in_dims[name]: its
+    values per step); weights: name -> local state-dict file for ResNet-18 encoders (random init
+    otherwise). fusion="irfb" builds IRFB's Transformer encoders instead (options `irfb`:
+    IRFBEncoder's; in_dims: frequency bins of audio and sizes of features modalities) with late
+    heads on the [CLS] and bottleneck outputs. mmtm: encoder stages (1..4) each followed by an
+    MMTM block between the encoders (MMTMModel); empty: independent encoders."""
     mmtm = check_stages(list(mmtm or ()))
     if mmtm and not fusion_kind(fusion).pooled:
         raise ValueError(f"MMTM blocks sit between pooled encoders; fusion {fusion!r} has encoders of its own")
@@ -126,7 +133,12 @@ def build_model(modalities: Mapping[str, str], num_classes: int, *, encoder: str
         raise ValueError(f"weights names {unknown}, not modalities {list(modalities)}")
     if weights and encoder != "resnet18":
         raise ValueError("weights files are for encoder='resnet18'")
-    encoders = {name: make_encoder(name, kind, encoder, width, weights.get(name)) for name, kind in modalities.items()}
+    if any(modalities.get(name) == "features" for name in weights):
+        raise ValueError(f"weights are ResNet-18 weights; features modalities take a SequenceEncoder "
+                         f"({sorted(n for n in weights if modalities[n] == 'features')})")
+    in_dims = dict(in_dims or {})
+    encoders = {name: make_encoder(name, kind, encoder, width, weights.get(name), in_dims.get(name))
+                for name, kind in modalities.items()}
     dims = [e.out_dim for e in encoders.values()]
     if fusion == "late":
         head = LateHeads(dims, num_classes, **fusion_options)
@@ -141,16 +153,26 @@ def build_model(modalities: Mapping[str, str], num_classes: int, *, encoder: str
 
 
 def make_encoder(name: str, kind: str, encoder: str = "small", width: int = 16,
-                 weights: str | Path | None = None) -> nn.Module:
-    """One modality's pooled encoder (build_model's, also a uni-modal teacher's)."""
-    if kind not in CHANNELS:
-        raise ValueError(f"modality {name!r} has kind {kind!r}; expected one of {tuple(CHANNELS)}")
+                 weights: str | Path | None = None, in_dim: int | None = None) -> nn.Module:
+    """One modality's pooled encoder (build_model's, also a uni-modal teacher's): the small CNN or
+    ResNet-18 for image-like kinds, a SequenceEncoder of `width` for a features modality
+    (in_dim: its values per step)."""
+    if kind not in KINDS:
+        raise ValueError(f"modality {name!r} has kind {kind!r}; expected one of {KINDS}")
+    if kind == "features":
+        if not isinstance(in_dim, int) or in_dim < 1:
+            raise ValueError(f"features modality {name!r} needs in_dims[{name!r}], its values per step "
+                             f"(got {in_dim!r})")
+        return SequenceEncoder(in_dim, width)
     return resnet18_encoder(CHANNELS[kind], weights) if encoder == "resnet18" else SmallConvEncoder(CHANNELS[kind], width)
 
 
-def encoder_input(x: torch.Tensor) -> torch.Tensor:
-    """A batch of one modality as its encoder takes it: a spectrogram [B, F, T] gets its channel axis."""
-    return x.unsqueeze(1) if x.dim() == 3 else x
+def run_encoder(encoder: nn.Module, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """One modality's batch through its pooled encoder: a sequence encoder takes the padding mask
+    [B, L] too; a spectrogram [B, F, T] gets its channel axis."""
+    if getattr(encoder, "takes_mask", False):
+        return encoder(x, mask)
+    return encoder(x.unsqueeze(1) if x.dim() == 3 else x)
 
 
 class IRFBModel(nn.Module):
@@ -165,6 +187,7 @@ class IRFBModel(nn.Module):
                  **options):
         super().__init__()
         self.modalities = list(modalities)
+        self.sequence_modalities = [m for m, kind in modalities.items() if kind == "features"]
         self.irfb = IRFBEncoder(modalities, in_dims=in_dims, **options)
         self.fusion = LateHeads([self.irfb.out_dim] * len(modalities), num_classes, fused_dim=self.irfb.out_dim)
 
@@ -175,9 +198,13 @@ class IRFBModel(nn.Module):
         return dict(self.irfb.streams.items())
 
     def encode(self, batch: Mapping[str, torch.Tensor], skip=()) -> list[torch.Tensor]:
+        """The M [CLS] features and the fused one. A features modality's padding mask (batch key
+        ``<name>_mask``) masks its padded tokens as attention keys, in its own stream and in the
+        bottleneck's attention (its stem makes one token per step)."""
         if skip:
             raise ValueError(f"IRFBModel.encode: cannot skip {sorted(skip)}: IRFB fuses inside the encoders")
-        unimodal, fused = self.irfb(batch)
+        keep = {m: batch[mask_key(m)] for m in self.sequence_modalities if mask_key(m) in batch}
+        unimodal, fused = self.irfb(batch, keep)
         return list(unimodal) + [fused]
 
     def head(self, features: list[torch.Tensor], measure: list[torch.Tensor] | None = None):

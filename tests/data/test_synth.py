@@ -1,5 +1,5 @@
 """The embedded dataset (mmfast/data/synth.py): deterministic, in the CREMA-D layout, the dominant
-modality stronger, the modalities complementary."""
+modality stronger, the modalities complementary; its three-modality variant's text features."""
 import numpy as np
 import pytest
 import soundfile as sf
@@ -63,3 +63,43 @@ def test_synth_balanced_variant_splits_the_missing_share_and_uses_the_calibrated
     assert np.abs(wave).max() == pytest.approx(0.25 * BALANCED["audio"], rel=1e-3)  # (a full tone's peak)
     with pytest.raises(ValueError, match="dominant must be one of"):
         SynthSpec(dominant="both").check()
+
+
+# --- the three-modality variant ---------------------------------------------------------------------
+
+def test_text_variant_adds_feature_sequences_in_the_generic_layout(tmp_path):
+    from mmfast.data.synth import TEXT_DIM, TEXT_MODALITIES, TEXT_RATE, SynthSpec, make_text
+
+    spec = SynthSpec(clips=8, classes=2, seed=6, text=True)
+    root = generate(tmp_path / "three", spec)
+    plain = generate(tmp_path / "two", clips=5, classes=2, seed=6)  # clip i depends on (seed, i) alone
+    index = read_layout(root, "generic", modalities=TEXT_MODALITIES)
+    assert index.feature_dims == {"text": TEXT_DIM} and index.classes == ["NEU", "HAP"]
+    clips = {c.clip_id: c for clips in index.splits.values() for c in clips}
+    assert len(clips) == 8 and set(index.splits) == {"train", "val", "test"}
+    two = {c.clip_id: c for clips in read_layout(plain, "crema_d").splits.values() for c in clips}
+    for clip_id, c in two.items():  # the audio and the video of the two-modality dataset, byte for byte
+        assert clips[clip_id].files["audio"].read_bytes() == c.files["audio"].read_bytes()
+        assert clips[clip_id].files["visual"].read_bytes() == c.files["visual"].read_bytes()
+    for i in range(spec.clips):  # every text file: the generator's sequence for (seed, i)
+        clip = clips[f"{1001 + i:04d}_SYN_{['NEU', 'HAP'][i % 2]}_XX"]
+        seconds = np.random.default_rng([spec.seed, i]).uniform(spec.min_seconds, spec.max_seconds)
+        text = np.load(clip.files["text"])
+        assert text.dtype == np.float32 and text.shape == (max(1, round(seconds * TEXT_RATE)), TEXT_DIM)
+        want = make_text(np.random.default_rng([spec.seed, i, 3]), i % 2, seconds, spec, spec.text_signature(i))
+        assert np.array_equal(text, want)
+
+
+def test_text_signature_is_its_class_direction_at_its_own_amplitude():
+    from mmfast.data.synth import SynthSpec, make_text, text_directions
+
+    spec = SynthSpec(classes=5, noise=0.0, text_amplitude=0.7)
+    directions = text_directions(spec)
+    np.testing.assert_allclose(directions @ directions.T, np.eye(5), atol=1e-6)  # orthonormal
+    x = make_text(np.random.default_rng(0), 3, 2.0, spec)
+    np.testing.assert_allclose(x, np.tile(0.7 * directions[3], (12, 1)), atol=1e-6)
+    assert not make_text(np.random.default_rng(0), 3, 2.0, spec, signature=False).any()
+    shares = SynthSpec(clips=4000, text_missing=0.25, seed=1)
+    assert abs(np.mean([not shares.text_signature(i) for i in range(4000)]) - 0.25) < 0.03
+    with pytest.raises(ValueError, match="text_amplitude must be >= 0 and text_missing in"):
+        SynthSpec(text_missing=1.0).check()

@@ -50,8 +50,9 @@ def test_mmtm_block_follows_its_formulas_and_substitutes_the_running_average(gen
     block.zero_grad()
     sum(o.sum() for o in out).backward()
     for m, sub in enumerate(substitute):  # a substituted gate lets no gradient into its layer
-        g = block.excite[m].weight.grad
-        assert (g.abs().sum() == 0) == sub
+        fc = block.excite[m]  # (the bias always feeds the live gate; the weight only through ReLU units alive)
+        assert (fc.bias.grad.abs().sum() == 0) == sub
+        assert not sub or fc.weight.grad.abs().sum() == 0
     # evaluation: live gates, the averages untouched
     block.eval()
     frozen = [a.clone() for a in block.averages()]
@@ -196,9 +197,9 @@ def test_greedy_accumulates_only_while_measuring_and_curates_the_next_forwards(g
         train_step(bal, model, batch, y)
         assert all(int(b.calls) == int(g) + 1 for b, g in zip(model.mmtm.blocks.values(), gates_before))
         if step == 0:  # audio's excitation got no gradient only while curated: not yet
-            assert model.mmtm.blocks["2"].excite[0].weight.grad.abs().sum() > 0
+            assert model.mmtm.blocks["2"].excite[0].bias.grad.abs().sum() > 0
         if seen[-1][0]:
-            assert model.mmtm.blocks["2"].excite[seen[-1][1]].weight.grad.abs().sum() == 0
+            assert model.mmtm.blocks["2"].excite[seen[-1][1]].bias.grad.abs().sum() == 0
     # step 0 measures and starts curating audio (0) for the next forwards; steps 1 and 2 curate
     # (not measured; the window of 2 ends after step 2); step 3 measures again (|d| > eps = 0:
     # curating again from the sums with step 3's speeds); step 4 curates
@@ -240,3 +241,24 @@ def test_greedy_steps_read_nothing_on_the_host(gen, device):
             train_step(bal, model, batch, y, opt)
         assert counts == {}, f"host reads {counts}"
     assert bool(model.mmtm.curating)  # (eps 0: it curated)
+
+
+def test_a_step_with_a_non_finite_gradient_is_not_measured(gen):
+    """(fp16: the GradScaler skips such a step) the sums stay finite and curation goes on from them."""
+    model, batch, y = make(gen)
+    bal = mmfast.Balancer("greedy", dict(model.encoders.items()), head=model.fusion, mmtm=model.mmtm, eps=0.0)
+    method = bal.methods[0]
+    bal.start_epoch(1)
+    model.train()
+    train_step(bal, model, batch, y)  # measured: curating from here
+    sums, flags = method.sums.clone(), (bool(model.mmtm.curating), int(model.mmtm.caring))
+    model.mmtm.curating.fill_(False)  # (not curating: this step would measure)
+    features = bal.drop(model.encode(batch))
+    fused, unimodal = model.fusion(features)
+    bal.after_forward(unimodal, y, fused=fused)
+    model.zero_grad()
+    bal.loss().backward()
+    next(model.encoders["audio"].parameters()).grad.view(-1)[0] = float("inf")
+    bal.after_backward()
+    assert torch.equal(method.sums, sums) and torch.isfinite(method.d)
+    assert not bool(model.mmtm.curating) and flags[0]

@@ -17,8 +17,8 @@ C = 4
 
 
 def official_count(phi: float) -> int:
-    """The official code's if-chain for one value."""
-    if 0.4 < phi < 1:
+    """The official sample-level dataset's if-chain for one value."""
+    if 0.4 < phi < 0.9:
         return 1
     if -0.1 < phi < 0.4:
         return 2
@@ -29,7 +29,7 @@ def official_count(phi: float) -> int:
 
 def test_copy_counts_follow_the_official_buckets(gen):
     assert copy_counts(np.array([-0.5, 0.0, 0.5, 1.0, 1.5])).tolist() == [3, 2, 1, 0, 0]
-    assert copy_counts(np.array([0.4, -0.1, 1.0])).tolist() == [0, 0, 0]  # (boundaries: no bucket)
+    assert copy_counts(np.array([0.4, -0.1, 0.9, 1.0])).tolist() == [0, 0, 0, 0]  # (boundaries: no bucket)
     values = (torch.rand(200, generator=gen) * 3 - 1.2).double().numpy()
     assert copy_counts(values).tolist() == [official_count(v) for v in values]
 
@@ -159,3 +159,32 @@ def test_copies_are_refused_when_malformed(dataset):
     loader.set_copies(np.ones((N, 2), dtype=np.int64))
     loader.set_copies(None)  # (back to the clips alone: no keep in the batches)
     assert len(loader.clips) == N and "keep" not in next(iter(loader.batches()))
+
+
+def test_the_trainer_zeroes_the_features_a_sample_does_not_keep(dataset, tmp_path, gen):
+    """A batch with `keep` (copies): the step's forward is the model's with those features zeros
+    from the encoders on, and a training step hands the mask to it."""
+    from mmfast.trainer import Trainer
+    from support import small_run_config
+
+    trainer = Trainer(small_run_config(dataset, tmp_path / "run", "method=joint"))
+    batch = next(iter(trainer.loaders["train"].batches()))
+    B = len(batch["label"])
+    keep = torch.rand(B, 2, generator=gen) < 0.6
+    keep[0] = torch.tensor([True, False])
+    keep[1] = torch.tensor([False, True])
+    inputs, _ = trainer.steps.inputs(batch)
+    model = trainer.model.eval()
+    with torch.no_grad():
+        fused, unimodal, _, measured = trainer.steps.forward(inputs, keep=keep)
+        features = [f * keep[:, m, None] for m, f in enumerate(model.encode(inputs))]
+        expected, expected_uni = model.head(features)[:2]
+    torch.testing.assert_close(fused, expected)
+    torch.testing.assert_close(measured, expected_uni)
+    model.train()
+    seen = []
+    original = trainer.steps.step
+    trainer.steps.step = lambda *a, **k: (seen.append(k.get("keep")), original(*a, **k))[1]
+    trainer.train_step({**batch, "keep": keep})
+    trainer.train_step(batch)
+    assert torch.equal(seen[0], keep) and seen[1] is None

@@ -21,7 +21,7 @@ C = 5
 def make(gen):
     torch.manual_seed(int(torch.randint(1 << 30, (), generator=gen)))
     model = build_model({"audio": "audio", "visual": "frames"}, C, width=4)
-    teachers = {m: Teacher(make_encoder(m, k, width=4), C).eval().requires_grad_(False)
+    teachers = {m: Teacher(m, make_encoder(m, k, width=4), C).eval().requires_grad_(False)
                 for m, k in (("audio", "audio"), ("visual", "frames"))}
     batch = {"audio": torch.randn(6, 32, 24, generator=gen), "visual": torch.randn(6, 2, 3, 32, 32, generator=gen)}
     return model, teachers, batch, torch.randint(0, C, (6,), generator=gen)
@@ -101,7 +101,7 @@ def config(dataset, out, *overrides):
 
 def test_teachers_are_trained_once_kept_and_reused_by_another_run(dataset, tmp_path, monkeypatch):
     from mmfast import teachers as teachers_mod
-    from mmfast.trainer import Trainer
+    from mmfast.trainer import Trainer, resume
 
     first = Trainer(config(dataset, tmp_path / "first"))
     first.fit()
@@ -128,6 +128,9 @@ def test_teachers_are_trained_once_kept_and_reused_by_another_run(dataset, tmp_p
     # the student trained alike: training a teacher left the run's random state and data order alone
     for k, v in second.model.state_dict().items():
         assert torch.equal(v, first.model.state_dict()[k]), k
+    resumed = resume(tmp_path / "first", ["epochs=2"])  # (more epochs: the teachers' budget was fixed at the start)
+    resumed.fit()
+    assert all(torch.equal(v, kept["audio"][k]) for k, v in resumed.balancer.state.teachers["audio"].state_dict().items())
     with pytest.raises(ValueError, match="epochs"):  # kept teachers of another budget are refused by name
         Trainer(config(dataset, tmp_path / "third", f"hparams.teachers={tmp_path / 'first'}",
                        "hparams.teacher_epochs=2")).fit()
