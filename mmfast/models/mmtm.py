@@ -48,9 +48,9 @@ class MMTMBlock(nn.Module):
         gates = [torch.sigmoid(fc(z)) for fc in self.excite]
         if self.training:
             with torch.no_grad():
-                n = self.calls.to(torch.float64)
+                n = self.calls.to(torch.float32)  # (exact up to 2^24 forwards)
                 for avg, e in zip(self.averages(), gates):
-                    avg.copy_((e.double().mean(dim=0) + avg * n) / (n + 1))
+                    avg.copy_((e.float().mean(dim=0) + avg * n) / (n + 1))
                 self.calls += 1
             if substitute is not None:
                 gates = [torch.where(substitute[m], avg.to(e.dtype).expand_as(e), e)
