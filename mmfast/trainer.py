@@ -224,6 +224,7 @@ class Trainer:
             raise ValueError(f"config key 'grad_accum': method {cfg.method!r} (hparams {cfg.hparams}) takes one batch "
                              f"per step (an update in turns per modality, or gradients per loss); set grad_accum=1")
         self.steps.balancer = self.evaluator.balancer = self.balancer
+        self.balancer.state.autocast = self.steps.autocast  # (models a method runs in the step: its precision)
         self.epoch, self.batch_in_epoch, self.global_step = 0, 0, 0
         self.best = {"epoch": None, "val/acc": -math.inf}
         self.history: list[dict] = []  # the epochs' metrics lines (checkpoints carry them: repair)

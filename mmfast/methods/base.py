@@ -43,6 +43,7 @@ host integers, so epoch windows are ordinary Python conditions.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any, ClassVar, Mapping, Sequence
 
@@ -115,6 +116,8 @@ class StepState:
     inputs: the batch's inputs (modality name -> device tensor), for a method that runs models of
         its own on them (UMT's teachers; ``Method.needs_inputs``), else None;
     teachers: modality -> the frozen uni-modal teacher a method asked for (teacher_end);
+    autocast: a context-manager factory for the loop's mixed precision (the step's autocast), for a
+        method that runs models of its own in the step (UMT's teachers); nullcontext by default;
     rerun: for a method that declares ``extra_forwards``: subsets (tuples of modality names) ->
         the fused logits [K, B, C] of the model on this batch with every modality outside each
         subset zeroed at its input, in eval mode, with autograd (AGM's coalitions);
@@ -155,6 +158,7 @@ class StepState:
         self.head = head
         self.mmtm: torch.nn.Module | None = None
         self.teachers: dict[str, torch.nn.Module] = {}
+        self.autocast = contextlib.nullcontext
         self.optimizer: torch.optim.Optimizer | None = None
         # Bumped whenever a method adds parameters (join_optimizer): a loop that wraps the model
         # (DistributedDataParallel) rebuilds the wrapper when it changes.

@@ -9,7 +9,7 @@ teacher's:
     L = CE(fused, y) + s * sum_m mean over samples and feature dimensions of (phi_m - phiT_m)^2
 
 phiT_m from the teacher's encoder on the same batch, without gradients; gradients reach the
-student only. A step runs the M teachers' forwards (no backward).
+student only. A step runs the M teachers' forwards (no backward), in the step's precision.
 """
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ class UMT(Method):
         if missing:
             raise RuntimeError(f"umt: no teacher for {missing}; the loop trains them before the first step "
                                f"(Balancer.teacher_runs / observe_teacher)")
-        with torch.no_grad():
+        with torch.no_grad(), state.autocast():  # (the step's precision)
             targets = [state.teachers[m].features(state.inputs).float() for m in state.modalities]
         students = state.undropped or state.features  # (the encoders' features, before any drop)
         per_sample = sum((f.float() - t).square().mean(dim=1) for f, t in zip(students, targets))
