@@ -19,6 +19,7 @@ pytest.importorskip("sklearn")
 CLAIMS = {
     "mbsd": ({}, ("probe", "fused")),
     "mla": ({}, ("probe", "fused")),
+    "resample": ({}, ("probe", "fused")),  # (the sample level: copies keeping the low-contributing modality)
 }
 
 
