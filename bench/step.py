@@ -71,6 +71,15 @@ OWN_HEADS = {"olm": "late", "boost": "boost", "mmcosine": "cosine", "mmpareto": 
 MODEL_OVERRIDES = {"sum+mmtm": ["model.fusion=sum", "model.mmtm=[2, 3, 4]"]}  # (greedy's model: MMTM blocks)
 
 
+def select_methods(names) -> None:
+    """Keep only these methods' rows (and joint's, and the methods the naive side runs), with the
+    same-model baselines they need (the rows this script's tables and JSON hold)."""
+    global MMFAST_METHODS, OWN_HEADS
+    keep = {"joint", *NAIVE_METHODS, *names}
+    MMFAST_METHODS = {m: hp for m, hp in MMFAST_METHODS.items() if m in keep}
+    OWN_HEADS = {m: fusion for m, fusion in OWN_HEADS.items() if m in MMFAST_METHODS}
+
+
 def make_trainer(root, out, method, batch_size, hparams=None, *overrides):
     hp = [f"hparams.{k}={v!r}".replace("'", "") for k, v in (hparams or {}).items()]
     cfg = load_config("embedded", [f"data.root={root}", f"out={out}", f"method={method}", f"data.batch_size={batch_size}",
@@ -439,6 +448,9 @@ def main(argv=None):
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                         help="mmfast's precision (the embedded config's: auto, bf16 where the machine computes in "
                              "bf16 natively); the naive baseline is fp32")
+    parser.add_argument("--methods", nargs="+", metavar="METHOD",
+                        help="time only these methods' steps (with joint and the naive side's methods; default: every "
+                             "method)")
     parser.add_argument("--json", help="write the results to this JSON file")
     parser.add_argument("--markdown", help="write the tables to this markdown file")
     parser.add_argument("--serve-naive-epochs", metavar="SPEC", help=argparse.SUPPRESS)  # (epoch_benchmark's child)
@@ -447,6 +459,11 @@ def main(argv=None):
         return serve_naive_epochs(json.loads(args.serve_naive_epochs))
     if args.epochs and args.data_backend != "dali":
         parser.error("the epoch part compares DALI with the naive loader: --data-backend naive needs --epochs 0")
+    if args.methods:
+        unknown = sorted(set(args.methods) - set(MMFAST_METHODS))
+        if unknown:
+            parser.error(f"--methods: unknown {unknown}; the rows are {sorted(MMFAST_METHODS)}")
+        select_methods(args.methods)
     common = (f"data.backend={args.data_backend}", f"precision={args.precision}")
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:

@@ -74,14 +74,18 @@ def test_data_bench_runs(tmp_path):
 
 def test_step_bench_runs_and_counts_host_reads(tmp_path):
     pytest.importorskip("nvidia.dali")
-    out = load("step").main(["--clips", "48", "--batch-sizes", "8", "--rounds", "1", "--steps", "1", "--epochs", "1",
-                             "--resnet-size", "32", "--resnet-clips", "16", "--json", str(tmp_path / "s.json"),
-                             "--markdown", str(tmp_path / "s.md"), "--precision", "bf16"])
-    rows = out["step"]["8"]
+    # (a few methods of each kind: a head of their own, a model of their own; every method's step
+    # reads nothing on the host in the trainer's and the methods' tests)
     step = load("step")
+    out = step.main(["--clips", "48", "--batch-sizes", "8", "--rounds", "1", "--steps", "1", "--epochs", "1",
+                     "--resnet-size", "32", "--resnet-clips", "16", "--json", str(tmp_path / "s.json"),
+                     "--markdown", str(tmp_path / "s.md"), "--precision", "bf16", "--methods", "olm", "boost", "greedy"])
+    rows = out["step"]["8"]
+    assert set(step.MMFAST_METHODS) == {"joint", "ogm", "ogm_ge", "opm", "olm", "boost", "greedy"}
     assert {f"mmfast/{m}" for m in step.MMFAST_METHODS} | {f"mmfast/joint@{f}" for f in step.OWN_HEADS.values()} <= set(rows)
     # OLM and boost: the overhead against joint training of their own model as well
     assert rows["mmfast/boost"]["same_model_baseline"] == "joint@boost" and "same_model_overhead" in rows["mmfast/olm"]
+    assert rows["mmfast/greedy"]["same_model_baseline"] == "joint@sum+mmtm"
     # mmfast's steps read nothing on the host; the research code's way reads per modulated tensor
     assert all(r["host_reads_per_step"] == 0 for k, r in rows.items() if k.startswith("mmfast/"))
     assert rows["naive/joint"]["host_reads_per_step"] == 0
