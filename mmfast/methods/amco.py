@@ -25,6 +25,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..models.registry import per_head_cross_entropy
 from .base import Method, StepState, WindowParams, check_number
 
 
@@ -88,8 +89,8 @@ class AMCo(Method):
         u = class_mask(C, mask_size(self.progress, self.params.eps, C), state.generator, o.device).to(o.dtype)
         masked = torch.where(self.dependent.view(M, 1, 1), o * u, o)
         fused = mix(masked.sum(dim=0))
-        per_sample = F.cross_entropy(fused.float(), state.labels, reduction="none") + F.cross_entropy(
-            masked.float().reshape(M * B, C), state.labels.repeat(M), reduction="none").view(M, B).sum(dim=0)
+        per_sample = (F.cross_entropy(fused.float(), state.labels, reduction="none")
+                      + per_head_cross_entropy(masked, state.labels).sum(dim=0))
         state.task_loss = state.batch_mean(per_sample)
         with torch.no_grad():
             shares = state.batch_mean(dependence_shares(masked.detach()))  # [M]

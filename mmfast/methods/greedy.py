@@ -26,6 +26,7 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
+from ..models.registry import per_head_cross_entropy
 from .base import Method, StepState, WindowParams, check_choice, check_number
 
 class Greedy(Method):
@@ -76,9 +77,7 @@ class Greedy(Method):
 
     def after_forward(self, state: StepState) -> None:
         if self.params.loss == "branches":
-            o = state.trainable_unimodal().float()
-            M, B, C = o.shape
-            per_sample = F.cross_entropy(o.reshape(M * B, C), state.labels.repeat(M), reduction="none").view(M, B).sum(0)
+            per_sample = per_head_cross_entropy(state.trainable_unimodal(), state.labels).sum(dim=0)
         else:
             per_sample = F.cross_entropy(state.head_logits["fused"].float(), state.labels, reduction="none")
         state.task_loss = state.batch_mean(per_sample)

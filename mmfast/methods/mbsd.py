@@ -24,8 +24,8 @@ import dataclasses
 import itertools
 
 import torch
-import torch.nn.functional as F
 
+from ..models.registry import per_head_cross_entropy
 from .base import Method, StepState, WindowParams, check_choice
 
 VARIANTS = ("toolkit", "intended")
@@ -78,8 +78,7 @@ class MBSD(Method):
         if not self.params.active(state.epoch):
             return
         unimodal = state.trainable_unimodal().float()
-        M, B, C = unimodal.shape
-        ce = F.cross_entropy(unimodal.reshape(M * B, C), state.labels.repeat(M), reduction="none").view(M, B)
+        ce = per_head_cross_entropy(unimodal, state.labels)
         rs, kl = mbsd_terms(unimodal, state.labels, self.params.variant)
         state.extra_losses["mbsd/unimodal_ce"] = state.batch_mean(ce.sum(dim=0))
         state.extra_losses["mbsd/rs"] = state.batch_mean(rs)

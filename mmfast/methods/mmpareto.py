@@ -23,6 +23,7 @@ import dataclasses
 
 import torch
 
+from ..models.registry import per_head_cross_entropy
 from .base import Method, StepState, check_number
 
 
@@ -63,9 +64,7 @@ class MMPareto(Method):
             raise RuntimeError("mmpareto takes one batch per step (its uni-modal gradients are those of the step's "
                                "one backward): call after_backward before the next after_forward")
         unimodal = state.head_logits["unimodal"].float()  # [M, B, C] of the modalities' own classifiers
-        M, B, C = unimodal.shape
-        ce = torch.nn.functional.cross_entropy(unimodal.reshape(M * B, C), state.labels.repeat(M), reduction="none")
-        loss = state.batch_mean(ce.view(M, B).sum(dim=0))
+        loss = state.batch_mean(per_head_cross_entropy(unimodal, state.labels).sum(dim=0))
         fused_ce = torch.nn.functional.cross_entropy(state.head_logits["fused"].float(), state.labels, reduction="none")
         state.task_loss = state.batch_mean(fused_ce) + loss
         if state.dist.enabled:

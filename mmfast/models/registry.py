@@ -69,7 +69,11 @@ def task_loss_per_sample(fusion: str, fused: torch.Tensor, unimodal: torch.Tenso
     them (late, irfb, boost). fused [B, C], unimodal [M, B, C], labels [B] -> [B] (float32)."""
     loss = F.cross_entropy(fused.float(), labels, reduction="none")
     if fusion_kind(fusion).trains_unimodal:
-        M, B, C = unimodal.shape
-        per_head = F.cross_entropy(unimodal.float().reshape(M * B, C), labels.repeat(M), reduction="none")
-        loss = loss + per_head.view(M, B).sum(dim=0)
+        loss = loss + per_head_cross_entropy(unimodal, labels).sum(dim=0)
     return loss
+
+
+def per_head_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[M, B] (float32): each head's per-sample cross-entropy, logits [M, B, C], labels [B], in one call."""
+    M, B, C = logits.shape
+    return F.cross_entropy(logits.float().reshape(M * B, C), labels.repeat(M), reduction="none").view(M, B)
