@@ -17,8 +17,9 @@ MODALITIES = ("audio", "visual")
 def peer_runs(dominant: str) -> list[tuple[str, str, dict, tuple]]:
     """The peers' methods at their defaults (each on its own default head). MSLR has no default
     rates (the paper tunes each modality alone): the demo halves the dominant modality's; ReLearning
-    re-initialises every 5 epochs instead of 20 (its 90 epochs' schedule in the demo's 20), and LFM's
-    weight curve spans the demo's 20 epochs instead of 200."""
+    re-initialises every 5 epochs instead of 20 (its 90 epochs' schedule in the demo's 20), LFM's
+    weight curve spans the demo's 20 epochs instead of 200, and its learned schedule runs with the
+    official settings."""
     runs = [(name, name, {}, ()) for name in ("mmcosine", "mbsd", "cml", "agm", "mmpareto", "pmr", "mla", "reconboost",
                                               "gblending", "amco", "greedy", "umt", "resample")]
     runs.append((f"mslr ({dominant} x0.5)", "mslr", {"lr_scales": {dominant: 0.5}}, ()))
@@ -26,6 +27,7 @@ def peer_runs(dominant: str) -> list[tuple[str, str, dict, tuple]]:
     # LFM's weight curve over 200)
     runs.append(("relearning (every 5)", "relearning", {"interval": 5}, ()))
     runs.append(("lfm (curve over 20)", "lfm", {"curve_epochs": 20}, ()))
+    runs.append(("lfm (learned)", "lfm", {"schedule": "learned"}, ()))
     runs.append(("resample (modality)", "resample", {"level": "modality"}, ()))
     return runs
 

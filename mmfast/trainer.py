@@ -223,6 +223,7 @@ class Trainer:
         if self.balancer.single_micro_batch and cfg.grad_accum > 1:
             raise ValueError(f"config key 'grad_accum': method {cfg.method!r} (hparams {cfg.hparams}) takes one batch "
                              f"per step (an update in turns per modality, or gradients per loss); set grad_accum=1")
+        self._hold_out(cfg)
         self.steps.balancer = self.evaluator.balancer = self.balancer
         self.balancer.state.autocast = self.steps.autocast  # (models a method runs in the step: its precision)
         self.epoch, self.batch_in_epoch, self.global_step = 0, 0, 0
@@ -232,6 +233,25 @@ class Trainer:
         self._prepared = False
 
     # ---- construction ------------------------------------------------------------------------
+
+    def _hold_out(self, cfg) -> None:
+        """The training clips a method holds out (Method.held_out) leave the training plan for
+        the whole run (a function of the seed: a resumed run holds out the same ones)."""
+        from .data.base import held_out_positions
+
+        self._held_out, self._held_out_batch = self.balancer.held_out(), None
+        if self._held_out is None:
+            return
+        spec, loader = self._held_out, self.loaders["train"]
+        where = f"method {cfg.method!r} (hparams {cfg.hparams})"
+        if not 1 <= spec.batch <= spec.clips < len(loader.base_clips):
+            raise ValueError(f"{where} holds out {spec.clips} training clips and uses {spec.batch} of them: the "
+                             f"training split has {len(loader.base_clips)} usable clips (hold out fewer)")
+        if cfg.compile:
+            raise ValueError(f"{where} differentiates the model twice on its held-out batch, which compiled "
+                             f"encoders cannot (torch.compile has no double backward): set compile=false")
+        self._held_out_clips = held_out_positions(cfg.seed, len(loader.base_clips), spec.clips)
+        loader.set_held_out(self._held_out_clips)
 
     @staticmethod
     def _seed_everything(seed: int) -> None:
@@ -319,8 +339,9 @@ class Trainer:
         from tqdm import tqdm
 
         loader = self.loaders["train"]
-        if self.batch_in_epoch == 0:  # (a resumed epoch's methods kept what its scratch runs gave them)
+        if self.batch_in_epoch == 0:  # (a resumed epoch's methods kept what these gave them)
             self._scratch_for_methods(self.epoch)
+            self._held_out_for_methods(self.epoch)
         loader.epoch = self.epoch
         copies = self.balancer.sample_copies(self.epoch)  # (re-sampling methods; a resumed epoch too)
         loader.set_copies(None if copies is None else copies[1], index=None if copies is None else copies[0])
@@ -486,6 +507,44 @@ class Trainer:
 
         for run in self.balancer.scratch_runs(epoch):
             self.balancer.observe_scratch(run, run_scratch(self, run), epoch=epoch)
+
+    def _held_out_for_methods(self, epoch: int) -> None:
+        """The held-out training batch a method asks for (HeldOut: its first `batch` clips,
+        decoded once with epoch 0's draws), handed over before epoch `epoch` trains."""
+        if self._held_out is None:
+            return
+        if self._held_out_batch is None:
+            self._held_out_batch = self._inputs(self.loaders["train"].decode(
+                self._held_out_clips[:self._held_out.batch], epoch=0))
+        inputs, labels = self._held_out_batch
+        # (a forward with the batch's statistics moves batch norm's running ones: every buffer is
+        # put back once the event is over; not sooner, the backward passes read them)
+        buffers = list(self.model.buffers())
+        saved = [b.clone() for b in buffers]
+        try:
+            self.balancer.observe_held_out(inputs, labels, forward=self._held_out_forward, epoch=epoch,
+                                           parameters=[p for p in self.model.parameters() if p.requires_grad])
+        finally:
+            with torch.no_grad():
+                for b, kept in zip(buffers, saved):
+                    b.copy_(kept)
+
+    def _held_out_forward(self, inputs, train: bool):
+        """(fused, uni-modal) logits of the model (not its distributed wrapper) on `inputs`, in
+        float32 with autograd (the uni-modal ones a method trains: StepState.trainable_unimodal); train: batch norm with the batch's statistics, the running ones
+        (every buffer) put back as they were."""
+        from .methods.base import trainable_unimodal
+
+        was_training = self.model.training
+        self.model.train(train)
+        try:
+            with torch.autocast(self.device.type, enabled=False):
+                encoded = self.model.encode(inputs)
+                fused, unimodal, *_ = self.model.head(encoded)
+                unimodal = trainable_unimodal(self.model.fusion, unimodal, encoded[:len(self.modalities)])
+        finally:
+            self.model.train(was_training)
+        return fused.float(), unimodal.float()
 
     def state_dict(self) -> dict:
         rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}

@@ -52,7 +52,7 @@ def test_the_study_adds_its_comparison_rows():
 def test_the_peers_methods_run_with_methods_all_and_in_the_study(tmp_path):
     peers = ["mmcosine", "mbsd", "cml", "agm", "mmpareto", "pmr", "mla", "reconboost", "gblending", "amco", "greedy",
              "umt", "resample", "mslr (audio x0.5)",
-             "relearning (every 5)", "lfm (curve over 20)", "resample (modality)"]
+             "relearning (every 5)", "lfm (curve over 20)", "lfm (learned)", "resample (modality)"]
     assert [label for label, *_ in demo_runs("audio", peers=True)][-len(peers):] == peers
     assert set(peers) <= {label for label, *_ in demo_runs("audio", study=True)}
     assert not set(peers) & {label for label, *_ in demo_runs("audio")}  # (the default demo: the seed papers' methods)

@@ -109,6 +109,9 @@ def assert_same_steps(steps_a, steps_b, rtol=1e-4, atol=1e-5):
     ("mla", [], STEPS_PER_EPOCH + 1, "mla/projection_trace"),
     ("reconboost", ["hparams.phase1_epochs=1", "hparams.phase2_epochs=1"], STEPS_PER_EPOCH + 1, "reconboost/beta"),
     ("gblending", ["hparams.super_epoch=2"], STEPS_PER_EPOCH + 1, "gblending/w/"),
+    # (its held-out update runs on every rank, batch norm over the batch at epoch 0, then averages)
+    ("lfm", ["hparams.schedule=learned", "hparams.held_out_clips=2", "hparams.held_out_batch=2"],
+     STEPS_PER_EPOCH + 1, "lfm/a_cls"),
 ])
 def test_two_processes_equal_one_process_on_the_global_batch(dataset, tmp_path, method, extra, steps, watched):
     overrides = base_overrides(dataset, method, *extra)

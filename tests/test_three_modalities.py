@@ -90,7 +90,8 @@ def encoder_parameters(trainer):
 # Every method of the registry, and IRFB's features streams (their padded tokens masked) under OLM.
 CASES = {**{m: [f"method={m}", *HPARAMS.get(m, [])] for m in methods.NAMES
             if methods.METHODS.get(m) is None or methods.METHODS[m].max_modalities in (None, 3)},
-         "olm irfb": ["method=olm", "model.fusion=irfb", "model.irfb={dim: 16, depth: 1, heads: 2}"]}
+         "olm irfb": ["method=olm", "model.fusion=irfb", "model.irfb={dim: 16, depth: 1, heads: 2}"],
+         "lfm learned": ["method=lfm", "hparams.schedule=learned", "hparams.held_out_clips=4", "hparams.held_out_batch=2"]}
 
 
 @pytest.mark.parametrize("case", list(CASES))

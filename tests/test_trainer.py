@@ -54,6 +54,8 @@ def test_fit_writes_the_run_directory(dataset, tmp_path):
                                                ("gblending", ["hparams.super_epoch=2"], 4),
                                                ("relearning", ["hparams.interval=1", "hparams.times=1", "epochs=3"], 4),
                                                ("lfm", [], 2), ("amco", [], 4), ("greedy", [], 4),
+                                               ("lfm", ["hparams.schedule=learned", "hparams.held_out_clips=4",
+                                                        "hparams.held_out_batch=2"], 4),
                                                ("umt", ["hparams.teacher_epochs=1"], 2),
                                                ("resample", ["hparams.warmup_epochs=1"], 4)])
 def test_resume_mid_epoch_gives_bitwise_the_same_parameters(dataset, tmp_path, method, extra, steps):
@@ -74,7 +76,8 @@ def test_resume_mid_epoch_gives_bitwise_the_same_parameters(dataset, tmp_path, m
     resumed.fit()
     if original is not None:
         per_epoch = {e: decoded.count(e) for e in set(decoded)}
-        assert per_epoch[steps // 3] == len(loader.clips) - 8 * (steps % 3)
+        held_out = 0 if loader.held_out is None else len(loader.held_out)  # (lfm's learned schedule)
+        assert per_epoch[steps // 3] == len(loader.clips) - held_out - 8 * (steps % 3)
     a, b = parameters(full), parameters(resumed)
     for key in a:
         assert torch.equal(a[key], b[key]), key
@@ -368,14 +371,17 @@ def test_joint_on_heads_of_their_own_trains_every_heads_cross_entropy(dataset, t
 
 
 @pytest.mark.parametrize("method", ["mmcosine", "mbsd", "cml", "agm", "mmpareto", "pmr", "mslr", "mla", "reconboost",
-                                    "gblending", "greedy", "umt", "resample"])
+                                    "gblending", "greedy", "umt", "resample", "lfm learned"])
 def test_the_peers_methods_train_under_bf16_autocast(dataset, tmp_path, method):
     """Their extra logits (weight split, subsets, prototypes, reruns) mix bf16 features with fp32
-    weights (Greedy: the MMTM gates; UMT: fp32 teachers; re-sampling: an epoch with copies)."""
+    weights (Greedy: the MMTM gates; UMT: fp32 teachers; re-sampling: an epoch with copies; LFM's
+    learned schedule: its held-out forward in float32 beside bf16 steps)."""
     hp = {"mslr": ["hparams.lr_scales={audio: 0.5}"], "umt": ["hparams.teacher_epochs=1"],
-          "resample": ["hparams.warmup_epochs=1", "epochs=2"]}.get(method, [])
-    summary = Trainer(make_config(dataset, tmp_path / method, f"method={method}", "precision=bf16", "epochs=1",
-                                  *hp)).fit()
+          "resample": ["hparams.warmup_epochs=1", "epochs=2"],
+          "lfm learned": ["hparams.schedule=learned", "hparams.held_out_clips=4", "hparams.held_out_batch=2",
+                          "epochs=2"]}.get(method, [])
+    summary = Trainer(make_config(dataset, tmp_path / method.replace(" ", "_"), f"method={method.split()[0]}",
+                                  "precision=bf16", "epochs=1", *hp)).fit()
     assert summary["precision"] == "bf16" and math.isfinite(summary["test/loss"])
 
 

@@ -122,6 +122,12 @@ def sample_rng(seed: int, epoch: int, position: int) -> np.random.Generator:
     return np.random.default_rng([seed, epoch, position, 1])
 
 
+def held_out_positions(seed: int, clips: int, count: int) -> np.ndarray:
+    """[count] positions of the training split's `clips` clips a method holds out (HeldOut), drawn
+    from the run's seed (a key of its own: no epoch's order or sample draw shares it)."""
+    return np.random.default_rng([seed, 0, 0, 2]).permutation(clips)[:count]
+
+
 class ClipLoader:
     """Base of both backends: the probed clips of one split, the epoch's batch plan, and the
     skip bookkeeping.
@@ -140,6 +146,11 @@ class ClipLoader:
     copy draws its own random choices (its position keys its generator), and a batch then carries
     ``keep`` [B, M] (bool: the modalities each sample keeps) with ``index`` the clip's position.
 
+    Held out (``set_held_out``, training): clips a method keeps out of training (LFM's held-out
+    batch) leave every pass's plan, with their copies; the others keep their positions (and so
+    their draws), and the permutation runs over what is left. ``decode`` reads chosen clips
+    through the training transforms as one batch, outside the passes.
+
     Skips: ``skipped_at_build`` holds this split's clips left out when the list was read and
     probed (logged once, when the loader is built); ``skipped`` the clips that failed to decode
     during the current pass; ``last_epoch_skipped`` those of the last completed pass (logged at
@@ -153,6 +164,8 @@ class ClipLoader:
         self.base_clips = list(self.clips)  # (clips: these, then the copies set_copies adds)
         self.copy_source: np.ndarray | None = None  # [len(clips)] clip position of every plan item
         self.copy_keep: np.ndarray | None = None  # [len(clips), M] the modalities each item keeps
+        self.held_out: np.ndarray | None = None  # base clip positions left out of every pass (set_held_out)
+        self._fixed_order: np.ndarray | None = None  # (decode: the clips of its one-off pass)
         if not self.clips:
             raise DataError(index.root, f"split {split!r} has no usable clips ({self.skipped_at_build.summary()})")
         if self.skipped_at_build.total:
@@ -194,6 +207,57 @@ class ClipLoader:
         self.clips = [self.base_clips[i] for i in source]
         self.copy_source, self.copy_keep = source, keep
 
+    def set_held_out(self, positions) -> None:
+        """Leave the clips at `positions` (of the split's clips, before copies) out of every pass
+        from the next one on, with any copies of them; None: every clip trains. The other plan
+        items keep their positions and draws."""
+        if positions is None:
+            self.held_out = None
+            return
+        if not self.train:
+            raise ValueError(f"{self.split!r} loader: holding clips out is for a training loader")
+        N = len(self.base_clips)
+        rows = np.asarray(positions)
+        if rows.ndim != 1 or not np.issubdtype(rows.dtype, np.integer) or ((rows < 0) | (rows >= N)).any() \
+                or len(np.unique(rows)) != len(rows):
+            raise ValueError(f"{self.split!r} loader: held-out clips must be distinct positions in [0, {N}), got "
+                             f"{positions!r}")
+        if len(rows) >= N:
+            raise ValueError(f"{self.split!r} loader: holding out {len(rows)} of its {N} clips leaves none to train on")
+        self.held_out = np.sort(rows)
+
+    def _plan_items(self) -> np.ndarray:
+        """The positions in ``clips`` a pass covers, in position order."""
+        if self._fixed_order is not None:
+            return self._fixed_order
+        items = np.arange(len(self.clips))
+        if self.held_out is None:
+            return items
+        source = items if self.copy_source is None else self.copy_source
+        return items[~np.isin(source, self.held_out)]
+
+    def decode(self, positions, epoch: int) -> dict:
+        """The clips at `positions` (of ``clips``), in that order, as one batch through this
+        loader's transforms with the draws of `epoch`, on this process alone (no shard); the
+        loader's passes are left as they were. A clip that fails to decode is an error (on_error
+        skip: it is left out, and none left is an error)."""
+        rows = np.asarray(positions)
+        if rows.ndim != 1 or len(rows) == 0 or not np.issubdtype(rows.dtype, np.integer) \
+                or ((rows < 0) | (rows >= len(self.clips))).any():
+            raise ValueError(f"{self.split!r} loader: decode needs clip positions in [0, {len(self.clips)}), got "
+                             f"{positions!r}")
+        saved = (self.epoch, self.position, self.skipped, self.last_epoch_skipped, self.rank, self.world_size)
+        self._fixed_order, self.epoch, self.rank, self.world_size = rows, epoch, 0, 1
+        try:
+            parts = list(self.batches())
+        finally:
+            self._fixed_order = None
+            self.epoch, self.position, self.skipped, self.last_epoch_skipped, self.rank, self.world_size = saved
+        parts = [p for p in parts if p]
+        if not parts:
+            raise DataError(self.index.root, f"split {self.split!r}: none of the clips {rows.tolist()} decoded")
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
     def mark_copies(self, batch: dict) -> dict:
         """A decoded batch of the plan with copies: ``keep`` [B, M] added, ``index`` back to the
         clips' positions (unchanged without copies)."""
@@ -220,7 +284,7 @@ class ClipLoader:
 
     def batch_shard(self, b: int) -> tuple[int, int]:
         """(start, total) of plan batch b: this rank's first clip in it and the batch's size."""
-        total = min(self.cfg.batch_size, len(self.clips) - b * self.cfg.batch_size)
+        total = min(self.cfg.batch_size, len(self._plan_items()) - b * self.cfg.batch_size)
         return shard_bounds(total, self.rank, self.world_size)[0], total
 
     @property
@@ -229,7 +293,7 @@ class ClipLoader:
 
     def _plan_length(self) -> int:
         """Batches in the epoch's plan (the same on every rank)."""
-        n, size = len(self.clips), self.cfg.batch_size
+        n, size = len(self._plan_items()), self.cfg.batch_size
         batches = -(-n // size)
         if self.train and self.world_size > 1 and 0 < n - (batches - 1) * size < self.world_size:
             batches -= 1  # a last batch with fewer clips than ranks is left out (set_shard)
@@ -239,7 +303,7 @@ class ClipLoader:
         """Batches this rank's pass goes through."""
         batches = self._plan_length()
         if not self.train and self.world_size > 1:
-            last = len(self.clips) - (batches - 1) * self.cfg.batch_size
+            last = len(self._plan_items()) - (batches - 1) * self.cfg.batch_size
             if self.rank >= last:  # its shard of the last batch is empty
                 batches -= 1
         return batches
@@ -252,8 +316,10 @@ class ClipLoader:
         raise NotImplementedError
 
     def order(self, epoch: int) -> np.ndarray:
-        n = len(self.clips)
-        return np.random.default_rng([self.cfg.seed, epoch]).permutation(n) if self.train else np.arange(n)
+        items = self._plan_items()
+        if not self.train or self._fixed_order is not None:
+            return items
+        return items[np.random.default_rng([self.cfg.seed, epoch]).permutation(len(items))]
 
     def plan(self, start: int) -> list:
         """The current epoch's batches from batch `start` on, as arrays of clip positions; batch

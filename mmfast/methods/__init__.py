@@ -31,10 +31,10 @@ user's own training loop.
 from __future__ import annotations
 
 from .balancer import Balancer
-from .base import EVENTS, Method, ScratchRun, StepState, TeacherRun, join_optimizer, merge_balance_params, split_optimizer
+from .base import EVENTS, HeldOut, Method, ScratchRun, StepState, TeacherRun, join_optimizer, merge_balance_params, split_optimizer
 from .ogm import select_encoder_params
 from .registry import COMBINATIONS, METHODS, NAMES, create, fusions, hyper_parameters, mmtm_stages, register
 
-__all__ = ["Balancer", "COMBINATIONS", "EVENTS", "METHODS", "NAMES", "Method", "ScratchRun", "StepState", "TeacherRun", "create",
+__all__ = ["Balancer", "COMBINATIONS", "EVENTS", "METHODS", "NAMES", "HeldOut", "Method", "ScratchRun", "StepState", "TeacherRun", "create",
            "fusions", "hyper_parameters", "join_optimizer", "merge_balance_params", "mmtm_stages", "register", "select_encoder_params",
            "split_optimizer"]

@@ -230,6 +230,38 @@ class Balancer:
         self.state.teachers[run.modality] = teacher
         self._emit("teacher_end")
 
+    def held_out(self):
+        """The training clips a method holds out (mmfast.methods.HeldOut), or None: leave them out of
+        your training loader (mmfast's: ``loader.set_held_out``) and, before each epoch that starts
+        fresh, hand the batch over with observe_held_out."""
+        given = [(m.name, h) for m in self.methods if (h := m.held_out(self.state)) is not None]
+        if len(given) > 1:
+            raise ValueError(f"methods {[n for n, _ in given]} both hold training clips out")
+        return given[0][1] if given else None
+
+    def observe_held_out(self, inputs: Mapping[str, torch.Tensor], labels: torch.Tensor, *, forward,
+                         parameters: Sequence[torch.Tensor], epoch: int) -> None:
+        """Before epoch `epoch` trains (a fresh epoch, not a resumed one; held_out_batch): the
+        held-out batch's inputs (modality name -> tensor) and labels [N], the model's trainable
+        `parameters` in its order, and `forward(inputs, train)` -> (fused [N, C], uni-modal
+        [M, N, C]) logits with autograd to second order (float32; train: batch norm with the
+        batch's statistics, leaving the running ones as they were)."""
+        if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.shape[0] == 0:
+            raise ValueError(f"Balancer.observe_held_out: labels must be [N >= 1], got "
+                             f"{tuple(getattr(labels, 'shape', ())) or labels!r}")
+        missing = [m for m in self.state.modalities if m not in inputs]
+        if missing:
+            raise ValueError(f"Balancer.observe_held_out: inputs lack the modalities {missing}")
+        if not callable(forward):
+            raise TypeError("Balancer.observe_held_out: forward must be callable (inputs, train) -> (fused, unimodal)")
+        self.state.epoch = epoch
+        self.state.held_out = {"epoch": epoch, "inputs": inputs, "labels": labels.to(self.state.device),
+                               "parameters": list(parameters), "forward": forward}
+        try:
+            self._emit("held_out_batch")
+        finally:
+            self.state.held_out = {}  # (the inputs and the forward's graph are not kept)
+
     def observe_head_losses(self, val: torch.Tensor, train: torch.Tensor, *, epoch: int | None) -> None:
         """Per-head mean cross-entropies [M + 1] (the modalities' classifiers, then the fused one)
         on the validation and training splits, measured before training (epoch None) or after

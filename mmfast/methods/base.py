@@ -24,6 +24,9 @@ step:
     teacher_end    a uni-modal teacher a method asked for (``Method.teacher_runs``) was trained or
                    loaded before the first step (``state.teachers``: modality -> the frozen model,
                    in eval mode; UMT distils from them)
+    held_out_batch before a fresh epoch trains (not a resumed one): the training clips a method
+                   holds out (``Method.held_out``), with a forward of the model on them
+                   (``state.held_out``: LFM's hyper-gradient of its loss weights)
     state_loaded   the loop restored a checkpoint (the model's weights first, then the methods'
                    state, then the optimizer's): a method re-creates what it added during
                    training (boost's classifiers rejoin the optimizer, in the order they joined it)
@@ -55,7 +58,7 @@ from ..ops import BalanceStats, balance_coefficients, modality_scores
 from ..ops.balance import ALPHA_DEFAULTS
 
 EVENTS = ("fit_start", "epoch_start", "before_fusion", "after_forward", "after_backward", "after_step", "epoch_end",
-          "state_loaded", "evaluation_end", "scratch_end", "head_losses", "teacher_end")
+          "state_loaded", "evaluation_end", "scratch_end", "head_losses", "teacher_end", "held_out_batch")
 # Model fusions (mmfast/models/registry.py) a method accepts unless it says otherwise: not the
 # method-specific ones ("boost", whose classifiers only the boost method trains).
 GENERIC_FUSIONS = fusions_where(method_specific=False)
@@ -83,6 +86,18 @@ class ScratchRun:
 
 
 @dataclasses.dataclass(frozen=True)
+class HeldOut:
+    """Training clips a method holds out (``Method.held_out``): the loop leaves `clips` clips of
+    the training split, drawn from the run's seed, out of training for the whole run, and
+    decodes the first `batch` of them once through the training transforms (the draws of epoch
+    0). Before every fresh epoch it hands them over with a forward of the model on them (the
+    held_out_batch event, ``state.held_out``)."""
+
+    clips: int
+    batch: int
+
+
+@dataclasses.dataclass(frozen=True)
 class TeacherRun:
     """A uni-modal teacher a method asks for (``Method.teacher_runs``): a model of `modality` alone
     (the run's kind of encoder and a linear classifier) trained with cross-entropy for `epochs`
@@ -93,6 +108,18 @@ class TeacherRun:
     modality: str
     epochs: int
     source: str | None = None
+
+
+def trainable_unimodal(head: torch.nn.Module, unimodal: torch.Tensor | None, features) -> torch.Tensor:
+    """[M, B, C] uni-modal logits with autograd: the head's own (`unimodal`, when they carry a
+    graph: heads with a classifier per modality), or its weight split of `features`."""
+    if unimodal is not None and unimodal.requires_grad:
+        return unimodal
+    split = getattr(head, "split_logits", None)
+    if split is None:
+        raise ValueError(f"this method trains uni-modal logits: the head ({type(head).__name__}) has "
+                         f"neither classifiers per modality nor a weight split (split_logits)")
+    return split(features)
 
 
 class StepState:
@@ -116,6 +143,11 @@ class StepState:
     inputs: the batch's inputs (modality name -> device tensor), for a method that runs models of
         its own on them (UMT's teachers; ``Method.needs_inputs``), else None;
     teachers: modality -> the frozen uni-modal teacher a method asked for (teacher_end);
+    held_out: the held_out_batch event's "epoch", "inputs" (modality name -> device tensor),
+        "labels" [N], "parameters" (the model's trainable parameters, in the model's order) and
+        "forward" (inputs, train: bool -> the head's fused [N, C] and uni-modal [M, N, C] logits,
+        with autograd to second order, in float32; `train`: batch norm with the batch's
+        statistics, which leaves the running ones as they were);
     autocast: a context-manager factory for the loop's mixed precision (the step's autocast), for a
         method that runs models of its own in the step (UMT's teachers); nullcontext by default;
     rerun: for a method that declares ``extra_forwards``: subsets (tuples of modality names) ->
@@ -158,6 +190,7 @@ class StepState:
         self.head = head
         self.mmtm: torch.nn.Module | None = None
         self.teachers: dict[str, torch.nn.Module] = {}
+        self.held_out: dict[str, Any] = {}
         self.autocast = contextlib.nullcontext
         self.optimizer: torch.optim.Optimizer | None = None
         # Bumped whenever a method adds parameters (join_optimizer): a loop that wraps the model
@@ -235,14 +268,7 @@ class StepState:
         """[M, B, C] uni-modal logits with autograd, for a method that trains them: the head's own
         classifiers' (late, irfb, boost heads), or its weight split (concat, sum, cosine heads:
         ``head.split_logits`` of this batch's features, which add up to the fused logits)."""
-        unimodal = self.head_logits.get("unimodal")
-        if unimodal is not None and unimodal.requires_grad:
-            return unimodal
-        split = getattr(self.head, "split_logits", None)
-        if split is None:
-            raise ValueError(f"this method trains uni-modal logits: the head ({type(self.head).__name__}) has "
-                             f"neither classifiers per modality nor a weight split (split_logits)")
-        return split(self.features[:len(self.modalities)])
+        return trainable_unimodal(self.head, self.head_logits.get("unimodal"), self.features[:len(self.modalities)])
 
     @property
     def global_batch(self) -> int:
@@ -295,7 +321,7 @@ class Method:
     needs_inputs: ClassVar[bool] = False  # reads the batch's inputs (state.inputs) in after_forward
     mmtm_stages: ClassVar[tuple[int, ...]] = ()  # encoder stages followed by MMTM blocks it needs (model.mmtm's default)
     # ... and, below: balance_params, unused_modalities, update_parts, evaluations, scratch_runs,
-    # teacher_runs.
+    # sample_copies, teacher_runs, held_out.
 
     @dataclasses.dataclass
     class Params:
@@ -344,6 +370,11 @@ class Method:
         hands each one over in the teacher_end event (``state.teachers``). Asked after fit_start."""
         return ()
 
+    def held_out(self, state: "StepState") -> HeldOut | None:
+        """The training clips this method holds out of training (HeldOut), or None. Asked after
+        fit_start."""
+        return None
+
     def fit_start(self, state: StepState) -> None: ...
     def epoch_start(self, state: StepState) -> None: ...
     def before_fusion(self, state: StepState) -> None: ...
@@ -356,6 +387,7 @@ class Method:
     def scratch_end(self, state: StepState) -> None: ...
     def head_losses(self, state: StepState) -> None: ...
     def teacher_end(self, state: StepState) -> None: ...
+    def held_out_batch(self, state: StepState) -> None: ...
 
     def summary(self) -> dict[str, Any]:
         """What the run's summary.json records of this method (after fit_start): JSON values."""

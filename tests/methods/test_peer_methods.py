@@ -770,11 +770,12 @@ HEADS = {"mmcosine": CosineHead, "mmpareto": LateHeads, "gblending": LateHeads, 
 
 
 @pytest.mark.parametrize("name", ["mmcosine", "mbsd", "cml", "agm", "mmpareto", "pmr", "mslr", "mla", "reconboost",
-                                  "gblending", "relearning", "lfm", "amco"])
+                                  "gblending", "relearning", "lfm", "lfm learned", "amco"])
 def test_peer_method_steps_read_nothing_on_the_host(gen, name):
-    encoders, head = make_net(HEADS.get(name, ConcatHead))
+    encoders, head = make_net(HEADS.get(name.split()[0], ConcatHead))
     opt = torch.optim.SGD(params_of(encoders, head), lr=0.1)
-    hp = {"lr_scales": {"audio": 0.5}} if name == "mslr" else {}
+    hp = {"mslr": {"lr_scales": {"audio": 0.5}}, "lfm learned": {"schedule": "learned"}}.get(name, {})
+    name = name.split()[0]
     bal = mmfast.Balancer(name, encoders, head=head, optimizer=opt, **hp)
     if bal.evaluation_features:
         N = 12
