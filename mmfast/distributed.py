@@ -22,7 +22,9 @@ mmfast's distributed run is defined as the one-process run on the same *global* 
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
+import functools
 import os
 
 import torch
@@ -195,6 +197,22 @@ class CpuSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         if self.affine:
             y = y * self.weight.view(shape) + self.bias.view(shape)
         return y.to(x.dtype)
+
+
+@contextlib.contextmanager
+def local_batch_norm(module: nn.Module):
+    """Inside: every batch norm layer of `module` over the global batch (torch's SyncBatchNorm,
+    CpuSyncBatchNorm) normalises with this process's batch alone, as plain batch norm does: for
+    a batch every rank holds whole (LFM's held-out batch), where syncing adds nothing and
+    torch's SyncBatchNorm cannot be differentiated twice."""
+    synced = [m for m in module.modules() if isinstance(m, (nn.SyncBatchNorm, CpuSyncBatchNorm))]
+    for m in synced:
+        m.forward = functools.partial(nn.modules.batchnorm._BatchNorm.forward, m)
+    try:
+        yield
+    finally:
+        for m in synced:
+            del m.forward
 
 
 def sync_batch_norm(module: nn.Module, device: torch.device) -> nn.Module:

@@ -531,14 +531,17 @@ class Trainer:
 
     def _held_out_forward(self, inputs, train: bool):
         """(fused, uni-modal) logits of the model (not its distributed wrapper) on `inputs`, in
-        float32 with autograd (the uni-modal ones a method trains: StepState.trainable_unimodal); train: batch norm with the batch's statistics, the running ones
-        (every buffer) put back as they were."""
+        float32 with autograd to second order (the uni-modal ones a method trains:
+        StepState.trainable_unimodal); train: batch norm with this batch's statistics (each rank
+        holds the whole batch: no sync), which moves the running ones (_held_out_for_methods puts
+        every buffer back when the event is over)."""
+        from .distributed import local_batch_norm
         from .methods.base import trainable_unimodal
 
         was_training = self.model.training
         self.model.train(train)
         try:
-            with torch.autocast(self.device.type, enabled=False):
+            with torch.autocast(self.device.type, enabled=False), local_batch_norm(self.model):
                 encoded = self.model.encode(inputs)
                 fused, unimodal, *_ = self.model.head(encoded)
                 unimodal = trainable_unimodal(self.model.fusion, unimodal, encoded[:len(self.modalities)])

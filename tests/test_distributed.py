@@ -109,9 +109,10 @@ def assert_same_steps(steps_a, steps_b, rtol=1e-4, atol=1e-5):
     ("mla", [], STEPS_PER_EPOCH + 1, "mla/projection_trace"),
     ("reconboost", ["hparams.phase1_epochs=1", "hparams.phase2_epochs=1"], STEPS_PER_EPOCH + 1, "reconboost/beta"),
     ("gblending", ["hparams.super_epoch=2"], STEPS_PER_EPOCH + 1, "gblending/w/"),
-    # (its held-out update runs on every rank, batch norm over the batch at epoch 0, then averages)
-    ("lfm", ["hparams.schedule=learned", "hparams.held_out_clips=2", "hparams.held_out_batch=2"],
-     STEPS_PER_EPOCH + 1, "lfm/a_cls"),
+    # (its held-out update runs on every rank, batch norm over the local batch at epoch 0, then
+    # averages; a large alpha_lr from the middle makes the weight move visibly, unclipped)
+    ("lfm", ["hparams.schedule=learned", "hparams.held_out_clips=2", "hparams.held_out_batch=2",
+             "hparams.alpha_lr=2.0", "hparams.initial_a_cls=0.5"], STEPS_PER_EPOCH + 1, "lfm/a_cls"),
 ])
 def test_two_processes_equal_one_process_on_the_global_batch(dataset, tmp_path, method, extra, steps, watched):
     overrides = base_overrides(dataset, method, *extra)
@@ -127,6 +128,8 @@ def test_two_processes_equal_one_process_on_the_global_batch(dataset, tmp_path, 
     assert_same_state(one_state, two_states[0])
     if method == "ogm_ge":
         assert any(c < 1 for step in one["steps"] for key, c in step.items() if key.startswith("coeff/"))
+    if method == "lfm":  # (the two updates, before epochs 0 and 1, moved the weight)
+        assert all(abs(step["lfm/a_cls"] - 0.5) > 1e-3 for step in one["steps"][STEPS_PER_EPOCH:])
     if method == "opm":
         assert any(q > 0 for step in one["steps"] for key, q in step.items() if key.startswith("drop_prob/"))
     if method == "boost":  # a classifier was added after epoch 0, on every rank, and then trained
@@ -193,6 +196,25 @@ def test_single_process_distributed_is_the_identity():
     d = Distributed()
     t = torch.randn(3)
     assert not d.enabled and d.is_main and d.all_reduce_sum(t) is t and d.broadcast_object([1]) == [1]
+
+
+def test_local_batch_norm_makes_synced_layers_plain_batch_norm_and_puts_them_back(gen):
+    """LFM's held-out forward: every rank holds the whole batch, and torch's SyncBatchNorm cannot
+    be differentiated twice; inside the context both kinds of synced layer run plain batch norm
+    on the local batch, after it their own forward again."""
+    from mmfast.distributed import local_batch_norm
+
+    net = nn.Sequential(CpuSyncBatchNorm(3), nn.SyncBatchNorm(3), nn.BatchNorm1d(3))
+    x = torch.randn(6, 3, generator=gen, requires_grad=True)
+    with local_batch_norm(net):
+        assert all(m.forward.func is nn.modules.batchnorm._BatchNorm.forward for m in net[:2])
+        y = net(x)
+        (g,) = torch.autograd.grad(y.pow(3).sum(), x, create_graph=True)
+        g.sum().backward()  # (second order through each layer)
+    expected = nn.Sequential(*[nn.BatchNorm1d(3) for _ in range(3)])(x)
+    torch.testing.assert_close(y, expected)
+    assert all("forward" not in m.__dict__ for m in net)
+    assert type(net[0]).forward is CpuSyncBatchNorm.forward
 
 
 def test_cpu_sync_batch_norm_is_batch_norm_outside_a_process_group(gen):

@@ -166,6 +166,7 @@ class ClipLoader:
         self.copy_keep: np.ndarray | None = None  # [len(clips), M] the modalities each item keeps
         self.held_out: np.ndarray | None = None  # base clip positions left out of every pass (set_held_out)
         self._fixed_order: np.ndarray | None = None  # (decode: the clips of its one-off pass)
+        self._items: np.ndarray | None = None  # (_plan_items, kept)
         if not self.clips:
             raise DataError(index.root, f"split {split!r} has no usable clips ({self.skipped_at_build.summary()})")
         if self.skipped_at_build.total:
@@ -183,6 +184,7 @@ class ClipLoader:
         (None: every clip, K = N, in order): counts[k, m] copies of clip index[k] keeping only
         modality m. counts None: the clips alone (the plan as without copies)."""
         N, M = len(self.base_clips), len(self.modalities)
+        self._items = None
         if counts is None:
             self.clips, self.copy_source, self.copy_keep = list(self.base_clips), None, None
             return
@@ -211,6 +213,7 @@ class ClipLoader:
         """Leave the clips at `positions` (of the split's clips, before copies) out of every pass
         from the next one on, with any copies of them; None: every clip trains. The other plan
         items keep their positions and draws."""
+        self._items = None
         if positions is None:
             self.held_out = None
             return
@@ -227,19 +230,23 @@ class ClipLoader:
         self.held_out = np.sort(rows)
 
     def _plan_items(self) -> np.ndarray:
-        """The positions in ``clips`` a pass covers, in position order."""
+        """The positions in ``clips`` a pass covers, in position order (kept until set_copies or
+        set_held_out changes them: len(loader) asks every step of some runs)."""
         if self._fixed_order is not None:
             return self._fixed_order
-        items = np.arange(len(self.clips))
-        if self.held_out is None:
-            return items
-        source = items if self.copy_source is None else self.copy_source
-        return items[~np.isin(source, self.held_out)]
+        if self._items is None:
+            items = np.arange(len(self.clips))
+            if self.held_out is not None:
+                source = items if self.copy_source is None else self.copy_source
+                items = items[~np.isin(source, self.held_out)]
+            self._items = items
+        return self._items
 
     def decode(self, positions, epoch: int) -> dict:
         """The clips at `positions` (of ``clips``), in that order, as one batch through this
-        loader's transforms with the draws of `epoch`, on this process alone (no shard); the
-        loader's passes are left as they were. A clip that fails to decode is an error (on_error
+        loader's transforms with the draws of `epoch`, on this process alone (no shard); between
+        passes (it is a pass of its own: an iterator of an unfinished pass goes stale), leaving the
+        loader's epoch, position, skip counts and shard as they were. A clip that fails to decode is an error (on_error
         skip: it is left out, and none left is an error)."""
         rows = np.asarray(positions)
         if rows.ndim != 1 or len(rows) == 0 or not np.issubdtype(rows.dtype, np.integer) \

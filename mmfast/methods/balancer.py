@@ -245,7 +245,8 @@ class Balancer:
         held-out batch's inputs (modality name -> tensor) and labels [N], the model's trainable
         `parameters` in its order, and `forward(inputs, train)` -> (fused [N, C], uni-modal
         [M, N, C]) logits with autograd to second order (float32; train: batch norm with the
-        batch's statistics, leaving the running ones as they were)."""
+        batch's statistics). Put the model's buffers back after this call: a forward with the
+        batch's statistics moves the running ones."""
         if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.shape[0] == 0:
             raise ValueError(f"Balancer.observe_held_out: labels must be [N >= 1], got "
                              f"{tuple(getattr(labels, 'shape', ())) or labels!r}")

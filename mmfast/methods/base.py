@@ -147,7 +147,8 @@ class StepState:
         "labels" [N], "parameters" (the model's trainable parameters, in the model's order) and
         "forward" (inputs, train: bool -> the head's fused [N, C] and uni-modal [M, N, C] logits,
         with autograd to second order, in float32; `train`: batch norm with the batch's
-        statistics, which leaves the running ones as they were);
+        statistics, which moves the running ones: the loop puts them back when the event is over,
+        so an eval-mode forward after a train=True one in the same event reads moved ones);
     autocast: a context-manager factory for the loop's mixed precision (the step's autocast), for a
         method that runs models of its own in the step (UMT's teachers); nullcontext by default;
     rerun: for a method that declares ``extra_forwards``: subsets (tuples of modality names) ->
