@@ -22,12 +22,22 @@ atexit.register(shutil.rmtree, _CACHE, True)
 
 @pytest.fixture
 def gen(request):
-    """A torch.Generator with a fresh seed every run; the seed is printed when a test fails."""
-    seed = int.from_bytes(os.urandom(4), "little")
+    """A torch.Generator with a fresh seed every run; the seed is printed when a test fails
+    (MMFAST_TEST_SEED=<seed> replays it)."""
+    seed = int(os.environ.get("MMFAST_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))
     g = torch.Generator().manual_seed(seed)
     request.node.user_properties.append(("torch_seed", seed))
     print(f"torch seed for {request.node.name}: {seed}")
     return g
+
+
+@pytest.fixture
+def float64():
+    """Modules and tensors made in the test default to float64 (restored afterwards)."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(before)
 
 
 @pytest.fixture

@@ -62,7 +62,9 @@ def step_both(trainer, naive, batches, metric, naive_values):
         trainer.train_step(batch)
         naive(batch)
         values = [float(trainer.balancer.metrics[f"{metric}/{m}"]) for m in trainer.modalities]
-        assert values == pytest.approx(naive_values(naive), rel=1e-5, abs=1e-6)
+        # (two fp32 computations of a training run: rounding compounds over the steps as in the
+        # parameters' comparison; a step off by an update moves these by far more)
+        assert values == pytest.approx(naive_values(naive), rel=2e-4, abs=2e-5)
         steps.append(values)
     return steps
 

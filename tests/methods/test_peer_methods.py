@@ -85,7 +85,9 @@ def reference_cosine_logits(features, weight, dims, scale):
     return torch.stack(rows)
 
 
-def test_mmcosine_trains_the_sum_of_scaled_cosines(gen):
+def test_mmcosine_trains_the_sum_of_scaled_cosines(gen, float64):
+    """In float64: three steps at scale 15 and lr 0.5 amplify fp32 rounding past the tolerance for
+    some seeds (replayed: 3085641893)."""
     encoders, head = make_net(CosineHead)
     bal = mmfast.Balancer("mmcosine", encoders, head=head, scale=15.0)
     assert float(head.scale) == 15.0 and head.fc.bias is None
