@@ -440,6 +440,8 @@ def main(argv=None):
                         help="alternated step pairs per comparison and round")
     parser.add_argument("--epochs", type=int, default=2, help="timed epochs per side (0: skip the epoch part)")
     parser.add_argument("--clips", type=int, default=480, help="clips of the generated embedded dataset")
+    parser.add_argument("--epoch-encoders", nargs="+", choices=["small", "resnet18"], default=["small", "resnet18"],
+                        help="the encoders the epoch part times (default: both)")
     parser.add_argument("--resnet-size", type=int, default=112, help="frame size of the ResNet-18 epoch")
     parser.add_argument("--resnet-clips", type=int, default=64, help="clips of the ResNet-18 epoch's dataset")
     parser.add_argument("--data-backend", choices=["dali", "naive"], default="dali",
@@ -473,8 +475,9 @@ def main(argv=None):
                   "data_backend": args.data_backend, "device": "cuda" if torch.cuda.is_available() else "cpu",
                   "mmfast_precision": resolve_precision(args.precision, resolve_device("auto")),
                   "step": step_benchmark(root, tmp, args.batch_sizes, args.rounds, args.steps, common), "epoch": []}
-        if args.epochs:
+        if args.epochs and "small" in args.epoch_encoders:
             report["epoch"].append(epoch_benchmark(root, tmp, "small", 64, 32, args.epochs, precision=args.precision))
+        if args.epochs and "resnet18" in args.epoch_encoders:
             # (ResNet-18 on 2 CPU cores takes about 0.5 s a clip: a smaller dataset of its own)
             small_root = generate(tmp / "cremad_resnet", clips=args.resnet_clips, seed=0)
             report["epoch"].append(epoch_benchmark(small_root, tmp, "resnet18", args.resnet_size, 16, args.epochs,

@@ -36,6 +36,13 @@ def free_port() -> int:
 
 def launch(tmp_path, name, world_size, overrides=(), *, max_steps, resume_out=None, evaluate=False):
     """Run the worker in `world_size` processes; returns (records per rank, state dicts per rank, out)."""
+    return finish(start(tmp_path, name, world_size, overrides, max_steps=max_steps, resume_out=resume_out,
+                        evaluate=evaluate))
+
+
+def start(tmp_path, name, world_size, overrides=(), *, max_steps, resume_out=None, evaluate=False):
+    """Start the worker in `world_size` processes (finish waits for them): two launches started
+    together share the cores (their processes wait on each other's collectives part of the time)."""
     out = resume_out or tmp_path / name / "run"
     spec = {"overrides": [f"out={out}", *overrides], "max_steps": max_steps, "records": str(tmp_path / name / "r"),
             "out": str(out), "resume": resume_out is not None, "evaluate": evaluate}
@@ -52,6 +59,12 @@ def launch(tmp_path, name, world_size, overrides=(), *, max_steps, resume_out=No
                        MASTER_PORT=str(port))
         procs.append(subprocess.Popen([sys.executable, str(WORKER), str(spec_file)], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    return procs, spec, world_size, out
+
+
+def finish(started):
+    """Wait for a start()ed launch; returns (records per rank, state dicts per rank, out)."""
+    procs, spec, world_size, out = started
     logs = []
     try:
         for p in procs:
@@ -116,8 +129,8 @@ def assert_same_steps(steps_a, steps_b, rtol=1e-4, atol=1e-5):
 ])
 def test_two_processes_equal_one_process_on_the_global_batch(dataset, tmp_path, method, extra, steps, watched):
     overrides = base_overrides(dataset, method, *extra)
-    (one,), (one_state,), _ = launch(tmp_path, "one", 1, overrides, max_steps=steps)
-    two, two_states, out = launch(tmp_path, "two", 2, overrides, max_steps=steps)
+    runs = [start(tmp_path, "one", 1, overrides, max_steps=steps), start(tmp_path, "two", 2, overrides, max_steps=steps)]
+    ((one,), (one_state,), _), (two, two_states, out) = [finish(r) for r in runs]
     assert two[0]["world_size"] == 2 and len(one["steps"]) == steps
     assert any(key.startswith(watched) for key in one["steps"][-1]), one["steps"][-1].keys()
     # the ranks agree exactly with each other (same collectives' results, same noise key) ...
@@ -149,8 +162,9 @@ def test_resume_with_another_world_size(dataset, tmp_path):
     all along (the plan of global batches does not depend on the world size)."""
     overrides = base_overrides(dataset, "opm", "hparams.p_exe=1.0", "hparams.q_base=0.6")
     total = 2 * STEPS_PER_EPOCH
-    (one,), (one_state,), _ = launch(tmp_path, "one", 1, overrides, max_steps=total)
-    _, _, out = launch(tmp_path, "two", 2, overrides, max_steps=STEPS_PER_EPOCH + 1)
+    runs = [start(tmp_path, "one", 1, overrides, max_steps=total),
+            start(tmp_path, "two", 2, overrides, max_steps=STEPS_PER_EPOCH + 1)]
+    ((one,), (one_state,), _), (_, _, out) = [finish(r) for r in runs]
     (rest,), (resumed_state,), _ = launch(tmp_path, "two", 1, max_steps=total, resume_out=out)
     assert len(rest["steps"]) == total - STEPS_PER_EPOCH - 1
     assert_same_steps(one["steps"][STEPS_PER_EPOCH + 1:], rest["steps"])
@@ -162,8 +176,9 @@ def test_distributed_evaluation_shards_the_splits_and_gathers_the_same_metrics(d
     batch of an odd split is rank 0's alone); the gathered metrics, missing-modality metrics and
     linear probes equal one process's on the same weights, on both ranks."""
     overrides = [*base_overrides(dataset, "joint"), "data.batch_size=2"]
-    (one,), _, _ = launch(tmp_path, "one", 1, overrides, max_steps=0, evaluate=True)
-    two, _, _ = launch(tmp_path, "two", 2, overrides, max_steps=0, evaluate=True)
+    runs = [start(tmp_path, "one", 1, overrides, max_steps=0, evaluate=True),
+            start(tmp_path, "two", 2, overrides, max_steps=0, evaluate=True)]
+    ((one,), _, _), (two, _, _) = [finish(r) for r in runs]
     whole = one["evaluate"]["decoded"]
     shards = [r["evaluate"]["decoded"] for r in two]
     for split in ("val", "test"):
@@ -242,7 +257,10 @@ def test_loader_shards_together_are_the_global_batches(dataset, backend):
     names each shard's first row; a last batch smaller than the world is left out."""
     from mmfast.data import DataConfig, FrameRecipe, build_loader
 
-    cfg = DataConfig(root=str(dataset), batch_size=8, num_workers=1, frames=FrameRecipe(size=32))
+    # (the naive loader decodes in this process: the plan and its shards do not involve its worker
+    # processes, whose start-up per loader would be most of the test's time)
+    workers = 0 if backend == "naive" else 1
+    cfg = DataConfig(root=str(dataset), batch_size=8, num_workers=workers, frames=FrameRecipe(size=32))
     whole = build_loader(cfg, "train", backend)
     world = 3
     shards = []
@@ -261,7 +279,7 @@ def test_loader_shards_together_are_the_global_batches(dataset, backend):
             sizes = [len(g[b]["label"]) for g in got]
             assert [t for _, t in starts] == [len(batch["label"])] * world
             assert [s for s, _ in starts] == [sum(sizes[:r]) for r in range(world)]
-    tail = build_loader(DataConfig(root=str(dataset), batch_size=10, num_workers=1, frames=FrameRecipe(size=32)),
+    tail = build_loader(DataConfig(root=str(dataset), batch_size=10, num_workers=workers, frames=FrameRecipe(size=32)),
                          "train", backend)
     tail.set_shard(0, 2)  # 21 clips in batches of 10: the last holds 1 clip, fewer than 2 ranks
     assert len(tail) == 2 and sum(len(b["label"]) for b in tail) == 10

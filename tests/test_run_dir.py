@@ -129,11 +129,11 @@ def test_a_kill_at_any_point_of_the_epoch_end_resumes_to_the_uninterrupted_run(n
 
 def test_with_a_val_split_a_kill_at_the_epoch_end_keeps_the_selected_best(dataset, tmp_path):
     """Model selection on val (the best epoch need not be the last): killed between last.pt and
-    best.pt at every epoch end in turn, the resumed run selects and tests what the uninterrupted
-    one does."""
+    best.pt at the first and at the last epoch end, the resumed run selects and tests what the
+    uninterrupted one does."""
     reference = tmp_path / "reference"
     assert cli(*train_args(dataset, reference)).returncode == 0
-    for epoch in (1, 2, 3):
+    for epoch in (1, 3):
         out = tmp_path / f"killed{epoch}"
         assert cli(*train_args(dataset, out), fault=f"epoch_end.between_last_and_best@{epoch}").returncode == -9
         resumed = cli("train", "--resume", str(out))

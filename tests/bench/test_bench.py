@@ -78,7 +78,7 @@ def test_step_bench_runs_and_counts_host_reads(tmp_path):
     # reads nothing on the host in the trainer's and the methods' tests)
     step = load("step")
     out = step.main(["--clips", "48", "--batch-sizes", "8", "--rounds", "1", "--steps", "1", "--epochs", "1",
-                     "--resnet-size", "32", "--resnet-clips", "16", "--json", str(tmp_path / "s.json"),
+                     "--epoch-encoders", "small", "--json", str(tmp_path / "s.json"),
                      "--markdown", str(tmp_path / "s.md"), "--precision", "bf16", "--methods", "olm", "boost", "greedy"])
     rows = out["step"]["8"]
     assert set(step.MMFAST_METHODS) == {"joint", "ogm", "ogm_ge", "opm", "olm", "boost", "greedy"}
@@ -91,7 +91,8 @@ def test_step_bench_runs_and_counts_host_reads(tmp_path):
     assert rows["naive/joint"]["host_reads_per_step"] == 0
     assert rows["naive/ogm_ge"]["host_reads_per_step"] > rows["naive/ogm"]["host_reads_per_step"] > 0
     assert rows["mmfast/joint"]["overhead"] == 0 and rows["mmfast/ogm_ge"]["speedup_vs_naive"] > 0
-    assert [e["encoder"] for e in out["epoch"]] == ["small", "resnet18"] and out["epoch"][0]["speedup"] > 0
+    # (the epoch part's code is the same for ResNet-18: the smoke test times the small encoder only)
+    assert [e["encoder"] for e in out["epoch"]] == ["small"] and out["epoch"][0]["speedup"] > 0
     # mmfast not in fp32: the epoch part times mmfast in fp32 beside it (bf16's share of the speedup)
     assert out["mmfast_precision"] == "bf16" and all(e["precision"] == "bf16" for e in out["epoch"])
     assert all(e["speedup_fp32"] > 0 and e["mmfast_fp32"]["epoch_s"] > 0 for e in out["epoch"])
