@@ -526,8 +526,7 @@ class Trainer:
                                            parameters=[p for p in self.model.parameters() if p.requires_grad])
         finally:
             with torch.no_grad():
-                for b, kept in zip(buffers, saved):
-                    b.copy_(kept)
+                torch._foreach_copy_(buffers, saved)
 
     def _held_out_forward(self, inputs, train: bool):
         """(fused, uni-modal) logits of the model (not its distributed wrapper) on `inputs`, in

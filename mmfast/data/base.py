@@ -244,10 +244,10 @@ class ClipLoader:
 
     def decode(self, positions, epoch: int) -> dict:
         """The clips at `positions` (of ``clips``), in that order, as one batch through this
-        loader's transforms with the draws of `epoch`, on this process alone (no shard); between
-        passes (it is a pass of its own: an iterator of an unfinished pass goes stale), leaving the
-        loader's epoch, position, skip counts and shard as they were. A clip that fails to decode is an error (on_error
-        skip: it is left out, and none left is an error)."""
+        loader's transforms with the draws of `epoch`, on this process alone (no shard). Call it
+        between passes (it is a pass of its own: an unfinished pass's iterator goes stale); the
+        loader's epoch, position, skip counts and shard are left as they were. A clip that fails
+        to decode is an error (on_error skip: it is left out, and none left is an error)."""
         rows = np.asarray(positions)
         if rows.ndim != 1 or len(rows) == 0 or not np.issubdtype(rows.dtype, np.integer) \
                 or ((rows < 0) | (rows >= len(self.clips))).any():
