@@ -525,8 +525,9 @@ class Trainer:
             self.balancer.observe_held_out(inputs, labels, forward=self._held_out_forward, epoch=epoch,
                                            parameters=[p for p in self.model.parameters() if p.requires_grad])
         finally:
-            with torch.no_grad():
-                torch._foreach_copy_(buffers, saved)
+            if buffers:  # (a model without buffers: the foreach op refuses empty lists)
+                with torch.no_grad():
+                    torch._foreach_copy_(buffers, saved)
 
     def _held_out_forward(self, inputs, train: bool):
         """(fused, uni-modal) logits of the model (not its distributed wrapper) on `inputs`, in

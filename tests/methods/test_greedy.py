@@ -142,7 +142,9 @@ def test_greedy_loss_and_speeds_follow_the_official_computation(gen, loss):
     ref = speeds_reference(model)
     torch.testing.assert_close(method.sums, torch.tensor(ref, dtype=torch.float64), rtol=1e-5, atol=0)
     d = math.log10(ref[2] / ref[0]) - math.log10(ref[3] / ref[1])
-    assert float(method.d) == pytest.approx(d, rel=1e-5, abs=1e-9)
+    # (d is a difference of logs, near 0 on some seeds: an absolute bound from the four sums'
+    # float32 accumulation, ~1e-7 relative each, instead of a relative one)
+    assert float(method.d) == pytest.approx(d, rel=1e-5, abs=1e-6)
     assert not bool(model.mmtm.curating)
 
 
