@@ -1,6 +1,7 @@
 """Fixtures for every test: a fresh random generator with its seed printed on failure, the
 native CPU kernels' instruction-set switch. Without a GPU, Triton kernels run in the interpreter."""
 import atexit
+import fcntl
 import os
 import shutil
 import tempfile
@@ -18,6 +19,13 @@ if not torch.cuda.is_available():
 _CACHE = tempfile.mkdtemp(prefix="mmfast-test-cache-")
 os.environ["MMFAST_CACHE_DIR"] = _CACHE
 atexit.register(shutil.rmtree, _CACHE, True)
+
+# Under pytest-xdist (`make test` runs 2 workers on a 2-core machine) each worker, and each process
+# its tests start, computes in one thread: the workers fill the cores, and the small models'
+# operations gain nothing from a second thread (the spinning threads of two pools would fight).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 @pytest.fixture
@@ -48,3 +56,53 @@ def use_cpu_isa():
     before = mmfast.build_info()["cpu_isa"]
     yield mmfast._C.set_cpu_isa
     mmfast._C.set_cpu_isa(before)
+
+
+@pytest.fixture(scope="session")
+def audio_dominant_diagnosis(tmp_path_factory):
+    """`mmfast diagnose` on the demo's dataset (audio dominant, 480 clips, seed 0) in fp32: its
+    joint run is also the baseline of the peers' behaviour tests (the demo's schedule and seed,
+    the precision every CPU trains in). {"root": dataset, "out": diagnosis folder, "overrides",
+    "report"}."""
+    from mmfast.data import generate
+    from mmfast.diagnose import diagnose
+
+    # (once per test session: with xdist workers, the first to need it trains, under a lock in
+    # the folder the workers share; the others read its finished runs, which diagnose reuses)
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent
+    base = shared / "audio_dominant"
+    base.mkdir(exist_ok=True)
+    with open(base / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        root = base / "embedded_audio"
+        if not (base / "generated").exists():
+            shutil.rmtree(root, ignore_errors=True)
+            generate(root, clips=480, dominant="audio", imbalance=2.5, seed=0)
+            (base / "generated").touch()
+        overrides = [f"data.root={root}", "precision=fp32", "data.num_workers=1"]
+        report = diagnose("embedded", overrides, out=base / "diag", echo=lambda line: None)
+    return {"root": root, "out": base / "diag", "overrides": overrides, "report": report}
+
+
+# Files whose tests share a session fixture that trains: one xdist group (`make test` runs
+# `--dist loadgroup`), so that one worker trains it while the other runs other files, never
+# waiting on its lock; every other file is its own group (module fixtures built once).
+SHARED_TRAINING = {"audio_dominant_diagnosis": ("tests/test_diagnose.py", "tests/methods/test_peer_behaviour.py")}
+# The longest groups start first, so that no worker is left with one of them at the end.
+LONGEST_FIRST = ("audio_dominant_diagnosis", "tests/test_run_dir.py", "tests/test_distributed.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    group_of_file = {path: group for group, paths in SHARED_TRAINING.items() for path in paths}
+    for item in items:
+        path = item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(group_of_file.get(path, path)))
+    rank = {group: i for i, group in enumerate(LONGEST_FIRST)}
+
+    def order(item):
+        path = item.nodeid.split("::")[0]
+        return rank.get(group_of_file.get(path, path), len(rank))
+
+    items.sort(key=order)  # (stable: each file's tests keep their order)

@@ -1,9 +1,11 @@
-"""One process of a test run (tests/test_distributed.py): trains the embedded config with the
-overrides of a spec file, as torchrun would start it (RANK / WORLD_SIZE / MASTER_* in the
-environment), and writes what each step computed (the balancer's metrics) and the final model.
+"""One process of a test launch (tests/test_distributed.py): trains the embedded config with the
+overrides of each run of a spec file in turn, as torchrun would start it (RANK / WORLD_SIZE /
+MASTER_* in the environment), and writes what each step computed (the balancer's metrics) and
+the final model, per run. The process group, made by the first run, serves them all.
 
-    python tests/dist_worker.py SPEC.json
+    python tests/dist_worker.py SPEC.json   (SPEC: {"runs": [run, ...]})
 """
+import gc
 import json
 import sys
 
@@ -15,7 +17,15 @@ from mmfast.trainer import Trainer, resume
 
 
 def main(spec_path: str) -> None:
-    spec = json.loads(open(spec_path).read())
+    for run in json.loads(open(spec_path).read())["runs"]:
+        train_and_record(run)
+        gc.collect()  # (the trainer's cycle through recorded_step: its loaders' workers go now)
+        print(f"run done: {run['records']}", flush=True)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def train_and_record(spec: dict) -> None:
     trainer = resume(spec["out"]) if spec.get("resume") else Trainer(load_config("embedded", spec["overrides"]))
     records = []
     step = trainer.train_step
@@ -41,8 +51,7 @@ def main(spec_path: str) -> None:
     with open(f"{spec['records']}.{rank}.json", "w") as f:
         json.dump(record, f)
     torch.save(trainer.model.state_dict(), f"{spec['records']}.{rank}.pt")
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    trainer.close()  # (the run directory's lock)
 
 
 if __name__ == "__main__":

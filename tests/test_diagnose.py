@@ -17,14 +17,19 @@ pytest.importorskip("matplotlib")
 
 
 @pytest.mark.parametrize("dominant", ["audio", "visual", "none"])
-def test_diagnose_names_the_dominant_modality_or_none(tmp_path, dominant):
+def test_diagnose_names_the_dominant_modality_or_none(request, tmp_path, dominant):
     """The embedded config's own budget (20 epochs, 480 clips): the weak encoder's probe gap is
     0.2-0.4 with either modality dominant and within 0.02 on the balanced variant on the machines
-    measured (bf16 and fp32), against the 0.05 threshold."""
-    root = generate(tmp_path / "data", dominant=dominant, seed=0)
-    lines = []
-    report = diagnose("embedded", [f"data.root={root}"], out=tmp_path / "diag", echo=lines.append)
-    saved = json.loads((tmp_path / "diag" / "report.json").read_text())
+    measured (bf16 and fp32), against the 0.05 threshold. Audio dominant: the diagnosis shared
+    with the behaviour tests, in fp32 (tests/conftest.py); the others at the config's precision."""
+    if dominant == "audio":
+        shared = request.getfixturevalue("audio_dominant_diagnosis")
+        root, out, overrides, report = shared["root"], shared["out"], shared["overrides"], shared["report"]
+    else:
+        root, out = generate(tmp_path / "data", dominant=dominant, seed=0), tmp_path / "diag"
+        overrides = [f"data.root={root}"]
+        report = diagnose("embedded", overrides, out=out, echo=lambda line: None)
+    saved = json.loads((out / "report.json").read_text())
     assert saved["dominant"] == report["dominant"] == dominant
     if dominant != "none":
         weak = "visual" if dominant == "audio" else "audio"
@@ -40,16 +45,17 @@ def test_diagnose_names_the_dominant_modality_or_none(tmp_path, dominant):
     assert sum(saved["shapley"]["values"].values()) == pytest.approx(coalitions["audio+visual"] - coalitions["none"])
     assert coalitions["audio+visual"] == pytest.approx(saved["fused_accuracy"])
     assert len(saved["ratio"]["audio"]) == saved["epochs"] == 20
-    text = (tmp_path / "diag" / "report.md").read_text()
+    text = (out / "report.md").read_text()
     assert ("**audio dominates**" in text) == (dominant == "audio") and "| visual |" in text
     assert ("**visual dominates**" in text) == (dominant == "visual")
     for png in ("ratio.png", "probes.png", "shapley.png"):
-        assert (tmp_path / "diag" / png).stat().st_size > 1000 and f"({png})" in text
-    # a second call with the same arguments reuses the three runs (no training) and agrees
-    again = diagnose("embedded", [f"data.root={root}"], out=tmp_path / "diag", echo=lines.append)
-    assert again["gaps"] == report["gaps"] and again["dominant"] == dominant
-    with pytest.raises(ValueError, match="a diagnosis of other arguments"):
-        diagnose("embedded", [f"data.root={root}"], out=tmp_path / "diag", epochs=3)
+        assert (out / png).stat().st_size > 1000 and f"({png})" in text
+    if dominant == "audio":  # (once: the check costs a run's evaluation)
+        # a second call with the same arguments reuses the three runs (no training) and agrees
+        again = diagnose("embedded", overrides, out=out, echo=lambda line: None)
+        assert again["gaps"] == report["gaps"] and again["dominant"] == dominant
+        with pytest.raises(ValueError, match="a diagnosis of other arguments"):
+            diagnose("embedded", overrides, out=out, epochs=3)
 
 
 def test_recommendation_follows_the_measured_pattern():

@@ -35,20 +35,27 @@ def free_port() -> int:
 
 
 def launch(tmp_path, name, world_size, overrides=(), *, max_steps, resume_out=None, evaluate=False):
-    """Run the worker in `world_size` processes; returns (records per rank, state dicts per rank, out)."""
-    return finish(start(tmp_path, name, world_size, overrides, max_steps=max_steps, resume_out=resume_out,
-                        evaluate=evaluate))
+    """Run the worker on one run in `world_size` processes; returns (records per rank, state
+    dicts per rank, out)."""
+    spec = run_spec(tmp_path / name, overrides, max_steps=max_steps, resume_out=resume_out, evaluate=evaluate)
+    return finish(start_runs(tmp_path / name, world_size, [spec]))
 
 
-def start(tmp_path, name, world_size, overrides=(), *, max_steps, resume_out=None, evaluate=False):
-    """Start the worker in `world_size` processes (finish waits for them): two launches started
-    together share the cores (their processes wait on each other's collectives part of the time)."""
-    out = resume_out or tmp_path / name / "run"
-    spec = {"overrides": [f"out={out}", *overrides], "max_steps": max_steps, "records": str(tmp_path / name / "r"),
+def run_spec(folder, overrides=(), *, max_steps, resume_out=None, evaluate=False) -> dict:
+    """One run of a launch: its overrides, steps, and where it writes (out, records)."""
+    out = resume_out or folder / "run"
+    folder.mkdir(parents=True, exist_ok=True)
+    return {"overrides": [f"out={out}", *overrides], "max_steps": max_steps, "records": str(folder / "r"),
             "out": str(out), "resume": resume_out is not None, "evaluate": evaluate}
-    (tmp_path / name).mkdir(parents=True, exist_ok=True)
-    spec_file = tmp_path / name / f"spec{world_size}.json"
-    spec_file.write_text(json.dumps(spec))
+
+
+def start_runs(folder, world_size, specs):
+    """Start `world_size` worker processes that train the runs of `specs` one after the other
+    (wait / finish / Launch wait for them): launches started together share the cores (their
+    processes wait on each other's collectives part of the time)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    spec_file = folder / f"spec{world_size}.json"
+    spec_file.write_text(json.dumps({"runs": specs}))
     port = free_port()
     procs = []
     for rank in range(world_size):
@@ -59,24 +66,55 @@ def start(tmp_path, name, world_size, overrides=(), *, max_steps, resume_out=Non
                        MASTER_PORT=str(port))
         procs.append(subprocess.Popen([sys.executable, str(WORKER), str(spec_file)], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    return procs, spec, world_size, out
+    return procs, specs, world_size
 
 
-def finish(started):
-    """Wait for a start()ed launch; returns (records per rank, state dicts per rank, out)."""
-    procs, spec, world_size, out = started
+def wait(started, timeout=600) -> list:
+    """Each process's log once all have ended (killed after `timeout` seconds)."""
+    procs = started[0]
     logs = []
     try:
         for p in procs:
-            logs.append(p.communicate(timeout=600)[0])
+            logs.append(p.communicate(timeout=timeout)[0])
     finally:
         for p in procs:
             p.kill()
-    for rank, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"rank {rank} of {world_size} failed:\n{log[-4000:]}"
+    return logs
+
+
+def records_of(spec, world_size):
+    """(records per rank, state dicts per rank, out) of a finished run."""
     records = [json.loads(Path(f"{spec['records']}.{r}.json").read_text()) for r in range(world_size)]
     states = [torch.load(f"{spec['records']}.{r}.pt") for r in range(world_size)]
-    return records, states, out
+    return records, states, Path(spec["out"])
+
+
+def finish(started):
+    """Wait for a launch of one run; returns (records per rank, state dicts per rank, out)."""
+    procs, specs, world_size = started
+    logs = wait(started)
+    for rank, (p, log) in enumerate(zip(procs, logs)):
+        assert p.returncode == 0, f"rank {rank} of {world_size} failed:\n{log[-4000:]}"
+    return records_of(specs[0], world_size)
+
+
+class Launch:
+    """A finished launch of several runs: `result(name)` is a run's (records per rank, state
+    dicts per rank, out), or the test fails with the launch's log when that run did not finish
+    (a run that fails ends its launch: the runs after it fail the same way)."""
+
+    def __init__(self, started, names):
+        self.procs, self.specs, self.world_size = started
+        self.names = names
+        self.logs = wait(started, timeout=900)
+
+    def result(self, name):
+        spec = self.specs[self.names.index(name)]
+        if not all(Path(f"{spec['records']}.{r}.pt").exists() for r in range(self.world_size)):
+            codes = [p.returncode for p in self.procs]
+            pytest.fail(f"run {name!r} of the {self.world_size}-process launch did not finish (exit codes {codes}):\n"
+                        + "\n".join(log[-4000:] for log in self.logs))
+        return records_of(spec, self.world_size)
 
 
 def base_overrides(dataset, method, *extra):
@@ -110,9 +148,11 @@ def assert_same_steps(steps_a, steps_b, rtol=1e-4, atol=1e-5):
             assert a[key] == pytest.approx(b[key], rel=rtol, abs=atol), f"step {t}, {key}"
 
 
-@pytest.mark.parametrize("method,extra,steps,watched", [
+OPM = ["hparams.p_exe=1.0", "hparams.q_base=0.6"]  # (drops from the first step)
+# method, its overrides, steps, a metric it logs every step
+METHOD_CASES = [
     ("ogm_ge", ["hparams.alpha=1.5"], STEPS_PER_EPOCH + 1, "coeff/"),
-    ("opm", ["hparams.p_exe=1.0", "hparams.q_base=0.6"], STEPS_PER_EPOCH + 1, "drop_prob/"),
+    ("opm", OPM, STEPS_PER_EPOCH + 1, "drop_prob/"),
     ("olm", [], STEPS_PER_EPOCH + 1, "olm/w/"),
     ("boost", ["hparams.interval=1", "hparams.tau=0.0"], 2 * STEPS_PER_EPOCH, "boost/omega/"),
     ("agm", ["hparams.alpha=2.0"], STEPS_PER_EPOCH + 1, "agm/kappa/"),
@@ -126,11 +166,39 @@ def assert_same_steps(steps_a, steps_b, rtol=1e-4, atol=1e-5):
     # averages; a large alpha_lr from the middle makes the weight move visibly, unclipped)
     ("lfm", ["hparams.schedule=learned", "hparams.held_out_clips=2", "hparams.held_out_batch=2",
              "hparams.alpha_lr=2.0", "hparams.initial_a_cls=0.5"], STEPS_PER_EPOCH + 1, "lfm/a_cls"),
-])
-def test_two_processes_equal_one_process_on_the_global_batch(dataset, tmp_path, method, extra, steps, watched):
-    overrides = base_overrides(dataset, method, *extra)
-    runs = [start(tmp_path, "one", 1, overrides, max_steps=steps), start(tmp_path, "two", 2, overrides, max_steps=steps)]
-    ((one,), (one_state,), _), (two, two_states, out) = [finish(r) for r in runs]
+]
+
+@pytest.fixture(scope="module")
+def launches(dataset, tmp_path_factory):
+    """The runs of the comparisons below in two launches started together: one process trains the
+    one-process runs in turn, two processes the two-process ones (a small run's time is mostly
+    its process' start-up and imports; each run has its own trainer, out and records, the
+    process group is the first run's)."""
+    root = tmp_path_factory.mktemp("launches")
+    one, two = {}, {}
+    for method, extra, steps, _ in METHOD_CASES:
+        one[method] = two[method] = (base_overrides(dataset, method, *extra), steps, False)
+    # the resume test: stopped in epoch 1 under 2 processes, against one process all along
+    one["resume"] = (base_overrides(dataset, "opm", *OPM), 2 * STEPS_PER_EPOCH, False)
+    two["resume"] = (base_overrides(dataset, "opm", *OPM), STEPS_PER_EPOCH + 1, False)
+    # the evaluation test: a global batch of 2, no training
+    one["evaluate"] = two["evaluate"] = ([*base_overrides(dataset, "joint"), "data.batch_size=2"], 0, True)
+    # the cache test: 2 processes without and with a fresh cache
+    two["plain"] = (base_overrides(dataset, "ogm_ge", "data.cache=off"), 2 * STEPS_PER_EPOCH, False)
+    two["cached"] = (base_overrides(dataset, "ogm_ge", f"data.cache={root / 'cache'}"), 2 * STEPS_PER_EPOCH, False)
+    started = {}
+    for world_size, runs in ((1, one), (2, two)):
+        folder = root / f"world{world_size}"
+        specs = [run_spec(folder / name, overrides, max_steps=steps, evaluate=evaluate)
+                 for name, (overrides, steps, evaluate) in runs.items()]
+        started[world_size] = (start_runs(folder, world_size, specs), list(runs))
+    return {**{world_size: Launch(*args) for world_size, args in started.items()}, "cache": root / "cache"}
+
+
+@pytest.mark.parametrize("method,extra,steps,watched", METHOD_CASES)
+def test_two_processes_equal_one_process_on_the_global_batch(launches, method, extra, steps, watched):
+    (one,), (one_state,), one_out = launches[1].result(method)
+    two, two_states, out = launches[2].result(method)
     assert two[0]["world_size"] == 2 and len(one["steps"]) == steps
     assert any(key.startswith(watched) for key in one["steps"][-1]), one["steps"][-1].keys()
     # the ranks agree exactly with each other (same collectives' results, same noise key) ...
@@ -149,7 +217,7 @@ def test_two_processes_equal_one_process_on_the_global_batch(dataset, tmp_path, 
         assert one["assignments"] == two[0]["assignments"] == two[1]["assignments"]
         assert one["assignments"][0][1] is not None
     # only rank 0 wrote the run directory: one line per finished epoch, global training sums
-    one_lines = (tmp_path / "one" / "run" / "metrics.jsonl").read_text().splitlines()
+    one_lines = (one_out / "metrics.jsonl").read_text().splitlines()
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == len(one_lines) == (steps - 1) // STEPS_PER_EPOCH
     a, b = json.loads(one_lines[0]), json.loads(lines[0])
@@ -157,28 +225,24 @@ def test_two_processes_equal_one_process_on_the_global_batch(dataset, tmp_path, 
         assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), key
 
 
-def test_resume_with_another_world_size(dataset, tmp_path):
+def test_resume_with_another_world_size(launches, tmp_path):
     """Stopped mid-epoch 1 under 2 processes, finished in 1: the same parameters as 1 process
     all along (the plan of global batches does not depend on the world size)."""
-    overrides = base_overrides(dataset, "opm", "hparams.p_exe=1.0", "hparams.q_base=0.6")
     total = 2 * STEPS_PER_EPOCH
-    runs = [start(tmp_path, "one", 1, overrides, max_steps=total),
-            start(tmp_path, "two", 2, overrides, max_steps=STEPS_PER_EPOCH + 1)]
-    ((one,), (one_state,), _), (_, _, out) = [finish(r) for r in runs]
-    (rest,), (resumed_state,), _ = launch(tmp_path, "two", 1, max_steps=total, resume_out=out)
+    (one,), (one_state,), _ = launches[1].result("resume")
+    _, _, out = launches[2].result("resume")
+    (rest,), (resumed_state,), _ = launch(tmp_path, "resumed", 1, max_steps=total, resume_out=out)
     assert len(rest["steps"]) == total - STEPS_PER_EPOCH - 1
     assert_same_steps(one["steps"][STEPS_PER_EPOCH + 1:], rest["steps"])
     assert_same_state(one_state, resumed_state)
 
 
-def test_distributed_evaluation_shards_the_splits_and_gathers_the_same_metrics(dataset, tmp_path):
+def test_distributed_evaluation_shards_the_splits_and_gathers_the_same_metrics(launches):
     """Each rank decodes its shard of every evaluation batch (a global batch of 2: the last
     batch of an odd split is rank 0's alone); the gathered metrics, missing-modality metrics and
     linear probes equal one process's on the same weights, on both ranks."""
-    overrides = [*base_overrides(dataset, "joint"), "data.batch_size=2"]
-    runs = [start(tmp_path, "one", 1, overrides, max_steps=0, evaluate=True),
-            start(tmp_path, "two", 2, overrides, max_steps=0, evaluate=True)]
-    ((one,), _, _), (two, _, _) = [finish(r) for r in runs]
+    (one,), _, _ = launches[1].result("evaluate")
+    two, _, _ = launches[2].result("evaluate")
     whole = one["evaluate"]["decoded"]
     shards = [r["evaluate"]["decoded"] for r in two]
     for split in ("val", "test"):
@@ -369,15 +433,14 @@ def test_a_stalled_rank_ends_the_run_after_dist_timeout_s(dataset, tmp_path):
     assert 4 <= seconds < 30, seconds
 
 
-def test_ranks_build_one_cache_and_read_what_the_other_wrote(dataset, tmp_path):
+def test_ranks_build_one_cache_and_read_what_the_other_wrote(dataset, launches):
     """data.cache with 2 gloo processes: each rank caches the clips it decodes in the first
     epoch (its shard), and in the second reads every clip of its shard from the cache, among
     them clips the other rank wrote; the training is the uncached one's, bit for bit."""
-    steps, cache = 2 * STEPS_PER_EPOCH, tmp_path / "cache"
-    plain, plain_states, _ = launch(tmp_path, "plain", 2, base_overrides(dataset, "ogm_ge", "data.cache=off"),
-                                    max_steps=steps)
-    cached, cached_states, _ = launch(tmp_path, "cached", 2, base_overrides(dataset, "ogm_ge", f"data.cache={cache}"),
-                                      max_steps=steps)
+    steps = 2 * STEPS_PER_EPOCH
+    plain, plain_states, _ = launches[2].result("plain")
+    cached, cached_states, _ = launches[2].result("cached")
+    cache = launches["cache"]
     assert cached[0]["steps"] == plain[0]["steps"] and len(plain[0]["steps"]) == steps
     for a, b in zip(plain_states, cached_states):
         assert_same_state(a, b, rtol=0, atol=0)

@@ -3,10 +3,11 @@ seed and schedule, the weak modality's encoder learns more (its linear probe) an
 prediction is better. Direction only, seeds fixed, the demo's dataset and schedule in fp32 (the
 precision every CPU trains in). Only the methods whose effect the demo's study shows on
 every seed on this data are asserted here (docs/demo.md has every method's three-seed numbers)."""
+import json
+
 import pytest
 
 from mmfast.config import load_config
-from mmfast.data import generate
 from mmfast.trainer import Trainer
 
 pytest.importorskip("nvidia.dali")
@@ -24,23 +25,26 @@ CLAIMS = {
 
 
 @pytest.fixture(scope="module")
-def audio_dominant(tmp_path_factory):
+def audio_dominant(audio_dominant_diagnosis):
     """The demo's dataset (audio dominant), 480 clips."""
-    return generate(tmp_path_factory.mktemp("behaviour") / "embedded_audio", clips=480, dominant="audio",
-                    imbalance=2.5, seed=0)
+    return audio_dominant_diagnosis["root"]
 
 
 def train(root, out, method, hparams=()):
     cfg = load_config("embedded", [f"data.root={root}", f"out={out}", f"method={method}", "seed=0", "precision=fp32",
                                    "progress=false", "data.num_workers=1", *hparams])
     trainer = Trainer(cfg)
-    summary = trainer.fit()
+    summary = trainer.fit()  # (the best epoch's weights loaded, as the diagnosis' runs are)
     return {"fused": summary["test/acc"], "probe": trainer.linear_probe()["probe/acc/visual"]}
 
 
 @pytest.fixture(scope="module")
-def joint(audio_dominant, tmp_path_factory):
-    return train(audio_dominant, tmp_path_factory.mktemp("joint") / "run", "joint")
+def joint(audio_dominant_diagnosis):
+    """Joint training of the same data, seed, schedule and precision: the diagnosis' joint run
+    (tests/conftest.py), which train(..., "joint") would repeat."""
+    diagnosis = audio_dominant_diagnosis
+    summary = json.loads((diagnosis["out"] / "joint" / "summary.json").read_text())
+    return {"fused": summary["test/acc"], "probe": diagnosis["report"]["probes"]["joint"]["visual"]}
 
 
 @pytest.mark.parametrize("method", sorted(CLAIMS))
