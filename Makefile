@@ -20,7 +20,7 @@ build: $(DEPS_STAMP)
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-build-isolation --no-deps -e .
 
 test: docs
-	$(PY) -m pytest -q -n auto --maxprocesses=4 --dist loadgroup --durations=15 tests
+	$(PY) -m pytest -q -n auto --maxprocesses=4 --dist loadfile --durations=15 tests
 
 # The documentation site (build/site); --strict: a broken link or reference fails the build.
 docs: build

@@ -86,23 +86,31 @@ def audio_dominant_diagnosis(tmp_path_factory):
     return {"root": root, "out": base / "diag", "overrides": overrides, "report": report}
 
 
-# Files whose tests share a session fixture that trains: one xdist group (`make test` runs
-# `--dist loadgroup`), so that one worker trains it while the other runs other files, never
-# waiting on its lock; every other file is its own group (module fixtures built once).
+# Files whose tests share a session fixture that trains go to one xdist worker together (so that
+# it trains the fixture while the other runs other files, never waiting on its lock); every other
+# file goes whole to one worker (its module fixtures built once). `make test` runs xdist.
 SHARED_TRAINING = {"audio_dominant_diagnosis": ("tests/test_diagnose.py", "tests/methods/test_peer_behaviour.py")}
-# The longest groups start first, so that no worker is left with one of them at the end.
+# The longest of those units start first, so that no worker is left with one of them at the end.
 LONGEST_FIRST = ("audio_dominant_diagnosis", "tests/test_run_dir.py", "tests/test_distributed.py")
+_UNIT_OF_FILE = {path: unit for unit, paths in SHARED_TRAINING.items() for path in paths}
+
+
+def _unit(nodeid: str) -> str:
+    path = nodeid.split("::")[0]
+    return _UNIT_OF_FILE.get(path, path)
 
 
 def pytest_collection_modifyitems(config, items):
-    group_of_file = {path: group for group, paths in SHARED_TRAINING.items() for path in paths}
-    for item in items:
-        path = item.nodeid.split("::")[0]
-        item.add_marker(pytest.mark.xdist_group(group_of_file.get(path, path)))
-    rank = {group: i for i, group in enumerate(LONGEST_FIRST)}
+    rank = {unit: i for i, unit in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(_unit(item.nodeid), len(rank)))  # (stable: files keep their order)
 
-    def order(item):
-        path = item.nodeid.split("::")[0]
-        return rank.get(group_of_file.get(path, path), len(rank))
 
-    items.sort(key=order)  # (stable: each file's tests keep their order)
+def pytest_xdist_make_scheduler(config, log):
+    """xdist's file scheduling with the units above (a file, or files sharing a fixture)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FileUnits(LoadScopeScheduling):
+        def _split_scope(self, nodeid):
+            return _unit(nodeid)
+
+    return FileUnits(config, log)
