@@ -1,5 +1,7 @@
-"""Fixtures for every test: a fresh random generator with its seed printed on failure, the
-native CPU kernels' instruction-set switch. Without a GPU, Triton kernels run in the interpreter."""
+"""Fixtures for every test: a fresh random generator with its seed printed on failure, float64
+defaults, the native CPU kernels' instruction-set switch, the audio-dominant diagnosis that the
+diagnose and behaviour tests share; how xdist workers get the files. Without a GPU, Triton
+kernels run in the interpreter."""
 import atexit
 import fcntl
 import os
@@ -105,6 +107,7 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: rank.get(_unit(item.nodeid), len(rank)))  # (stable: files keep their order)
 
 
+@pytest.hookimpl(optionalhook=True)  # (a hook of pytest-xdist: plain pytest runs without it)
 def pytest_xdist_make_scheduler(config, log):
     """xdist's file scheduling with the units above (a file, or files sharing a fixture)."""
     from xdist.scheduler import LoadScopeScheduling
